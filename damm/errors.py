@@ -1,0 +1,95 @@
+"""One catalog of every deliberate failure in DAMM.
+
+Handlers, the agent and the CLI all speak these codes, so an operator can grep a code from a CLI
+line to the handler that raised it. Nobody invents an error string at a call site: raise
+``DammError(Code.X, detail)`` and the catalog supplies the stable code and the exit status.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSpec:
+    message: str
+    retryable: bool = False
+
+
+class Code(enum.Enum):
+    # request layer
+    MALFORMED_REQUEST = ErrorSpec("the request could not be decoded")
+    REQUEST_TOO_LARGE = ErrorSpec("the request body is larger than the limit")
+    UNAVAILABLE = ErrorSpec("the control plane is unavailable (no handler answered)", True)
+    INTERNAL = ErrorSpec("internal error in the control plane", True)
+    CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
+    NOT_FOUND = ErrorSpec("no such object")
+    ALREADY_EXISTS = ErrorSpec("an object with that id already exists")
+    INVALID_ARGUMENT = ErrorSpec("an argument is invalid")
+    UNAUTHORIZED = ErrorSpec("the credentials were not accepted")
+    # enrollment tokens
+    TOKEN_UNKNOWN = ErrorSpec("the enrollment token is unknown")
+    TOKEN_EXPIRED = ErrorSpec("the enrollment token has expired")
+    TOKEN_USED_UP = ErrorSpec("the enrollment token has no uses left")
+    TOKEN_REVOKED = ErrorSpec("the enrollment token was revoked")
+    # devices
+    MALFORMED_KEY = ErrorSpec("the public key is not a valid WireGuard key")
+    DEVICE_REVOKED = ErrorSpec("the device was revoked")
+    DEVICE_SUSPENDED = ErrorSpec("the device is suspended")
+    OVER_QUOTA = ErrorSpec("the device is over its byte limit")
+    KEY_EXPIRED = ErrorSpec("the device key is past its lifetime; rotate it")
+    KEY_REUSED = ErrorSpec("that public key belongs to a revoked or other device")
+    SESSION_LIMIT = ErrorSpec("the tier's session limit is reached for this token")
+    # placement and addresses
+    OUT_OF_POLICY = ErrorSpec("the region or exit country is outside the tier")
+    NO_HEALTHY_GATEWAY = ErrorSpec("no healthy gateway can take this device", True)
+    NO_EGRESS = ErrorSpec("no egress pool serves that exit country", True)
+    POOL_EXHAUSTED = ErrorSpec("the address pool is exhausted")
+    # gateways
+    GATEWAY_NOT_REGISTERED = ErrorSpec("the gateway has not registered")
+    # catalogs and failover
+    CATALOG_STALE = ErrorSpec("the catalog has expired")
+    CATALOG_BAD_SIGNATURE = ErrorSpec("the catalog signature does not verify")
+    CATALOG_UNKNOWN_KEY = ErrorSpec("the catalog is signed by an unknown key")
+    CATALOG_ROLLBACK = ErrorSpec("the catalog is older than one already accepted")
+    CATALOG_NO_GATEWAY = ErrorSpec("the device's gateway is missing from the catalog")
+    NO_ALTERNATE_FRONT_DOOR = ErrorSpec("the gateway has no other active front door")
+    # local state
+    STATE_MISSING = ErrorSpec("the device state directory is missing or incomplete")
+
+    @property
+    def message(self) -> str:
+        return self.value.message
+
+    @property
+    def retryable(self) -> bool:
+        return self.value.retryable
+
+    @property
+    def slug(self) -> str:
+        return self.name.lower()
+
+
+class DammError(Exception):
+    """A deliberate failure: carries a catalog code plus a specific detail for this occurrence."""
+
+    def __init__(self, code: Code, detail: str = "") -> None:
+        self.code = code
+        self.detail = detail
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        """The one line a CLI prints: stable code, the catalog message, then the specifics."""
+        if self.detail:
+            return f"{self.code.slug}: {self.code.message}: {self.detail}"
+        return f"{self.code.slug}: {self.code.message}"
+
+    @classmethod
+    def from_slug(cls, slug: str, detail: str = "") -> DammError:
+        try:
+            code = Code[slug.upper()]
+        except KeyError:
+            code = Code.INTERNAL
+            detail = f"{slug}: {detail}"
+        return cls(code, detail)

@@ -1,0 +1,283 @@
+"""The domain's facts. Each class is one immutable thing that happened.
+
+Events are frozen msgspec Structs in one tagged union so a single decoder handles "any event".
+Fields only ever get added with defaults; readers ignore fields they do not know, and an event
+type they do not know decodes to ``UnknownEvent`` so an old projector skips it instead of dying.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+
+class Actor(msgspec.Struct, frozen=True):
+    """Who caused an event: an admin (by name), a device, a gateway, a policy reactor, or system."""
+
+    kind: str
+    id: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.id}"
+
+
+class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
+    pass
+
+
+# --- access tiers -----------------------------------------------------------------------------
+
+
+class TierDefined(_Event, tag="tier.defined"):
+    """A tier was created or its policy replaced; the latest definition wins."""
+
+    tier: str
+    regions: tuple[str, ...] = ()
+    exit_countries: tuple[str, ...] = ()
+    session_limit: int | None = None
+    byte_limit: int | None = None
+    key_lifetime_s: int | None = None
+    status: str = "active"
+
+
+# --- enrollment tokens ------------------------------------------------------------------------
+
+
+class TokenIssued(_Event, tag="token.issued"):
+    token_id: str
+    token_hash: str
+    tier: str
+    max_uses: int | None = None
+    expires_at: datetime | None = None
+
+
+class TokenUsed(_Event, tag="token.used"):
+    token_id: str
+    device_id: str
+
+
+class TokenSessionReleased(_Event, tag="token.session_released"):
+    """A device enrolled with this token stopped counting against the tier's session limit."""
+
+    token_id: str
+    device_id: str
+
+
+class TokenRevoked(_Event, tag="token.revoked"):
+    token_id: str
+    reason: str = ""
+
+
+# --- gateways ---------------------------------------------------------------------------------
+
+
+class GatewayAdded(_Event, tag="gateway.added"):
+    gateway_id: str
+    region: str
+    token_hash: str
+
+
+class FrontDoorSet(_Event, tag="gateway.front_door_set"):
+    gateway_id: str
+    front_door_id: str
+    endpoint: str
+    transport: str = "udp"
+    priority: int = 10
+    active: bool = True
+
+
+class GatewayRegistered(_Event, tag="gateway.registered"):
+    gateway_id: str
+    public_key: str
+    listen_port: int
+    agent_version: str = ""
+
+
+class GatewayStatusChanged(_Event, tag="gateway.status_changed"):
+    gateway_id: str
+    active: bool
+    reason: str = ""
+
+
+class GatewayHeartbeat(_Event, tag="gateway.heartbeat"):
+    """Telemetry: lives in its own age-limited stream; placement needs only the latest one."""
+
+    gateway_id: str
+    peer_count: int
+    active_peers: int
+    rx_bytes: int
+    tx_bytes: int
+    load: float
+    peer_set_revision: int = 0
+
+
+# --- egress pools -----------------------------------------------------------------------------
+
+
+class EgressPoolDefined(_Event, tag="egress.defined"):
+    pool_id: str
+    provider: str
+    region: str
+    countries: tuple[str, ...]
+    ips: tuple[str, ...]
+    load: float = 0.0
+    headroom: float = 1.0
+    active: bool = True
+
+
+# --- addresses and keys -----------------------------------------------------------------------
+
+
+class AddressAllocated(_Event, tag="ipam.allocated"):
+    pool: str
+    index: int
+    address: str
+    device_id: str
+    address6: str | None = None
+
+
+class AddressReleased(_Event, tag="ipam.released"):
+    pool: str
+    index: int
+    device_id: str
+
+
+class KeyBound(_Event, tag="key.bound"):
+    """A public key is claimed by a device forever: a revoked device cannot come back with it."""
+
+    public_key: str
+    device_id: str
+
+
+# --- devices ----------------------------------------------------------------------------------
+
+
+class DeviceEnrolled(_Event, tag="device.enrolled"):
+    device_id: str
+    public_key: str
+    token_id: str
+    tier: str
+    gateway_id: str
+    front_door_id: str
+    egress_pool_id: str | None
+    address: str
+    address6: str | None = None
+    key_expires_at: datetime | None = None
+    region: str = ""
+    exit_country: str | None = None
+
+
+class DeviceRevoked(_Event, tag="device.revoked"):
+    device_id: str
+    reason: str = ""
+
+
+class DeviceSuspended(_Event, tag="device.suspended"):
+    device_id: str
+    reason: str = ""
+
+
+class DeviceResumed(_Event, tag="device.resumed"):
+    device_id: str
+    reason: str = ""
+
+
+class DeviceKeyRotated(_Event, tag="device.key_rotated"):
+    device_id: str
+    old_public_key: str
+    new_public_key: str
+    key_expires_at: datetime | None = None
+
+
+# --- usage and catalogs -----------------------------------------------------------------------
+
+
+class UsageDelta(msgspec.Struct, frozen=True):
+    device_id: str
+    rx_bytes: int
+    tx_bytes: int
+
+
+class UsageReported(_Event, tag="usage.reported"):
+    """Per-device byte deltas measured by one gateway over one reporting interval."""
+
+    gateway_id: str
+    report_id: str
+    deltas: tuple[UsageDelta, ...]
+    measured_at: datetime | None = None
+
+
+class UsagePeriodReset(_Event, tag="usage.period_reset"):
+    device_id: str
+    period: str
+
+
+class CatalogPublished(_Event, tag="catalog.published"):
+    region: str
+    version: int
+    key_id: str
+    digest: str
+    expires_at: datetime | None = None
+
+
+class SigningKeyAnnounced(_Event, tag="catalog.key_announced"):
+    key_id: str
+    public_key: str
+
+
+class UnknownEvent(_Event, tag="unknown"):
+    """An event type this build does not know: carried through, never folded."""
+
+    original_type: str
+
+
+Event = (
+    TierDefined
+    | TokenIssued
+    | TokenUsed
+    | TokenSessionReleased
+    | TokenRevoked
+    | GatewayAdded
+    | FrontDoorSet
+    | GatewayRegistered
+    | GatewayStatusChanged
+    | GatewayHeartbeat
+    | EgressPoolDefined
+    | AddressAllocated
+    | AddressReleased
+    | KeyBound
+    | DeviceEnrolled
+    | DeviceRevoked
+    | DeviceSuspended
+    | DeviceResumed
+    | DeviceKeyRotated
+    | UsageReported
+    | UsagePeriodReset
+    | CatalogPublished
+    | SigningKeyAnnounced
+)
+
+EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__  # type: ignore[attr-defined]
+
+
+def event_type_name(event: Event | UnknownEvent) -> str:
+    if isinstance(event, UnknownEvent):
+        return event.original_type
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What every stored message carries around its event."""
+
+    id: str
+    type: str
+    schema: int = 1
+    aggregate: str
+    occurred_at: datetime
+    actor: Actor
+    correlation_id: str
+    event: Event | UnknownEvent
+    seq: int = 0  # stream sequence, filled on read; never encoded by writers

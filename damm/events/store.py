@@ -1,0 +1,212 @@
+"""Appending to and reading from the event log.
+
+Every append may carry an expected last subject sequence (optimistic concurrency per aggregate)
+and a message id (a retried request is recorded once). Decisions that touch several aggregates
+are appended as one JetStream atomic batch, so a failure never leaves half a decision behind.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+from nats.js.errors import APIError, NotFoundError
+
+from damm.events import codec
+from damm.events.model import Actor, Envelope, Event, event_type_name
+from damm.events.subjects import EVENT_PREFIX, EVENTS_STREAM
+
+WRONG_LAST_SEQUENCE = 10071
+BATCH_DUPLICATE_MSG_ID = 10201
+MAX_BATCH = 1000
+
+
+class ConflictError(Exception):
+    """Another writer appended to the aggregate first; re-read and decide again."""
+
+    def __init__(self, subject: str, detail: str) -> None:
+        self.subject = subject
+        super().__init__(f"{subject}: {detail}")
+
+
+class AppendError(Exception):
+    """The server refused an append for a reason other than a conflict."""
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """One message of a decision. ``expected_seq`` 0 means the subject must still be empty."""
+
+    subject: str
+    envelope: Envelope
+    expected_seq: int | None = None
+    msg_id: str | None = None
+
+    def headers(self) -> dict[str, str]:
+        h: dict[str, str] = {}
+        if self.expected_seq is not None:
+            h["Nats-Expected-Last-Subject-Sequence"] = str(self.expected_seq)
+        if self.msg_id is not None:
+            h["Nats-Msg-Id"] = self.msg_id
+        return h
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """Where a decision landed: the sequence of each message, or that it was there already."""
+
+    seqs: tuple[int, ...]
+    duplicate: bool = False
+
+
+def envelope(
+    subject: str,
+    event: Event,
+    *,
+    actor: Actor,
+    correlation_id: str,
+    now: datetime | None = None,
+) -> Envelope:
+    _, _, rest = subject.partition(f"{EVENT_PREFIX}.")
+    kind, _, ident = rest.partition(".")
+    return Envelope(
+        id=uuid.uuid4().hex,
+        type=event_type_name(event),
+        aggregate=f"{kind}/{ident}",
+        occurred_at=now or datetime.now(UTC),
+        actor=actor,
+        correlation_id=correlation_id,
+        event=event,
+    )
+
+
+class EventStore:
+    def __init__(self, nc: NATS, *, stream: str = EVENTS_STREAM, timeout: float = 5.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=timeout)
+        self.stream = stream
+        self.timeout = timeout
+
+    async def append(self, item: Append) -> Appended:
+        return await self.append_batch([item])
+
+    async def append_batch(self, items: Sequence[Append]) -> Appended:
+        """Append all of ``items`` or none of them.
+
+        A 10071 or 10201 on a message that carries a Msg-Id may mean our own earlier attempt
+        landed (PLATFORM.md: the sequence check runs before dedupe), so the subject's last
+        message is compared with ours before calling it a conflict.
+        """
+        if not items:
+            return Appended(())
+        if len(items) > MAX_BATCH:
+            raise AppendError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        try:
+            if len(items) == 1:
+                seqs = (await self._publish_one(items[0]),)
+            else:
+                seqs = await self._publish_atomic(items)
+        except _Refused as refused:
+            if refused.err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
+                mine = await self._already_mine(items)
+                if mine is not None:
+                    return Appended((mine,), duplicate=True)
+                subject = next((i.subject for i in items if i.expected_seq is not None), "")
+                raise ConflictError(subject, refused.description) from None
+            raise AppendError(f"{refused.err_code}: {refused.description}") from None
+        return Appended(seqs)
+
+    async def _publish_one(self, item: Append) -> int:
+        try:
+            ack = await self.js.publish(
+                item.subject, codec.encode(item.envelope), headers=item.headers() or None
+            )
+        except APIError as exc:
+            raise _Refused(exc.err_code or 0, exc.description or str(exc)) from None
+        if ack.duplicate:
+            seq = await self._already_mine([item])
+            return seq if seq is not None else int(ack.seq)
+        return int(ack.seq)
+
+    async def _publish_atomic(self, items: Sequence[Append]) -> tuple[int, ...]:
+        batch_id = uuid.uuid4().hex
+        last = len(items)
+        for n, item in enumerate(items, 1):
+            headers = item.headers()
+            headers["Nats-Batch-Id"] = batch_id
+            headers["Nats-Batch-Sequence"] = str(n)
+            data = codec.encode(item.envelope)
+            if n < last:
+                await self.nc.publish(item.subject, data, headers=headers)
+                continue
+            headers["Nats-Batch-Commit"] = "1"
+            try:
+                reply = await self.nc.request(item.subject, data, timeout=self.timeout, headers=headers)
+            except nats.errors.NoRespondersError:
+                raise AppendError("no stream accepts the batch subject") from None
+            ack: dict[str, Any] = json.loads(reply.data)
+            error = ack.get("error")
+            if error:
+                raise _Refused(int(error.get("err_code", 0)), str(error.get("description", "")))
+            end = int(ack["seq"])
+            return tuple(range(end - last + 1, end + 1))
+        raise AssertionError("unreachable")
+
+    async def _already_mine(self, items: Sequence[Append]) -> int | None:
+        for item in items:
+            if item.msg_id is None:
+                continue
+            try:
+                raw = await self.js.get_last_msg(self.stream, item.subject)
+            except NotFoundError:
+                return None
+            if raw.headers and raw.headers.get("Nats-Msg-Id") == item.msg_id:
+                return int(raw.seq)
+            return None
+        return None
+
+    async def last_seq(self, subject: str) -> int:
+        try:
+            raw = await self.js.get_last_msg(self.stream, subject)
+        except NotFoundError:
+            return 0
+        return int(raw.seq)
+
+    async def stream_last_seq(self) -> int:
+        info = await self.js.stream_info(self.stream)
+        return int(info.state.last_seq)
+
+    async def load(self, subject: str) -> tuple[list[Envelope], int]:
+        """One aggregate's history in order, plus the sequence to expect on the next append."""
+        last = await self.last_seq(subject)
+        if last == 0:
+            return [], 0
+        sub = await self.js.subscribe(
+            subject, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL, stream=self.stream
+        )
+        history: list[Envelope] = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=self.timeout)
+                seq = int(msg.metadata.sequence.stream)
+                history.append(codec.decode(msg.data, seq=seq))
+                if seq >= last:
+                    break
+        finally:
+            await sub.unsubscribe()
+        return history, last
+
+
+class _Refused(Exception):
+    def __init__(self, err_code: int, description: str) -> None:
+        self.err_code = err_code
+        self.description = description
+        super().__init__(f"{err_code}: {description}")
+

@@ -1,0 +1,70 @@
+"""Stream definitions, chosen on purpose.
+
+The event stream keeps everything forever (history is the product), refuses deletes and purges,
+dedupes retried requests for five minutes, and accepts atomic batches so a multi-aggregate
+decision lands whole or not at all. Heartbeats are high-volume telemetry that only placement's
+freshness check needs, so they live apart with an age limit; nothing a replay needs is there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from damm.events.subjects import (
+    EVENT_PREFIX,
+    EVENTS_STREAM,
+    TELEMETRY_PREFIX,
+    TELEMETRY_STREAM,
+)
+
+DUPLICATE_WINDOW_S = 300.0
+MAX_EVENT_BYTES = 1024 * 1024
+TELEMETRY_MAX_AGE_S = 24 * 3600.0
+
+
+def events_stream() -> StreamConfig:
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        description="DAMM event log: the source of truth",
+        subjects=[f"{EVENT_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        max_msg_size=MAX_EVENT_BYTES,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        deny_delete=True,
+        deny_purge=True,
+        allow_rollup_hdrs=False,
+        allow_atomic=True,
+    )
+
+
+def telemetry_stream() -> StreamConfig:
+    return StreamConfig(
+        name=TELEMETRY_STREAM,
+        description="DAMM gateway heartbeats (age-limited telemetry)",
+        subjects=[f"{TELEMETRY_PREFIX}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_age=TELEMETRY_MAX_AGE_S,
+        max_msgs_per_subject=1000,
+        max_msg_size=64 * 1024,
+        duplicate_window=60.0,
+        deny_delete=True,
+        deny_purge=True,
+    )
+
+
+async def ensure_streams(js: Any) -> None:
+    """Create the streams if missing; update them when this build's definition changed."""
+    for config in (events_stream(), telemetry_stream()):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+        else:
+            await js.update_stream(config)

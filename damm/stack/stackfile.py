@@ -1,0 +1,55 @@
+"""Where a running local stack says it is, so other commands need no flags.
+
+`damm up` writes it (mode 0600: it holds the local NATS passwords); everything else reads it when
+no URL is given on the command line or in the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("DAMM_HOME", ".damm")).absolute()
+
+
+@dataclass
+class StackFile:
+    nats_url: str
+    database_url: str
+    passwords: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def write(self, directory: Path | None = None) -> Path:
+        path = (directory or home()) / "stack.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, directory: Path | None = None) -> StackFile | None:
+        path = (directory or home()) / "stack.json"
+        try:
+            data = json.loads(path.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return cls(**data)
+
+    def alive(self) -> bool:
+        if not self.pid:
+            return True
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
