@@ -7,6 +7,7 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -20,6 +21,9 @@ from damm.events.streams import ensure_streams
 from damm.projections.migrate import migrate
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
+
+if TYPE_CHECKING:
+    from damm.control import ControlPlane
 
 log.configure("warning", json=False)
 
@@ -77,3 +81,40 @@ async def dsn(pg_uri: str) -> AsyncIterator[str]:
     admin = await asyncpg.connect(pg_uri)
     await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
     await admin.close()
+
+
+@pytest.fixture
+async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator["ControlPlane"]:
+    from damm.config import ControlSettings
+    from damm.control import ControlPlane
+    from damm.domain.ipam import Overlay
+
+    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
+    plane = ControlPlane(nats_server.url, dsn, settings,
+                         password=nats_server.passwords["control"])
+    await plane.start()
+    yield plane
+    await plane.stop()
+
+
+@pytest.fixture
+async def admin_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    client = await connect(nats_server.url, user="admin", password=nats_server.passwords["admin"])
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def device_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    """Devices connect with no credentials: the server maps them to the narrow device user."""
+    client = await connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def gateway_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    client = await connect(nats_server.url, user="gateway",
+                           password=nats_server.passwords["gateway"])
+    yield client
+    await client.close()

@@ -73,13 +73,16 @@ def envelope(
     actor: Actor,
     correlation_id: str,
     now: datetime | None = None,
+    aggregate: str | None = None,
 ) -> Envelope:
-    _, _, rest = subject.partition(f"{EVENT_PREFIX}.")
-    kind, _, ident = rest.partition(".")
+    if aggregate is None:
+        _, _, rest = subject.partition(f"{EVENT_PREFIX}.")
+        kind, _, ident = rest.partition(".")
+        aggregate = f"{kind}/{ident}"
     return Envelope(
         id=uuid.uuid4().hex,
         type=event_type_name(event),
-        aggregate=f"{kind}/{ident}",
+        aggregate=aggregate,
         occurred_at=now or datetime.now(UTC),
         actor=actor,
         correlation_id=correlation_id,

@@ -1,0 +1,108 @@
+"""The control plane process: handlers, decision state and projectors over one NATS connection."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+from nats.aio.client import Client as NATS
+
+from damm import log
+from damm.bus import connect
+from damm.catalog.signing import CatalogSigner
+from damm.config import ControlSettings
+from damm.events.store import EventStore
+from damm.events.streams import ensure_streams
+from damm.events.subjects import EVENTS_STREAM, TELEMETRY_STREAM
+from damm.handlers.admin import AdminHandlers
+from damm.handlers.context import Context
+from damm.handlers.enrollment import EnrollmentCommitter
+from damm.handlers.gateway import GatewayHandlers
+from damm.handlers.service import Service
+from damm.handlers.state import DecisionState, StateFollower
+from damm.handlers.x25519 import RotationKey
+from damm.projections.migrate import migrate
+from damm.projections.runner import Projector
+
+_log = log.get("damm.control")
+
+
+@dataclass
+class ControlPlane:
+    nats_url: str
+    database_url: str
+    settings: ControlSettings
+    user: str | None = "control"
+    password: str | None = None
+    schema: str = "damm"
+    run_projectors: bool = True
+    nc: NATS | None = None
+    ctx: Context | None = None
+    projectors: list[Projector] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _service: Service | None = None
+    _committer: EnrollmentCommitter | None = None
+    _follower: StateFollower | None = None
+
+    async def start(self) -> None:
+        self.nc = await connect(self.nats_url, user=self.user, password=self.password,
+                                name="damm-control")
+        await ensure_streams(self.nc.jetstream())
+        conn = await asyncpg.connect(self.database_url)
+        try:
+            applied = await migrate(conn, self.schema)
+        finally:
+            await conn.close()
+        if applied:
+            _log.info("migrated read models", applied=applied)
+        keys: Path = self.settings.keys_dir
+        keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+        signer = CatalogSigner.load_or_create(keys / "catalog.key")
+        rotation = RotationKey.load_or_create(keys / "rotation.key")
+        state = DecisionState(self.settings.overlay)
+        self._follower = StateFollower(self.nc, state)
+        await self._follower.start()
+        store = EventStore(self.nc)
+        self.ctx = Context(store, state, self._follower, self.settings, signer, rotation)
+        self._committer = EnrollmentCommitter(self.ctx)
+        self._committer.start()
+        routes = [*AdminHandlers(self.ctx).routes(), *self._committer.routes(),
+                  *GatewayHandlers(self.ctx).routes()]
+        self._service = Service(self.nc, routes)
+        await self._service.start()
+        if self.run_projectors:
+            self.projectors = [
+                Projector("readmodels", EVENTS_STREAM, self.database_url, self.schema),
+                Projector("telemetry", TELEMETRY_STREAM, self.database_url, self.schema),
+            ]
+            for projector in self.projectors:
+                self._tasks.append(asyncio.create_task(projector.run(self.nc, self._stop)))
+        _log.info("control plane ready", routes=len(routes), applied_seq=state.applied_seq)
+
+    async def wait_projected(self, timeout: float = 10.0) -> None:
+        """Wait until the read models hold everything in the event stream now (tests, CLI)."""
+        assert self.nc is not None
+        info = await self.nc.jetstream().stream_info(EVENTS_STREAM)
+        target = int(info.state.last_seq)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(p.applied_seq < target for p in self.projectors[:1]):
+            if loop.time() > deadline:
+                raise TimeoutError(f"projection stuck below {target}")
+            await asyncio.sleep(0.02)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._service:
+            await self._service.stop()
+        if self._committer:
+            await self._committer.stop()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._follower:
+            await self._follower.stop()
+        if self.nc:
+            await self.nc.drain()

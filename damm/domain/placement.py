@@ -1,0 +1,324 @@
+"""Where a device lands: a gateway, its front door, and an egress pool.
+
+Placement is a pure function of the request, the tier and a snapshot of the fleet, with ``now``
+passed in, so the enrollment handler and ``damm admin explain-placement`` reach the same answer
+from the same read models, and tests need neither a clock nor a bus. Every candidate that is
+passed over is recorded with a short reason: "no healthy gateway" on its own tells an operator
+nothing, the list of why-nots tells them which heartbeat stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Literal
+
+from damm.errors import Code, DammError
+
+RejectionKind = Literal["gateway", "front_door", "egress_pool"]
+
+# Enough for an operator to see the pattern on one CLI line; explain() has the full list.
+_SUMMARY_LIMIT = 5
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoor:
+    id: str
+    endpoint: str
+    transport: str
+    priority: int
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayCandidate:
+    id: str
+    region: str
+    registered: bool
+    active: bool
+    last_heartbeat: datetime | None
+    load: float
+    peer_count: int
+    front_doors: tuple[FrontDoor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EgressPool:
+    id: str
+    provider: str
+    region: str
+    countries: frozenset[str]
+    ips: tuple[str, ...]
+    load: float
+    headroom: float
+    active: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TierPolicy:
+    """An empty set means "no restriction", not "nothing allowed"."""
+
+    name: str
+    regions: frozenset[str] = frozenset()
+    exit_countries: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRequest:
+    region: str | None = None
+    exit_country: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    kind: RejectionKind
+    id: str
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.kind} {self.id}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    gateway: GatewayCandidate
+    front_door: FrontDoor
+    egress_pool: EgressPool | None
+    rejected: tuple[Rejection, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementExplanation:
+    """What ``place`` would do, as data: the choice or the error, never both.
+
+    ``candidates`` are the gateways that passed every check, best first, so an operator can see
+    where devices go when the chosen one drops out.
+    """
+
+    request: PlacementRequest
+    tier: str
+    chosen: Placement | None
+    error: DammError | None
+    rejections: tuple[Rejection, ...]
+    candidates: tuple[GatewayCandidate, ...]
+
+
+def _seconds(delta: timedelta) -> str:
+    total = delta.total_seconds()
+    return f"{total:.0f}s" if total == int(total) else f"{total:.1f}s"
+
+
+def _normalise(request: PlacementRequest) -> PlacementRequest:
+    region = request.region.strip() if request.region else None
+    country = request.exit_country.strip().upper() if request.exit_country else None
+    return PlacementRequest(region=region or None, exit_country=country or None)
+
+
+def _check_policy(request: PlacementRequest, tier: TierPolicy) -> None:
+    if request.region is not None and tier.regions and request.region not in tier.regions:
+        allowed = ", ".join(sorted(tier.regions))
+        raise DammError(
+            Code.OUT_OF_POLICY,
+            f"region {request.region} not allowed by tier {tier.name} (allowed: {allowed})",
+        )
+    country = request.exit_country
+    if country is not None and tier.exit_countries and country not in tier.exit_countries:
+        allowed = ", ".join(sorted(tier.exit_countries))
+        raise DammError(
+            Code.OUT_OF_POLICY,
+            f"exit country {country} not allowed by tier {tier.name} (allowed: {allowed})",
+        )
+
+
+def _gateway_health(
+    gw: GatewayCandidate,
+    request: PlacementRequest,
+    tier: TierPolicy,
+    now: datetime,
+    ttl: timedelta,
+) -> str | None:
+    """The first reason the gateway cannot take a device, ignoring egress; None if it can."""
+    if request.region is not None:
+        if gw.region != request.region:
+            return f"region {gw.region} is not the requested {request.region}"
+    elif tier.regions and gw.region not in tier.regions:
+        return f"region {gw.region} not allowed by tier {tier.name}"
+    if not gw.registered:
+        return "not registered"
+    if not gw.active:
+        return "inactive"
+    beat = gw.last_heartbeat
+    if beat is None:
+        return "no heartbeat yet"
+    if beat.tzinfo is None or beat.utcoffset() is None:
+        return "heartbeat timestamp has no timezone"
+    age = now - beat
+    if age > ttl:
+        return f"heartbeat stale: last {_seconds(age)} ago > ttl {_seconds(ttl)}"
+    if not any(fd.active for fd in gw.front_doors):
+        return "no active front door" if gw.front_doors else "no front doors"
+    return None
+
+
+def _best_front_door(gw: GatewayCandidate) -> FrontDoor:
+    return min((fd for fd in gw.front_doors if fd.active), key=lambda fd: (fd.priority, fd.id))
+
+
+def _best_pool(pools: Iterable[EgressPool]) -> EgressPool | None:
+    return min(pools, key=lambda p: (p.load, -p.headroom, p.id), default=None)
+
+
+def _pools_for(
+    gw: GatewayCandidate, pools: Sequence[EgressPool], country: str | None
+) -> list[EgressPool]:
+    return [
+        p
+        for p in pools
+        if p.active and p.region == gw.region and (country is None or country in p.countries)
+    ]
+
+
+def _where(request: PlacementRequest, tier: TierPolicy) -> str:
+    if request.region is not None:
+        where = f"region {request.region}"
+    elif tier.regions:
+        where = f"regions {', '.join(sorted(tier.regions))} (tier {tier.name})"
+    else:
+        where = "any region"
+    if request.exit_country is not None:
+        where += f" with exit {request.exit_country}"
+    return where
+
+
+def _summary(rejections: Sequence[Rejection]) -> str:
+    shown = "; ".join(f"{r.id}: {r.reason}" for r in rejections[:_SUMMARY_LIMIT])
+    more = len(rejections) - _SUMMARY_LIMIT
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+def _ids(gateways: Sequence[GatewayCandidate]) -> str:
+    shown = ", ".join(gw.id for gw in gateways[:_SUMMARY_LIMIT])
+    more = len(gateways) - _SUMMARY_LIMIT
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _validate_clock(now: datetime, heartbeat_ttl: timedelta) -> None:
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise DammError(Code.INVALID_ARGUMENT, "placement clock must be timezone-aware")
+    if heartbeat_ttl < timedelta(0):
+        raise DammError(
+            Code.INVALID_ARGUMENT, f"heartbeat ttl must not be negative: {heartbeat_ttl}"
+        )
+
+
+def explain(
+    request: PlacementRequest,
+    tier: TierPolicy,
+    gateways: Sequence[GatewayCandidate],
+    pools: Sequence[EgressPool],
+    *,
+    now: datetime,
+    heartbeat_ttl: timedelta,
+) -> PlacementExplanation:
+    """Run placement and report every decision, turning placement failures into data.
+
+    Only a caller's own mistake (a naive clock, a negative ttl) raises; out-of-policy requests and
+    an empty fleet are answers an operator asked to see.
+    """
+    _validate_clock(now, heartbeat_ttl)
+    req = _normalise(request)
+    try:
+        _check_policy(req, tier)
+    except DammError as refused:
+        return PlacementExplanation(req, tier.name, None, refused, (), ())
+
+    gw_rejections: list[Rejection] = []
+    fd_rejections: list[Rejection] = []
+    healthy: list[GatewayCandidate] = []
+    for gw in sorted(gateways, key=lambda g: g.id):
+        reason = _gateway_health(gw, req, tier, now, heartbeat_ttl)
+        if reason is not None:
+            gw_rejections.append(Rejection("gateway", gw.id, reason))
+            continue
+        healthy.append(gw)
+        for fd in sorted(gw.front_doors, key=lambda f: f.id):
+            if not fd.active:
+                fd_rejections.append(Rejection("front_door", f"{gw.id}/{fd.id}", "inactive"))
+
+    country = req.exit_country
+    candidates: list[tuple[GatewayCandidate, EgressPool | None]] = []
+    for gw in healthy:
+        served = _pools_for(gw, pools, country)
+        if country is not None and not served:
+            gw_rejections.append(
+                Rejection("gateway", gw.id, f"no egress pool for {country} in region {gw.region}")
+            )
+            continue
+        candidates.append((gw, _best_pool(served)))
+    candidates.sort(key=lambda c: (c[0].load, c[0].peer_count, c[0].id))
+
+    pool_rejections = _pool_rejections(pools, healthy, country)
+    rejections = (*gw_rejections, *fd_rejections, *pool_rejections)
+    ranked = tuple(gw for gw, _ in candidates)
+
+    if not candidates:
+        where = _where(req, tier)
+        if healthy:
+            regions = sorted({gw.region for gw in healthy})
+            label = "region" if len(regions) == 1 else "regions"
+            err = DammError(
+                Code.NO_EGRESS,
+                f"no egress pool for {country} in {label} {', '.join(regions)}; "
+                f"healthy gateways: {_ids(healthy)}",
+            )
+        elif gw_rejections:
+            err = DammError(
+                Code.NO_HEALTHY_GATEWAY,
+                f"{where}: {len(gw_rejections)} gateway(s) rejected: {_summary(gw_rejections)}",
+            )
+        else:
+            err = DammError(Code.NO_HEALTHY_GATEWAY, f"{where}: no gateways known")
+        return PlacementExplanation(req, tier.name, None, err, rejections, ranked)
+
+    gw, pool = candidates[0]
+    chosen = Placement(gw, _best_front_door(gw), pool, rejections)
+    return PlacementExplanation(req, tier.name, chosen, None, rejections, ranked)
+
+
+def _pool_rejections(
+    pools: Sequence[EgressPool], healthy: Sequence[GatewayCandidate], country: str | None
+) -> list[Rejection]:
+    """Why-nots for pools, limited to regions that had a healthy gateway to attach them to."""
+    regions = {gw.region for gw in healthy}
+    out: list[Rejection] = []
+    for p in sorted(pools, key=lambda p: p.id):
+        if p.region not in regions:
+            continue
+        if not p.active:
+            out.append(Rejection("egress_pool", p.id, "inactive"))
+        elif country is not None and country not in p.countries:
+            out.append(Rejection("egress_pool", p.id, f"does not serve {country}"))
+    return out
+
+
+def place(
+    request: PlacementRequest,
+    tier: TierPolicy,
+    gateways: Sequence[GatewayCandidate],
+    pools: Sequence[EgressPool],
+    *,
+    now: datetime,
+    heartbeat_ttl: timedelta,
+) -> Placement:
+    """Choose a gateway, front door and egress pool, or raise the catalog error saying why not.
+
+    Gateways: lowest load, then fewest peers, then id. Front doors: lowest priority, then id.
+    Pools: lowest load, then most headroom, then id. Ties end on ids so every handler replica
+    picks the same answer.
+    """
+    result = explain(request, tier, gateways, pools, now=now, heartbeat_ttl=heartbeat_ttl)
+    if result.error is not None:
+        raise result.error
+    assert result.chosen is not None
+    return result.chosen

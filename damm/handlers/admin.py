@@ -1,0 +1,259 @@
+"""Operator commands: tiers, tokens, gateways, front doors, egress pools, device lifecycle.
+
+Every one of them is an event carrying the admin as actor; none writes a read model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+
+from damm.errors import Code, DammError
+from damm.events import model as m
+from damm.events.store import Append
+from damm.events.subjects import check_id, event_subject
+from damm.handlers import protocol as p
+from damm.handlers.context import Call, Context, token_hash
+from damm.handlers.placement_view import explain_for
+from damm.handlers.service import Route, route
+from damm.handlers.state import DEFAULT_POOL
+
+_COUNTRY_LEN = 2
+
+
+def _countries(values: Sequence[str]) -> tuple[str, ...]:
+    out = []
+    for value in values:
+        code = value.strip().upper()
+        if len(code) != _COUNTRY_LEN or not code.isalpha():
+            raise DammError(Code.INVALID_ARGUMENT, f"exit country {value!r} is not ISO alpha-2")
+        out.append(code)
+    return tuple(sorted(set(out)))
+
+
+def _regions(values: Sequence[str]) -> tuple[str, ...]:
+    return tuple(sorted({check_id(v.strip().lower(), "region") for v in values}))
+
+
+def _endpoint(value: str) -> str:
+    """Accept host:port or udp://host:port; return host:port."""
+    raw = value.removeprefix("udp://")
+    host, sep, port = raw.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise DammError(Code.INVALID_ARGUMENT, f"front door {value!r} is not host:port")
+    return raw
+
+
+class AdminHandlers:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[Route]:
+        return [
+            route("admin.tier.define", p.DefineTier, self.define_tier),
+            route("admin.token.create", p.CreateToken, self.create_token),
+            route("admin.token.revoke", p.RevokeToken, self.revoke_token),
+            route("admin.gateway.add", p.AddGateway, self.add_gateway),
+            route("admin.gateway.front_door", p.SetFrontDoor, self.set_front_door),
+            route("admin.gateway.status", p.SetGatewayStatus, self.set_gateway_status),
+            route("admin.egress.define", p.DefineEgress, self.define_egress),
+            route("admin.device.revoke", p.DeviceAction, self.revoke_device),
+            route("admin.device.suspend", p.DeviceAction, self.suspend_device),
+            route("admin.device.resume", p.DeviceAction, self.resume_device),
+            route("admin.usage.reset", p.ResetUsage, self.reset_usage),
+            route("admin.explain_placement", p.ExplainPlacement, self.explain_placement),
+        ]
+
+    async def _done(self, decide: object) -> p.Done:
+        result = await self.ctx.commit(decide)  # type: ignore[arg-type]
+        return p.Done(seq=result.seqs[-1] if result.seqs else 0, duplicate=result.duplicate)
+
+    # --- tiers -------------------------------------------------------------------------------
+
+    async def define_tier(self, req: p.DefineTier, call: Call) -> p.Done:
+        check_id(req.tier, "tier")
+        for name, value in (("session limit", req.session_limit), ("byte limit", req.byte_limit),
+                            ("key lifetime", req.key_lifetime_s)):
+            if value is not None and value <= 0:
+                raise DammError(Code.INVALID_ARGUMENT, f"{name} must be positive, got {value}")
+        if req.status not in ("active", "retired"):
+            raise DammError(Code.INVALID_ARGUMENT, f"status {req.status!r}: active or retired")
+        event = m.TierDefined(
+            tier=req.tier, regions=_regions(req.regions),
+            exit_countries=_countries(req.exit_countries), session_limit=req.session_limit,
+            byte_limit=req.byte_limit, key_lifetime_s=req.key_lifetime_s, status=req.status)
+        subject = event_subject("tier", req.tier)
+        return await self._done(lambda: [self.ctx.append(
+            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    async def create_token(self, req: p.CreateToken, call: Call) -> p.TokenCreated:
+        await self.ctx.fresh(lambda: req.tier in self.ctx.state.tiers)
+        tier = self.ctx.state.tiers.get(req.tier)
+        if tier is None:
+            raise DammError(Code.NOT_FOUND, f"tier {req.tier!r}")
+        if tier.status != "active":
+            raise DammError(Code.INVALID_ARGUMENT, f"tier {req.tier!r} is {tier.status}")
+        if req.uses is not None and req.uses <= 0:
+            raise DammError(Code.INVALID_ARGUMENT, f"uses must be positive, got {req.uses}")
+        if req.ttl_s is not None and req.ttl_s <= 0:
+            raise DammError(Code.INVALID_ARGUMENT, f"ttl must be positive, got {req.ttl_s}")
+        token = "dmt_" + secrets.token_urlsafe(24)
+        token_id = uuid.uuid4().hex[:16]
+        expires = self.ctx.now() + timedelta(seconds=req.ttl_s) if req.ttl_s else None
+        event = m.TokenIssued(token_id=token_id, token_hash=token_hash(token), tier=req.tier,
+                              max_uses=req.uses, expires_at=expires)
+        subject = event_subject("token", token_id)
+        await self.ctx.commit(lambda: [self.ctx.append(
+            subject, event, call, expected=0, msg_id=f"token-{call.correlation_id}")])
+        return p.TokenCreated(token_id, token, req.tier, req.uses, expires)
+
+    async def revoke_token(self, req: p.RevokeToken, call: Call) -> p.Done:
+        await self.ctx.fresh(lambda: req.token_id in self.ctx.state.tokens)
+        if req.token_id not in self.ctx.state.tokens:
+            raise DammError(Code.NOT_FOUND, f"token {req.token_id!r}")
+        subject = event_subject("token", req.token_id)
+        event = m.TokenRevoked(token_id=req.token_id, reason=req.reason)
+        return await self._done(lambda: [self.ctx.append(
+            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+
+    # --- gateways ----------------------------------------------------------------------------
+
+    async def add_gateway(self, req: p.AddGateway, call: Call) -> p.GatewayAdded:
+        check_id(req.gateway_id, "gateway id")
+        region = _regions([req.region])[0]
+        endpoint = _endpoint(req.front_door) if req.front_door else None
+        await self.ctx.fresh(lambda: req.gateway_id not in self.ctx.state.gateways)
+        if req.gateway_id in self.ctx.state.gateways:
+            raise DammError(Code.ALREADY_EXISTS, f"gateway {req.gateway_id!r}")
+        token = "dmg_" + secrets.token_urlsafe(24)
+        subject = event_subject("gateway", req.gateway_id)
+
+        def decide() -> list[Append]:
+            if req.gateway_id in self.ctx.state.gateways:
+                raise DammError(Code.ALREADY_EXISTS, f"gateway {req.gateway_id!r}")
+            items = [self.ctx.append(subject, m.GatewayAdded(
+                gateway_id=req.gateway_id, region=region, token_hash=token_hash(token)),
+                call, expected=0)]
+            if endpoint:
+                items.append(self.ctx.append(subject, m.FrontDoorSet(
+                    gateway_id=req.gateway_id, front_door_id="fd1", endpoint=endpoint,
+                    priority=req.priority), call))
+            return items
+
+        await self.ctx.commit(decide)
+        return p.GatewayAdded(req.gateway_id, token)
+
+    async def set_front_door(self, req: p.SetFrontDoor, call: Call) -> p.Done:
+        check_id(req.front_door_id, "front door id")
+        endpoint = _endpoint(req.endpoint)
+        if req.transport != "udp":
+            raise DammError(Code.INVALID_ARGUMENT, f"transport {req.transport!r}: only udp")
+        await self.ctx.fresh(lambda: req.gateway_id in self.ctx.state.gateways)
+        if req.gateway_id not in self.ctx.state.gateways:
+            raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
+        subject = event_subject("gateway", req.gateway_id)
+        event = m.FrontDoorSet(gateway_id=req.gateway_id, front_door_id=req.front_door_id,
+                               endpoint=endpoint, transport=req.transport,
+                               priority=req.priority, active=req.active)
+        return await self._done(lambda: [self.ctx.append(
+            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+
+    async def set_gateway_status(self, req: p.SetGatewayStatus, call: Call) -> p.Done:
+        await self.ctx.fresh(lambda: req.gateway_id in self.ctx.state.gateways)
+        if req.gateway_id not in self.ctx.state.gateways:
+            raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
+        subject = event_subject("gateway", req.gateway_id)
+        event = m.GatewayStatusChanged(gateway_id=req.gateway_id, active=req.active,
+                                       reason=req.reason)
+        return await self._done(lambda: [self.ctx.append(
+            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+
+    async def define_egress(self, req: p.DefineEgress, call: Call) -> p.Done:
+        check_id(req.pool_id, "egress pool id")
+        ips: list[str] = []
+        for value in req.ips:
+            try:
+                ips.append(str(ipaddress.ip_network(value, strict=False)))
+            except ValueError:
+                raise DammError(Code.INVALID_ARGUMENT, f"egress IP {value!r}") from None
+        for name, score in (("load", req.load), ("headroom", req.headroom)):
+            if not 0.0 <= score <= 1.0:
+                raise DammError(Code.INVALID_ARGUMENT, f"{name} must be within 0..1, got {score}")
+        if not req.countries:
+            raise DammError(Code.INVALID_ARGUMENT, "an egress pool serves at least one country")
+        event = m.EgressPoolDefined(
+            pool_id=req.pool_id, provider=req.provider, region=_regions([req.region])[0],
+            countries=_countries(req.countries), ips=tuple(ips), load=req.load,
+            headroom=req.headroom, active=req.active)
+        subject = event_subject("egress", req.pool_id)
+        return await self._done(lambda: [self.ctx.append(
+            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+
+    # --- device lifecycle --------------------------------------------------------------------
+
+    async def _device(self, device_id: str) -> None:
+        await self.ctx.fresh(lambda: device_id in self.ctx.state.devices)
+        if device_id not in self.ctx.state.devices:
+            raise DammError(Code.NOT_FOUND, f"device {device_id!r}")
+
+    async def revoke_device(self, req: p.DeviceAction, call: Call) -> p.Done:
+        await self._device(req.device_id)
+
+        def decide() -> list[Append]:
+            dev = self.ctx.state.devices[req.device_id]
+            if dev.status == "revoked":
+                return []
+            subject = event_subject("device", dev.device_id)
+            token_subject = event_subject("token", dev.token_id)
+            ipam_subject = event_subject("ipam", f"{DEFAULT_POOL}-{dev.index}")
+            return [
+                self.ctx.append(subject, m.DeviceRevoked(device_id=dev.device_id,
+                                reason=req.reason), call, expected=self.ctx.state.seq_of(subject)),
+                self.ctx.append(token_subject, m.TokenSessionReleased(
+                    token_id=dev.token_id, device_id=dev.device_id), call,
+                    expected=self.ctx.state.seq_of(token_subject)),
+                self.ctx.append(ipam_subject, m.AddressReleased(
+                    pool=DEFAULT_POOL, index=dev.index, device_id=dev.device_id), call,
+                    expected=self.ctx.state.seq_of(ipam_subject)),
+            ]
+
+        return await self._done(decide)
+
+    async def _status(self, req: p.DeviceAction, call: Call, event: m.Event,
+                      allowed_from: tuple[str, ...]) -> p.Done:
+        await self._device(req.device_id)
+        subject = event_subject("device", req.device_id)
+
+        def decide() -> list[Append]:
+            dev = self.ctx.state.devices[req.device_id]
+            if dev.status == "revoked":
+                raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
+            if dev.status not in allowed_from:
+                return []
+            return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+
+        return await self._done(decide)
+
+    async def suspend_device(self, req: p.DeviceAction, call: Call) -> p.Done:
+        event = m.DeviceSuspended(device_id=req.device_id, reason=req.reason or "admin")
+        return await self._status(req, call, event, ("active",))
+
+    async def resume_device(self, req: p.DeviceAction, call: Call) -> p.Done:
+        event = m.DeviceResumed(device_id=req.device_id, reason=req.reason or "admin")
+        return await self._status(req, call, event, ("suspended",))
+
+    async def reset_usage(self, req: p.ResetUsage, call: Call) -> p.Done:
+        await self._device(req.device_id)
+        now = self.ctx.now()
+        period = req.period or f"{now.year:04d}-{now.month:02d}"
+        subject = event_subject("usage", f"reset-{req.device_id}")
+        event = m.UsagePeriodReset(device_id=req.device_id, period=period)
+        return await self._done(lambda: [self.ctx.append(subject, event, call)])
+
+    async def explain_placement(self, req: p.ExplainPlacement, call: Call) -> p.PlacementExplained:
+        return explain_for(self.ctx, req)

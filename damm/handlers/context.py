@@ -1,0 +1,87 @@
+"""Everything a handler needs: the log, the folded state, settings, keys, and a commit helper."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import msgspec
+
+from damm.catalog.signing import CatalogSigner
+from damm.config import ControlSettings
+from damm.errors import Code, DammError
+from damm.events.model import Actor, Envelope, Event
+from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
+from damm.handlers.state import DecisionState, StateFollower
+from damm.handlers.x25519 import RotationKey
+
+MAX_ATTEMPTS = 6
+
+
+@dataclass(frozen=True)
+class Call:
+    """Who asked, and the request's correlation id (the dedupe key for its events)."""
+
+    correlation_id: str
+    actor: Actor
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class Context:
+    def __init__(self, store: EventStore, state: DecisionState, follower: StateFollower,
+                 settings: ControlSettings, signer: CatalogSigner, rotation: RotationKey) -> None:
+        self.store = store
+        self.state = state
+        self.follower = follower
+        self.settings = settings
+        self.signer = signer
+        self.rotation = rotation
+
+    @staticmethod
+    def now() -> datetime:
+        return datetime.now(UTC)
+
+    def append(self, subject: str, event: Event, call: Call, *, expected: int | None = None,
+               msg_id: str | None = None) -> Append:
+        env = envelope(subject, event, actor=call.actor, correlation_id=call.correlation_id)
+        return Append(subject, env, expected_seq=expected, msg_id=msg_id)
+
+    def absorb(self, items: Sequence[Append], result: Appended) -> None:
+        """Fold our own appends at once so the next decision sees them (read-your-writes)."""
+        if result.duplicate:
+            return
+        for item, seq in zip(items, result.seqs, strict=True):
+            self.state.apply(msgspec.structs.replace(item.envelope, seq=seq), item.subject)
+
+    async def commit(self, decide: Callable[[], Sequence[Append]]) -> Appended:
+        """Decide from current state and append; on a lost race, catch up and decide again."""
+        for attempt in range(MAX_ATTEMPTS):
+            items = decide()
+            if not items:
+                return Appended(())
+            try:
+                result = await self.store.append_batch(items)
+            except ConflictError:
+                await self.follower.sync()
+                await asyncio.sleep(0.005 * attempt)
+                continue
+            self.absorb(items, result)
+            if result.duplicate:
+                await self.follower.sync()
+            return result
+        raise DammError(Code.CONFLICT, f"gave up after {MAX_ATTEMPTS} attempts")
+
+    async def fresh(self, check: Callable[[], bool]) -> None:
+        """When state says 'not found', make sure it is not just lagging another process."""
+        if not check():
+            await self.follower.sync()
+
+
+def envelope_of(item: Append) -> Envelope:
+    return item.envelope

@@ -1,0 +1,307 @@
+"""Enrollment and key rotation.
+
+``decide_enrollment`` is the pure decision. ``EnrollmentCommitter`` is the group commit around it:
+requests that arrive while a batch is in flight are decided together and appended as one atomic
+batch, so a popular token (whose aggregate every enrollment must update in order) does not cap
+throughput at one fsync per enrollment. Each enrollment appends, atomically:
+token.used (expects the token's sequence) · key.bound (expects an unused key) ·
+ipam.allocated (expects the address's sequence) · device.enrolled (expects a new device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from damm import log
+from damm.agent.peers import validate_public_key
+from damm.domain import placement as pl
+from damm.errors import Code, DammError
+from damm.events import model as m
+from damm.events.model import Actor
+from damm.events.store import Append, ConflictError
+from damm.events.subjects import event_subject
+from damm.handlers import protocol as p
+from damm.handlers.context import Call, Context, token_hash
+from damm.handlers.placement_view import candidates, pools, tier_policy
+from damm.handlers.service import Route, route
+from damm.handlers.state import DEFAULT_POOL, DecisionState, DeviceState
+
+_log = log.get("damm.enrollment")
+
+MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
+MAX_ATTEMPTS = 5
+
+
+def key_subject(public_key: str) -> str:
+    return event_subject("key", hashlib.sha256(public_key.encode()).hexdigest()[:40])
+
+
+def address_subject(index: int) -> str:
+    return event_subject("ipam", f"{DEFAULT_POOL}-{index}")
+
+
+@dataclass
+class Tentative:
+    """Effects of the decisions already in this group, not yet in the state."""
+
+    uses: Counter[str] = field(default_factory=Counter)
+    keys: set[str] = field(default_factory=set)
+    requests: set[str] = field(default_factory=set)
+    subjects: set[str] = field(default_factory=set)
+
+    def expect(self, state: DecisionState, subject: str) -> int | None:
+        """Only a subject's first message in a batch carries the expectation."""
+        if subject in self.subjects:
+            return None
+        self.subjects.add(subject)
+        return state.seq_of(subject)
+
+
+def enrolled_reply(ctx: Context, dev: DeviceState) -> p.Enrolled:
+    gw = ctx.state.gateways[dev.gateway_id]
+    door = gw.front_doors[dev.front_door_id]
+    prefix = ctx.settings.overlay.network.prefixlen
+    six = ctx.settings.overlay.ula
+    return p.Enrolled(
+        device_id=dev.device_id,
+        address=f"{dev.address}/{prefix}",
+        address6=f"{dev.address6}/{six.prefixlen}" if dev.address6 and six else None,
+        gateway_id=gw.gateway_id,
+        gateway_public_key=gw.public_key or "",
+        front_door_id=door.front_door_id,
+        endpoint=door.endpoint,
+        allowed_ips=ctx.settings.client_allowed_ips,
+        dns=ctx.settings.dns,
+        egress_pool_id=dev.egress_pool_id,
+        key_expires_at=dev.key_expires_at,
+        rotation_key=ctx.rotation.public_b64,
+        catalog=p.CatalogTrust(ctx.signer.key_id, ctx.signer.public_key_b64, 0, gw.region),
+    )
+
+
+def check_token(state: DecisionState, token: str, now: datetime, pending_uses: int = 0
+                ) -> tuple[m.TierDefined, str]:
+    if not token.startswith("dmt_") or len(token) > 100:
+        raise DammError(Code.TOKEN_UNKNOWN, "not an enrollment token")
+    tok = state.tokens_by_hash.get(token_hash(token))
+    if tok is None:
+        raise DammError(Code.TOKEN_UNKNOWN)
+    if tok.revoked:
+        raise DammError(Code.TOKEN_REVOKED, f"token {tok.token_id}")
+    if tok.expires_at is not None and now >= tok.expires_at:
+        raise DammError(Code.TOKEN_EXPIRED, f"token {tok.token_id} expired {tok.expires_at:%Y-%m-%d %H:%M}Z")
+    if tok.max_uses is not None and tok.uses + pending_uses >= tok.max_uses:
+        raise DammError(Code.TOKEN_USED_UP, f"token {tok.token_id} allowed {tok.max_uses} uses")
+    tier = state.tiers.get(tok.tier)
+    if tier is None or tier.status != "active":
+        raise DammError(Code.OUT_OF_POLICY, f"tier {tok.tier} is not active")
+    return tier, tok.token_id
+
+
+def decide_enrollment(
+    req: p.Enroll, ctx: Context, call: Call, tentative: Tentative, index: int | None,
+    device_id: str,
+) -> list[Append]:
+    """Validate and decide one enrollment against state plus this group's tentative effects."""
+    state = ctx.state
+    now = ctx.now()
+    public_key = validate_public_key(req.public_key)
+    if req.request_id in tentative.requests:
+        raise DammError(Code.CONFLICT, "the same request is already in flight")
+    tok = state.tokens_by_hash.get(token_hash(req.token)) if req.token.startswith("dmt_") else None
+    tier, token_id = check_token(state, req.token, now, tentative.uses[tok.token_id] if tok else 0)
+    assert tok is not None
+    if tier.session_limit is not None and (
+        len(tok.sessions) + tentative.uses[token_id] >= tier.session_limit
+    ):
+        raise DammError(Code.SESSION_LIMIT,
+                        f"{tier.session_limit} active devices already use this token")
+    owner = state.bound_keys.get(public_key)
+    if owner is not None or public_key in tentative.keys:
+        dev = state.devices.get(owner or "")
+        if dev is not None and dev.status == "revoked":
+            raise DammError(Code.DEVICE_REVOKED, f"key belongs to revoked device {dev.device_id}")
+        raise DammError(Code.KEY_REUSED, "generate a new key for a new enrollment")
+    placement = pl.place(
+        pl.PlacementRequest(req.region, req.exit_country), tier_policy(tier), candidates(state),
+        pools(state), now=now, heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s))
+    if index is None:
+        raise DammError(Code.POOL_EXHAUSTED, f"no free address in {ctx.settings.overlay.network}")
+    overlay = ctx.settings.overlay
+    address = str(overlay.address(index))
+    six = overlay.address6(index)
+    address6 = str(six) if six is not None else None
+    expires = now + timedelta(seconds=tier.key_lifetime_s) if tier.key_lifetime_s else None
+    device_actor = Actor("device", device_id)
+    dcall = Call(call.correlation_id, device_actor)
+    token_sub = event_subject("token", token_id)
+    key_sub = key_subject(public_key)
+    ipam_sub = address_subject(index)
+    device_sub = event_subject("device", device_id)
+    items = [
+        ctx.append(token_sub, m.TokenUsed(token_id=token_id, device_id=device_id), dcall,
+                   expected=tentative.expect(state, token_sub)),
+        ctx.append(key_sub, m.KeyBound(public_key=public_key, device_id=device_id), dcall,
+                   expected=tentative.expect(state, key_sub)),
+        ctx.append(ipam_sub, m.AddressAllocated(
+            pool=DEFAULT_POOL, index=index, address=address, address6=address6,
+            device_id=device_id), dcall, expected=tentative.expect(state, ipam_sub)),
+        ctx.append(device_sub, m.DeviceEnrolled(
+            device_id=device_id, public_key=public_key, token_id=token_id, tier=tier.tier,
+            gateway_id=placement.gateway.id, front_door_id=placement.front_door.id,
+            egress_pool_id=placement.egress_pool.id if placement.egress_pool else None,
+            address=address, address6=address6, key_expires_at=expires,
+            region=placement.gateway.region, exit_country=req.exit_country),
+            Call(req.request_id, device_actor), expected=0, msg_id=f"enroll-{req.request_id}"),
+    ]
+    tentative.uses[token_id] += 1
+    tentative.keys.add(public_key)
+    tentative.requests.add(req.request_id)
+    return items
+
+
+@dataclass
+class _Waiting:
+    req: p.Enroll
+    call: Call
+    future: asyncio.Future[p.Enrolled]
+    attempts: int = 0
+
+
+class EnrollmentCommitter:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._queue: list[_Waiting] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def routes(self) -> list[Route]:
+        return [
+            route("enroll", p.Enroll, self.enroll),
+            route("device.rotate_key", p.RotateKey, self.rotate_key),
+        ]
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for waiting in self._queue:
+            waiting.future.set_exception(DammError(Code.UNAVAILABLE, "control plane stopping"))
+
+    async def enroll(self, req: p.Enroll, call: Call) -> p.Enrolled:
+        if len(req.request_id) > 64 or not req.request_id:
+            raise DammError(Code.MALFORMED_REQUEST, "request_id must be 1-64 characters")
+        known = self.ctx.state.requests.get(req.request_id)
+        if known is not None:
+            return enrolled_reply(self.ctx, self.ctx.state.devices[known])
+        future: asyncio.Future[p.Enrolled] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Waiting(req, call, future))
+        self._wake.set()
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                try:
+                    await self._commit(group)
+                except Exception as exc:  # never let one bad group stop enrollment
+                    _log.exception("enrollment group failed")
+                    for w in group:
+                        if not w.future.done():
+                            w.future.set_exception(DammError(Code.INTERNAL, repr(exc)))
+
+    async def _commit(self, group: list[_Waiting]) -> None:
+        ctx = self.ctx
+        tentative = Tentative()
+        indices = iter(ctx.state.addresses.peek(len(group)))
+        decided: list[tuple[_Waiting, list[Append], str]] = []
+        for w in group:
+            known = ctx.state.requests.get(w.req.request_id)
+            if known is not None:
+                w.future.set_result(enrolled_reply(ctx, ctx.state.devices[known]))
+                continue
+            device_id = uuid.uuid4().hex[:20]
+            try:
+                index = next(indices, None)
+                items = decide_enrollment(w.req, ctx, w.call, tentative, index, device_id)
+            except DammError as err:
+                w.future.set_exception(err)
+                continue
+            decided.append((w, items, device_id))
+        if not decided:
+            return
+        batch = [item for _, items, _ in decided for item in items]
+        try:
+            result = await ctx.store.append_batch(batch)
+        except ConflictError as exc:
+            _log.info("enrollment group lost a race", size=len(decided), subject=exc.subject)
+            await ctx.follower.sync()
+            await self._retry([w for w, _, _ in decided])
+            return
+        if result.duplicate:
+            await ctx.follower.sync()
+            await self._retry([w for w, _, _ in decided])
+            return
+        ctx.absorb(batch, result)
+        for w, _, device_id in decided:
+            w.future.set_result(enrolled_reply(ctx, ctx.state.devices[device_id]))
+
+    async def _retry(self, waiting: list[_Waiting]) -> None:
+        """After a lost race, decide each request alone so one conflict cannot sink the rest."""
+        for w in waiting:
+            w.attempts += 1
+            if w.attempts > MAX_ATTEMPTS:
+                w.future.set_exception(DammError(Code.CONFLICT, "too many concurrent changes"))
+                continue
+            await self._commit([w])
+
+    # --- key rotation ------------------------------------------------------------------------
+
+    async def rotate_key(self, req: p.RotateKey, call: Call) -> p.KeyRotated:
+        ctx = self.ctx
+        new_key = validate_public_key(req.new_public_key)
+        old_key = validate_public_key(req.old_public_key)
+        await ctx.fresh(lambda: req.device_id in ctx.state.devices)
+        dev = ctx.state.devices.get(req.device_id)
+        if dev is None:
+            raise DammError(Code.NOT_FOUND, f"device {req.device_id!r}")
+        if dev.status == "revoked":
+            raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
+        if dev.public_key != old_key:
+            if dev.public_key == new_key:
+                return p.KeyRotated(dev.device_id, dev.public_key, dev.key_expires_at)
+            raise DammError(Code.UNAUTHORIZED, "the old key is not this device's current key")
+        if not ctx.rotation.verify(req.proof, old_key, dev.device_id, new_key, req.request_id):
+            raise DammError(Code.UNAUTHORIZED, "the proof of the old key does not verify")
+        tier = ctx.state.tiers.get(dev.tier)
+        lifetime = tier.key_lifetime_s if tier else None
+        expires = ctx.now() + timedelta(seconds=lifetime) if lifetime else None
+        dcall = Call(call.correlation_id, Actor("device", dev.device_id))
+        device_sub = event_subject("device", dev.device_id)
+        key_sub = key_subject(new_key)
+
+        def decide() -> list[Append]:
+            if new_key in ctx.state.bound_keys:
+                raise DammError(Code.KEY_REUSED, "the new key is already bound")
+            return [
+                ctx.append(key_sub, m.KeyBound(public_key=new_key, device_id=dev.device_id),
+                           dcall, expected=ctx.state.seq_of(key_sub)),
+                ctx.append(device_sub, m.DeviceKeyRotated(
+                    device_id=dev.device_id, old_public_key=old_key, new_public_key=new_key,
+                    key_expires_at=expires), dcall, expected=ctx.state.seq_of(device_sub),
+                    msg_id=f"rotate-{req.request_id}"),
+            ]
+
+        await ctx.commit(decide)
+        return p.KeyRotated(dev.device_id, new_key, expires)

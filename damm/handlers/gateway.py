@@ -1,0 +1,116 @@
+"""What gateways may ask: register, heartbeat, report usage, fetch their peer set.
+
+Every request carries the gateway-scoped token issued by `damm admin gateway add`; it is checked
+against the stored hash on every call, so a gateway can speak only for itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from damm.agent.peers import validate_public_key
+from damm.errors import Code, DammError
+from damm.events import model as m
+from damm.events.model import Actor
+from damm.events.store import Append, envelope
+from damm.events.subjects import event_subject, heartbeat_subject
+from damm.handlers import protocol as p
+from damm.handlers.context import Call, Context, token_hash
+from damm.handlers.service import Route, route
+from damm.handlers.state import GatewayState
+
+MAX_USAGE_ENTRIES = 2000
+MAX_USAGE_BYTES = 256 * 1024
+
+
+class GatewayHandlers:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[Route]:
+        return [
+            route("gateway.register", p.RegisterGateway, self.register),
+            route("gateway.heartbeat", p.Heartbeat, self.heartbeat),
+            route("gateway.usage", p.ReportUsage, self.report_usage, max_bytes=MAX_USAGE_BYTES),
+        ]
+
+    async def authenticate(self, gateway_id: str, token: str) -> GatewayState:
+        await self.ctx.fresh(lambda: gateway_id in self.ctx.state.gateways)
+        gw = self.ctx.state.gateways.get(gateway_id)
+        if gw is None or not hmac.compare_digest(gw.token_hash, token_hash(token)):
+            raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r} and token do not match")
+        return gw
+
+    async def register(self, req: p.RegisterGateway, call: Call) -> p.Registered:
+        gw = await self.authenticate(req.gateway_id, req.token)
+        public_key = validate_public_key(req.public_key)
+        if not 0 < req.listen_port < 65536:
+            raise DammError(Code.INVALID_ARGUMENT, f"listen port {req.listen_port}")
+        gcall = Call(call.correlation_id, Actor("gateway", gw.gateway_id))
+        subject = event_subject("gateway", gw.gateway_id)
+
+        def decide() -> list[Append]:
+            current = self.ctx.state.gateways[gw.gateway_id]
+            if current.public_key == public_key and current.listen_port == req.listen_port:
+                return []
+            return [self.ctx.append(subject, m.GatewayRegistered(
+                gateway_id=gw.gateway_id, public_key=public_key, listen_port=req.listen_port,
+                agent_version=req.agent_version), gcall, expected=self.ctx.state.seq_of(subject))]
+
+        await self.ctx.commit(decide)
+        overlay = self.ctx.settings.overlay
+        return p.Registered(
+            gw.gateway_id, gw.region, str(overlay.network), f"{overlay.gateway}/{overlay.network.prefixlen}",
+            f"{overlay.gateway6}/{overlay.ula.prefixlen}" if overlay.gateway6 and overlay.ula else None,
+        )
+
+    async def heartbeat(self, req: p.Heartbeat, call: Call) -> p.Done:
+        gw = await self.authenticate(req.gateway_id, req.token)
+        if not gw.registered:
+            raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
+        if req.load < 0 or min(req.peer_count, req.active_peers, req.rx_bytes, req.tx_bytes) < 0:
+            raise DammError(Code.INVALID_ARGUMENT, "metrics must not be negative")
+        event = m.GatewayHeartbeat(
+            gateway_id=gw.gateway_id, peer_count=req.peer_count, active_peers=req.active_peers,
+            rx_bytes=req.rx_bytes, tx_bytes=req.tx_bytes, load=req.load,
+            peer_set_revision=req.peer_set_revision)
+        subject = heartbeat_subject(gw.gateway_id)
+        env = envelope(subject, event, actor=Actor("gateway", gw.gateway_id),
+                       correlation_id=call.correlation_id, aggregate=f"gateway/{gw.gateway_id}")
+        ack = await self.ctx.store.js.publish(subject, _encode(env))
+        self.ctx.state._fold(env)
+        return p.Done(seq=int(ack.seq))
+
+    async def report_usage(self, req: p.ReportUsage, call: Call) -> p.Done:
+        gw = await self.authenticate(req.gateway_id, req.token)
+        if not gw.registered:
+            raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
+        if len(req.entries) > MAX_USAGE_ENTRIES:
+            raise DammError(Code.REQUEST_TOO_LARGE,
+                            f"{len(req.entries)} entries > {MAX_USAGE_ENTRIES}; split the report")
+        if not req.report_id or len(req.report_id) > 64:
+            raise DammError(Code.MALFORMED_REQUEST, "report_id must be 1-64 characters")
+        by_key = {d.public_key: d.device_id for d in self.ctx.state.devices.values()
+                  if d.gateway_id == gw.gateway_id}
+        deltas = []
+        for entry in req.entries:
+            if entry.rx_bytes < 0 or entry.tx_bytes < 0:
+                raise DammError(Code.INVALID_ARGUMENT, "usage deltas must not be negative")
+            device_id = by_key.get(entry.public_key)
+            if device_id is not None and (entry.rx_bytes or entry.tx_bytes):
+                deltas.append(m.UsageDelta(device_id, entry.rx_bytes, entry.tx_bytes))
+        if not deltas:
+            return p.Done(seq=0)
+        subject = event_subject("usage", gw.gateway_id)
+        event = m.UsageReported(gateway_id=gw.gateway_id, report_id=req.report_id,
+                                deltas=tuple(deltas), measured_at=req.measured_at)
+        gcall = Call(call.correlation_id, Actor("gateway", gw.gateway_id))
+        result = await self.ctx.commit(lambda: [self.ctx.append(
+            subject, event, gcall, msg_id=f"usage-{gw.gateway_id}-{req.report_id}")])
+        return p.Done(seq=result.seqs[-1], duplicate=result.duplicate)
+
+
+def _encode(env: m.Envelope) -> bytes:
+    from damm.events import codec
+
+    return codec.encode(env)

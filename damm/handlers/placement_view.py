@@ -1,0 +1,60 @@
+"""Turning the folded state into placement's pure inputs."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from damm.domain import placement as pl
+from damm.errors import Code, DammError
+from damm.events import model as m
+from damm.handlers import protocol as p
+from damm.handlers.context import Context
+from damm.handlers.state import DecisionState
+
+
+def tier_policy(tier: m.TierDefined) -> pl.TierPolicy:
+    return pl.TierPolicy(tier.tier, frozenset(tier.regions), frozenset(tier.exit_countries))
+
+
+def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
+    out = []
+    for gw in state.gateways.values():
+        doors = tuple(
+            pl.FrontDoor(fd.front_door_id, fd.endpoint, fd.transport, fd.priority, fd.active)
+            for fd in gw.front_doors.values()
+        )
+        out.append(pl.GatewayCandidate(
+            gw.gateway_id, gw.region, gw.registered, gw.active, gw.last_heartbeat, gw.load,
+            gw.peer_count, doors))
+    return out
+
+
+def pools(state: DecisionState) -> list[pl.EgressPool]:
+    return [
+        pl.EgressPool(e.pool_id, e.provider, e.region, frozenset(e.countries), e.ips, e.load,
+                      e.headroom, e.active)
+        for e in state.pools.values()
+    ]
+
+
+def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
+    tier = ctx.state.tiers.get(req.tier)
+    if tier is None:
+        raise DammError(Code.NOT_FOUND, f"tier {req.tier!r}")
+    result = pl.explain(
+        pl.PlacementRequest(req.region, req.exit_country), tier_policy(tier),
+        candidates(ctx.state), pools(ctx.state), now=ctx.now(),
+        heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s))
+    chosen = result.chosen
+    error = None
+    if result.error is not None:
+        err = result.error
+        error = p.ErrorBody(err.code.slug, err.code.message, err.detail, err.code.retryable)
+    return p.PlacementExplained(
+        gateway_id=chosen.gateway.id if chosen else None,
+        front_door_id=chosen.front_door.id if chosen else None,
+        endpoint=chosen.front_door.endpoint if chosen else None,
+        egress_pool_id=chosen.egress_pool.id if chosen and chosen.egress_pool else None,
+        error=error,
+        rejected=tuple(p.Rejected(r.kind, r.id, r.reason) for r in result.rejections),
+    )

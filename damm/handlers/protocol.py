@@ -1,0 +1,241 @@
+"""Requests and replies on the bus: msgspec Structs, JSON on the wire.
+
+A reply is either ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": {...}}`` with a
+stable code from the error catalog, so every client can turn it back into a ``DammError``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+MAX_REQUEST_BYTES = 16 * 1024
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+    detail: str = ""
+    retryable: bool = False
+
+
+class Reply(msgspec.Struct, frozen=True):
+    ok: bool
+    result: msgspec.Raw = msgspec.field(default_factory=lambda: msgspec.Raw(b"null"))
+    error: ErrorBody | None = None
+
+
+class Empty(msgspec.Struct, frozen=True):
+    pass
+
+
+# --- admin ------------------------------------------------------------------------------------
+
+
+class DefineTier(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tier: str
+    regions: tuple[str, ...] = ()
+    exit_countries: tuple[str, ...] = ()
+    session_limit: int | None = None
+    byte_limit: int | None = None
+    key_lifetime_s: int | None = None
+    status: str = "active"
+
+
+class CreateToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tier: str
+    uses: int | None = None
+    ttl_s: int | None = None
+
+
+class TokenCreated(msgspec.Struct, frozen=True):
+    token_id: str
+    token: str
+    tier: str
+    max_uses: int | None
+    expires_at: datetime | None
+
+
+class RevokeToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    token_id: str
+    reason: str = ""
+
+
+class AddGateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    region: str
+    front_door: str | None = None
+    priority: int = 10
+
+
+class GatewayAdded(msgspec.Struct, frozen=True):
+    gateway_id: str
+    token: str
+
+
+class SetFrontDoor(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    front_door_id: str
+    endpoint: str
+    transport: str = "udp"
+    priority: int = 10
+    active: bool = True
+
+
+class SetGatewayStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    active: bool
+    reason: str = ""
+
+
+class DefineEgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    pool_id: str
+    provider: str = "static"
+    region: str
+    countries: tuple[str, ...]
+    ips: tuple[str, ...] = ()
+    load: float = 0.0
+    headroom: float = 1.0
+    active: bool = True
+
+
+class DeviceAction(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    device_id: str
+    reason: str = ""
+
+
+class ResetUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    device_id: str
+    period: str | None = None
+
+
+class ExplainPlacement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    tier: str
+    region: str | None = None
+    exit_country: str | None = None
+
+
+class Rejected(msgspec.Struct, frozen=True):
+    kind: str
+    id: str
+    reason: str
+
+
+class PlacementExplained(msgspec.Struct, frozen=True):
+    gateway_id: str | None
+    front_door_id: str | None
+    endpoint: str | None
+    egress_pool_id: str | None
+    error: ErrorBody | None
+    rejected: tuple[Rejected, ...]
+
+
+class Done(msgspec.Struct, frozen=True):
+    seq: int
+    duplicate: bool = False
+
+
+# --- device -----------------------------------------------------------------------------------
+
+
+class Enroll(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    token: str
+    public_key: str
+    region: str | None = None
+    exit_country: str | None = None
+    request_id: str
+
+
+class CatalogTrust(msgspec.Struct, frozen=True):
+    key_id: str
+    public_key: str
+    min_version: int
+    region: str
+
+
+class Enrolled(msgspec.Struct, frozen=True, kw_only=True):
+    device_id: str
+    address: str
+    address6: str | None
+    gateway_id: str
+    gateway_public_key: str
+    front_door_id: str
+    endpoint: str
+    allowed_ips: tuple[str, ...]
+    dns: tuple[str, ...]
+    egress_pool_id: str | None
+    key_expires_at: datetime | None
+    rotation_key: str
+    catalog: CatalogTrust | None
+
+
+class RotateKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    device_id: str
+    old_public_key: str
+    new_public_key: str
+    proof: str
+    request_id: str
+
+
+class KeyRotated(msgspec.Struct, frozen=True):
+    device_id: str
+    public_key: str
+    key_expires_at: datetime | None
+
+
+class GetCatalog(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    region: str
+
+
+class SignedCatalogReply(msgspec.Struct, frozen=True):
+    signed: bytes
+
+
+# --- gateway ----------------------------------------------------------------------------------
+
+
+class RegisterGateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    token: str
+    public_key: str
+    listen_port: int
+    agent_version: str = ""
+
+
+class Registered(msgspec.Struct, frozen=True):
+    gateway_id: str
+    region: str
+    overlay: str
+    gateway_address: str
+    gateway_address6: str | None
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    token: str
+    peer_count: int
+    active_peers: int
+    rx_bytes: int
+    tx_bytes: int
+    load: float
+    peer_set_revision: int = 0
+
+
+class UsageEntry(msgspec.Struct, frozen=True):
+    public_key: str
+    rx_bytes: int
+    tx_bytes: int
+
+
+class ReportUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    token: str
+    report_id: str
+    entries: tuple[UsageEntry, ...]
+    measured_at: datetime | None = None
+
+
+class PeerSnapshotRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    gateway_id: str
+    token: str

@@ -1,0 +1,250 @@
+"""What the handlers decide from: an in-memory fold of the event log.
+
+Handlers never read the Postgres read models (they may lag). Each control-plane process folds the
+log itself and remembers the last sequence of every subject it folded; a decision appends with
+those sequences as expectations, so a decision taken on stale state is refused by JetStream and
+taken again. The fold skips anything at or below a subject's known sequence, which makes applying
+one's own appends immediately and seeing them again from the stream harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+
+from damm import log
+from damm.domain.ipam import AddressPool, Overlay
+from damm.events import codec
+from damm.events import model as m
+from damm.events.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
+
+_log = log.get("damm.state")
+
+DEFAULT_POOL = "default"
+
+
+@dataclass
+class TokenState:
+    token_id: str
+    token_hash: str
+    tier: str
+    max_uses: int | None
+    expires_at: datetime | None
+    uses: int = 0
+    sessions: set[str] = field(default_factory=set)
+    revoked: bool = False
+
+
+@dataclass
+class FrontDoorState:
+    front_door_id: str
+    endpoint: str
+    transport: str
+    priority: int
+    active: bool
+
+
+@dataclass
+class GatewayState:
+    gateway_id: str
+    region: str
+    token_hash: str
+    public_key: str | None = None
+    listen_port: int | None = None
+    active: bool = True
+    front_doors: dict[str, FrontDoorState] = field(default_factory=dict)
+    last_heartbeat: datetime | None = None
+    load: float = 0.0
+    peer_count: int = 0
+
+    @property
+    def registered(self) -> bool:
+        return self.public_key is not None
+
+
+@dataclass
+class DeviceState:
+    device_id: str
+    public_key: str
+    token_id: str
+    tier: str
+    gateway_id: str
+    front_door_id: str
+    address: str
+    address6: str | None
+    index: int
+    status: str = "active"
+    reason: str = ""
+    key_expires_at: datetime | None = None
+    egress_pool_id: str | None = None
+
+
+class DecisionState:
+    def __init__(self, overlay: Overlay) -> None:
+        self.overlay = overlay
+        self.addresses = AddressPool(overlay)
+        self.tiers: dict[str, m.TierDefined] = {}
+        self.tokens: dict[str, TokenState] = {}
+        self.tokens_by_hash: dict[str, TokenState] = {}
+        self.gateways: dict[str, GatewayState] = {}
+        self.pools: dict[str, m.EgressPoolDefined] = {}
+        self.devices: dict[str, DeviceState] = {}
+        self.bound_keys: dict[str, str] = {}
+        self.requests: dict[str, str] = {}
+        self.subject_seq: dict[str, int] = {}
+        self.applied_seq = 0
+        self.changed = asyncio.Event()
+
+    def seq_of(self, subject: str) -> int:
+        return self.subject_seq.get(subject, 0)
+
+    def apply(self, env: m.Envelope, subject: str | None = None) -> None:
+        subject = subject or f"{EVENT_PREFIX}.{env.aggregate.replace('/', '.', 1)}"
+        if env.seq and env.seq <= self.subject_seq.get(subject, 0):
+            return
+        self._fold(env)
+        if env.seq:
+            self.subject_seq[subject] = env.seq
+            self.applied_seq = max(self.applied_seq, env.seq)
+
+    def _fold(self, env: m.Envelope) -> None:  # noqa: C901 - one arm per event type
+        e = env.event
+        match e:
+            case m.TierDefined():
+                self.tiers[e.tier] = e
+            case m.TokenIssued():
+                t = TokenState(e.token_id, e.token_hash, e.tier, e.max_uses, e.expires_at)
+                self.tokens[e.token_id] = t
+                self.tokens_by_hash[e.token_hash] = t
+            case m.TokenUsed():
+                if tok := self.tokens.get(e.token_id):
+                    tok.uses += 1
+                    tok.sessions.add(e.device_id)
+            case m.TokenSessionReleased():
+                if tok := self.tokens.get(e.token_id):
+                    tok.sessions.discard(e.device_id)
+            case m.TokenRevoked():
+                if tok := self.tokens.get(e.token_id):
+                    tok.revoked = True
+            case m.GatewayAdded():
+                self.gateways[e.gateway_id] = GatewayState(e.gateway_id, e.region, e.token_hash)
+            case m.FrontDoorSet():
+                if gw := self.gateways.get(e.gateway_id):
+                    gw.front_doors[e.front_door_id] = FrontDoorState(
+                        e.front_door_id, e.endpoint, e.transport, e.priority, e.active)
+            case m.GatewayRegistered():
+                if gw := self.gateways.get(e.gateway_id):
+                    gw.public_key = e.public_key
+                    gw.listen_port = e.listen_port
+            case m.GatewayStatusChanged():
+                if gw := self.gateways.get(e.gateway_id):
+                    gw.active = e.active
+            case m.GatewayHeartbeat():
+                if gw := self.gateways.get(e.gateway_id):
+                    if gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat:
+                        gw.last_heartbeat = env.occurred_at
+                        gw.load = e.load
+                        gw.peer_count = e.peer_count
+            case m.EgressPoolDefined():
+                self.pools[e.pool_id] = e
+            case m.AddressAllocated():
+                if self.addresses.is_free(e.index):
+                    self.addresses.claim(e.index)
+            case m.AddressReleased():
+                if not self.addresses.is_free(e.index):
+                    self.addresses.release(e.index)
+            case m.KeyBound():
+                self.bound_keys[e.public_key] = e.device_id
+            case m.DeviceEnrolled():
+                self.devices[e.device_id] = DeviceState(
+                    e.device_id, e.public_key, e.token_id, e.tier, e.gateway_id, e.front_door_id,
+                    e.address, e.address6, self.overlay.index_of(e.address),
+                    key_expires_at=e.key_expires_at, egress_pool_id=e.egress_pool_id)
+                self.requests[env.correlation_id] = e.device_id
+            case m.DeviceRevoked():
+                if dev := self.devices.get(e.device_id):
+                    dev.status, dev.reason = "revoked", e.reason
+            case m.DeviceSuspended():
+                if (dev := self.devices.get(e.device_id)) and dev.status != "revoked":
+                    dev.status, dev.reason = "suspended", e.reason
+            case m.DeviceResumed():
+                if (dev := self.devices.get(e.device_id)) and dev.status != "revoked":
+                    dev.status, dev.reason = "active", e.reason
+            case m.DeviceKeyRotated():
+                if dev := self.devices.get(e.device_id):
+                    dev.public_key = e.new_public_key
+                    dev.key_expires_at = e.key_expires_at
+            case _:
+                pass
+
+
+class StateFollower:
+    """Keeps a DecisionState current from the streams, and offers a read-your-writes barrier."""
+
+    def __init__(self, nc: NATS, state: DecisionState) -> None:
+        self.nc = nc
+        self.state = state
+        self.js = nc.jetstream(timeout=10)
+        self._subs: list[object] = []
+
+    async def start(self) -> None:
+        async def on_event(msg: object) -> None:
+            self._apply(msg, telemetry=False)
+
+        async def on_heartbeat(msg: object) -> None:
+            self._apply(msg, telemetry=True)
+
+        self._subs.append(await self.js.subscribe(
+            f"{EVENT_PREFIX}.>", stream=EVENTS_STREAM, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL, cb=on_event, pending_msgs_limit=-1,
+            pending_bytes_limit=-1))
+        self._subs.append(await self.js.subscribe(
+            f"{TELEMETRY_PREFIX}.heartbeat.*", stream=TELEMETRY_STREAM, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=on_heartbeat))
+        await self.sync()
+
+    def _apply(self, msg: object, *, telemetry: bool) -> None:
+        seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+        try:
+            env = codec.decode(msg.data)  # type: ignore[attr-defined]
+        except codec.CodecError as exc:
+            _log.error("undecodable event ignored by decision state", seq=seq, error=str(exc))
+            if not telemetry:
+                self.state.applied_seq = max(self.state.applied_seq, seq)
+            return
+        if telemetry:
+            # Telemetry sequences belong to another stream: fold without touching subject_seq.
+            self.state._fold(env)
+            return
+        self.state.apply(_with_seq(env, seq), msg.subject)  # type: ignore[attr-defined]
+        self.state.changed.set()
+
+    async def sync(self, timeout: float = 10.0) -> None:
+        """Wait until everything in the event stream right now is folded."""
+        info = await self.js.stream_info(EVENTS_STREAM)
+        target = int(info.state.last_seq)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.state.applied_seq < target:
+            if asyncio.get_running_loop().time() > deadline:
+                raise nats.errors.TimeoutError
+            self.state.changed.clear()
+            try:
+                await asyncio.wait_for(self.state.changed.wait(), 0.05)
+            except TimeoutError:
+                pass
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()  # type: ignore[attr-defined]
+        self._subs.clear()
+
+
+def _with_seq(env: m.Envelope, seq: int) -> m.Envelope:
+    import msgspec
+
+    return msgspec.structs.replace(env, seq=seq)

@@ -1,0 +1,72 @@
+"""Proof of possession for key rotation without a second device key.
+
+WireGuard keys are X25519, which cannot sign. A device proves it holds its old private key by
+MACing the rotation request with the Diffie-Hellman secret between that key and the control
+plane's rotation key; only the holder of the old private key (or the control plane) can compute it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+from pathlib import Path
+
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+
+from damm.errors import Code, DammError
+
+
+def _message(device_id: str, new_public_key: str, request_id: str) -> bytes:
+    return f"damm-rotate-v1|{device_id}|{new_public_key}|{request_id}".encode()
+
+
+def _decode_key(key_b64: str) -> bytes:
+    try:
+        raw = base64.b64decode(key_b64, validate=True)
+    except ValueError:
+        raise DammError(Code.MALFORMED_KEY, "not base64") from None
+    if len(raw) != 32:
+        raise DammError(Code.MALFORMED_KEY, f"{len(raw)} bytes, want 32")
+    return raw
+
+
+def prove(private_key_b64: str, rotation_public_b64: str, device_id: str, new_public_key: str,
+          request_id: str) -> str:
+    shared = crypto_scalarmult(_decode_key(private_key_b64), _decode_key(rotation_public_b64))
+    mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
+class RotationKey:
+    def __init__(self, private: bytes) -> None:
+        self._private = private
+        self.public_b64 = base64.b64encode(crypto_scalarmult_base(private)).decode()
+
+    def __repr__(self) -> str:
+        return f"RotationKey(public={self.public_b64})"
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> RotationKey:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if path.stat().st_mode & 0o077:
+                raise DammError(Code.INVALID_ARGUMENT, f"{path} is readable by others") from None
+            return cls(path.read_bytes())
+        private = os.urandom(32)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private)
+        return cls(private)
+
+    def verify(self, proof_b64: str, old_public_key: str, device_id: str, new_public_key: str,
+               request_id: str) -> bool:
+        shared = crypto_scalarmult(self._private, _decode_key(old_public_key))
+        mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
+        try:
+            given = base64.b64decode(proof_b64, validate=True)
+        except ValueError:
+            return False
+        return hmac.compare_digest(mac.digest(), given)
