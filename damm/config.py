@@ -1,4 +1,4 @@
-"""Control-plane settings: network model defaults from ARCHITECTURE.md, overridable per deployment."""
+"""Control-plane settings: the network model defaults of ARCHITECTURE.md, per deployment."""
 
 from __future__ import annotations
 

@@ -48,11 +48,14 @@ class Code(enum.Enum):
     POOL_EXHAUSTED = ErrorSpec("the address pool is exhausted")
     # gateways
     GATEWAY_NOT_REGISTERED = ErrorSpec("the gateway has not registered")
+    WG_BACKEND = ErrorSpec("the WireGuard interface refused or failed an operation", True)
     # catalogs and failover
     CATALOG_STALE = ErrorSpec("the catalog has expired")
     CATALOG_BAD_SIGNATURE = ErrorSpec("the catalog signature does not verify")
     CATALOG_UNKNOWN_KEY = ErrorSpec("the catalog is signed by an unknown key")
     CATALOG_ROLLBACK = ErrorSpec("the catalog is older than one already accepted")
+    CATALOG_WRONG_REGION = ErrorSpec("the catalog is for another region")
+    SIGNING_KEY_INSECURE = ErrorSpec("the signing key file is not private to its owner")
     CATALOG_NO_GATEWAY = ErrorSpec("the device's gateway is missing from the catalog")
     NO_ALTERNATE_FRONT_DOOR = ErrorSpec("the gateway has no other active front door")
     # local state

@@ -84,14 +84,13 @@ async def dsn(pg_uri: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator["ControlPlane"]:
+async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator[ControlPlane]:
     from damm.config import ControlSettings
     from damm.control import ControlPlane
     from damm.domain.ipam import Overlay
 
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
-    plane = ControlPlane(nats_server.url, dsn, settings,
-                         password=nats_server.passwords["control"])
+    plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
     await plane.start()
     yield plane
     await plane.stop()
@@ -114,7 +113,8 @@ async def device_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 @pytest.fixture
 async def gateway_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    client = await connect(nats_server.url, user="gateway",
-                           password=nats_server.passwords["gateway"])
+    client = await connect(
+        nats_server.url, user="gateway", password=nats_server.passwords["gateway"]
+    )
     yield client
     await client.close()

@@ -15,8 +15,9 @@ from damm.rpc import call
 from tests.fleet import enroll, keypair, setup_fleet
 
 
-async def test_enroll_happy_path(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                                 device_nc: NATS, dsn: str) -> None:
+async def test_enroll_happy_path(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS, dsn: str
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     result = await enroll(device_nc, fleet["token"])
     assert result.address == "10.44.0.10/24"
@@ -35,8 +36,9 @@ async def test_enroll_happy_path(control: ControlPlane, admin_nc: NATS, gateway_
     assert addr == "10.44.0.10"
 
 
-async def test_retried_request_is_recorded_once(control: ControlPlane, admin_nc: NATS,
-                                               gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_retried_request_is_recorded_once(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     _, pub = keypair()
     first = await enroll(device_nc, fleet["token"], public_key=pub, request_id="r-1")
@@ -51,8 +53,9 @@ async def expect(code: Code, coro: object) -> DammError:
     return info.value
 
 
-async def test_token_failures(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                              device_nc: NATS) -> None:
+async def test_token_failures(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc, uses=1)
     await expect(Code.TOKEN_UNKNOWN, enroll(device_nc, "dmt_nope"))
     await expect(Code.TOKEN_UNKNOWN, enroll(device_nc, "garbage"))
@@ -61,14 +64,16 @@ async def test_token_failures(control: ControlPlane, admin_nc: NATS, gateway_nc:
     created = await call(admin_nc, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated)
     await call(admin_nc, "admin.token.revoke", p.RevokeToken(token_id=created.token_id), p.Done)
     await expect(Code.TOKEN_REVOKED, enroll(device_nc, created.token))
-    short = await call(admin_nc, "admin.token.create", p.CreateToken(tier="gold", ttl_s=1),
-                       p.TokenCreated)
+    short = await call(
+        admin_nc, "admin.token.create", p.CreateToken(tier="gold", ttl_s=1), p.TokenCreated
+    )
     await asyncio.sleep(1.1)
     await expect(Code.TOKEN_EXPIRED, enroll(device_nc, short.token))
 
 
-async def test_malformed_and_oversized(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                                       device_nc: NATS) -> None:
+async def test_malformed_and_oversized(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     await expect(Code.MALFORMED_KEY, enroll(device_nc, fleet["token"], public_key="abc"))
     before = (await control.nc.jetstream().stream_info("DAMM_EVENTS")).state.last_seq  # type: ignore[union-attr]
@@ -80,8 +85,9 @@ async def test_malformed_and_oversized(control: ControlPlane, admin_nc: NATS, ga
     assert after == before
 
 
-async def test_revoked_device_cannot_return(control: ControlPlane, admin_nc: NATS,
-                                            gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_revoked_device_cannot_return(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     _, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
@@ -92,7 +98,8 @@ async def test_revoked_device_cannot_return(control: ControlPlane, admin_nc: NAT
 
 
 async def test_concurrent_enrollments_distinct_addresses(
-        control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS) -> None:
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     results = await asyncio.gather(*(enroll(device_nc, fleet["token"]) for _ in range(100)))
     assert len({r.address for r in results}) == 100

@@ -29,7 +29,7 @@ class _Event(msgspec.Struct, frozen=True, tag_field="type", kw_only=True):
 # --- access tiers -----------------------------------------------------------------------------
 
 
-class TierDefined(_Event, tag="tier.defined"):
+class TierDefined(_Event, frozen=True, tag="tier.defined"):
     """A tier was created or its policy replaced; the latest definition wins."""
 
     tier: str
@@ -44,7 +44,7 @@ class TierDefined(_Event, tag="tier.defined"):
 # --- enrollment tokens ------------------------------------------------------------------------
 
 
-class TokenIssued(_Event, tag="token.issued"):
+class TokenIssued(_Event, frozen=True, tag="token.issued"):
     token_id: str
     token_hash: str
     tier: str
@@ -52,19 +52,19 @@ class TokenIssued(_Event, tag="token.issued"):
     expires_at: datetime | None = None
 
 
-class TokenUsed(_Event, tag="token.used"):
+class TokenUsed(_Event, frozen=True, tag="token.used"):
     token_id: str
     device_id: str
 
 
-class TokenSessionReleased(_Event, tag="token.session_released"):
+class TokenSessionReleased(_Event, frozen=True, tag="token.session_released"):
     """A device enrolled with this token stopped counting against the tier's session limit."""
 
     token_id: str
     device_id: str
 
 
-class TokenRevoked(_Event, tag="token.revoked"):
+class TokenRevoked(_Event, frozen=True, tag="token.revoked"):
     token_id: str
     reason: str = ""
 
@@ -72,13 +72,13 @@ class TokenRevoked(_Event, tag="token.revoked"):
 # --- gateways ---------------------------------------------------------------------------------
 
 
-class GatewayAdded(_Event, tag="gateway.added"):
+class GatewayAdded(_Event, frozen=True, tag="gateway.added"):
     gateway_id: str
     region: str
     token_hash: str
 
 
-class FrontDoorSet(_Event, tag="gateway.front_door_set"):
+class FrontDoorSet(_Event, frozen=True, tag="gateway.front_door_set"):
     gateway_id: str
     front_door_id: str
     endpoint: str
@@ -87,20 +87,20 @@ class FrontDoorSet(_Event, tag="gateway.front_door_set"):
     active: bool = True
 
 
-class GatewayRegistered(_Event, tag="gateway.registered"):
+class GatewayRegistered(_Event, frozen=True, tag="gateway.registered"):
     gateway_id: str
     public_key: str
     listen_port: int
     agent_version: str = ""
 
 
-class GatewayStatusChanged(_Event, tag="gateway.status_changed"):
+class GatewayStatusChanged(_Event, frozen=True, tag="gateway.status_changed"):
     gateway_id: str
     active: bool
     reason: str = ""
 
 
-class GatewayHeartbeat(_Event, tag="gateway.heartbeat"):
+class GatewayHeartbeat(_Event, frozen=True, tag="gateway.heartbeat"):
     """Telemetry: lives in its own age-limited stream; placement needs only the latest one."""
 
     gateway_id: str
@@ -115,7 +115,7 @@ class GatewayHeartbeat(_Event, tag="gateway.heartbeat"):
 # --- egress pools -----------------------------------------------------------------------------
 
 
-class EgressPoolDefined(_Event, tag="egress.defined"):
+class EgressPoolDefined(_Event, frozen=True, tag="egress.defined"):
     pool_id: str
     provider: str
     region: str
@@ -129,7 +129,7 @@ class EgressPoolDefined(_Event, tag="egress.defined"):
 # --- addresses and keys -----------------------------------------------------------------------
 
 
-class AddressAllocated(_Event, tag="ipam.allocated"):
+class AddressAllocated(_Event, frozen=True, tag="ipam.allocated"):
     pool: str
     index: int
     address: str
@@ -137,13 +137,13 @@ class AddressAllocated(_Event, tag="ipam.allocated"):
     address6: str | None = None
 
 
-class AddressReleased(_Event, tag="ipam.released"):
+class AddressReleased(_Event, frozen=True, tag="ipam.released"):
     pool: str
     index: int
     device_id: str
 
 
-class KeyBound(_Event, tag="key.bound"):
+class KeyBound(_Event, frozen=True, tag="key.bound"):
     """A public key is claimed by a device forever: a revoked device cannot come back with it."""
 
     public_key: str
@@ -153,7 +153,7 @@ class KeyBound(_Event, tag="key.bound"):
 # --- devices ----------------------------------------------------------------------------------
 
 
-class DeviceEnrolled(_Event, tag="device.enrolled"):
+class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
     device_id: str
     public_key: str
     token_id: str
@@ -168,22 +168,22 @@ class DeviceEnrolled(_Event, tag="device.enrolled"):
     exit_country: str | None = None
 
 
-class DeviceRevoked(_Event, tag="device.revoked"):
+class DeviceRevoked(_Event, frozen=True, tag="device.revoked"):
     device_id: str
     reason: str = ""
 
 
-class DeviceSuspended(_Event, tag="device.suspended"):
+class DeviceSuspended(_Event, frozen=True, tag="device.suspended"):
     device_id: str
     reason: str = ""
 
 
-class DeviceResumed(_Event, tag="device.resumed"):
+class DeviceResumed(_Event, frozen=True, tag="device.resumed"):
     device_id: str
     reason: str = ""
 
 
-class DeviceKeyRotated(_Event, tag="device.key_rotated"):
+class DeviceKeyRotated(_Event, frozen=True, tag="device.key_rotated"):
     device_id: str
     old_public_key: str
     new_public_key: str
@@ -199,7 +199,7 @@ class UsageDelta(msgspec.Struct, frozen=True):
     tx_bytes: int
 
 
-class UsageReported(_Event, tag="usage.reported"):
+class UsageReported(_Event, frozen=True, tag="usage.reported"):
     """Per-device byte deltas measured by one gateway over one reporting interval."""
 
     gateway_id: str
@@ -208,12 +208,12 @@ class UsageReported(_Event, tag="usage.reported"):
     measured_at: datetime | None = None
 
 
-class UsagePeriodReset(_Event, tag="usage.period_reset"):
+class UsagePeriodReset(_Event, frozen=True, tag="usage.period_reset"):
     device_id: str
     period: str
 
 
-class CatalogPublished(_Event, tag="catalog.published"):
+class CatalogPublished(_Event, frozen=True, tag="catalog.published"):
     region: str
     version: int
     key_id: str
@@ -221,12 +221,12 @@ class CatalogPublished(_Event, tag="catalog.published"):
     expires_at: datetime | None = None
 
 
-class SigningKeyAnnounced(_Event, tag="catalog.key_announced"):
+class SigningKeyAnnounced(_Event, frozen=True, tag="catalog.key_announced"):
     key_id: str
     public_key: str
 
 
-class UnknownEvent(_Event, tag="unknown"):
+class UnknownEvent(_Event, frozen=True, tag="unknown"):
     """An event type this build does not know: carried through, never folded."""
 
     original_type: str

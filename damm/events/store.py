@@ -7,6 +7,7 @@ are appended as one JetStream atomic batch, so a failure never leaves half a dec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Sequence
@@ -111,6 +112,7 @@ class EventStore:
             return Appended(())
         if len(items) > MAX_BATCH:
             raise AppendError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
+        seqs: tuple[int, ...]
         try:
             if len(items) == 1:
                 seqs = (await self._publish_one(items[0]),)
@@ -125,6 +127,72 @@ class EventStore:
                 raise ConflictError(subject, refused.description) from None
             raise AppendError(f"{refused.err_code}: {refused.description}") from None
         return Appended(seqs)
+
+    async def append_many(self, items: Sequence[Append], window: int = 1000) -> list[Appended]:
+        """Append independent messages with up to ``window`` acknowledgements in flight.
+
+        Awaiting each round trip in series caps the log at a few thousand appends a second
+        (PLATFORM.md); bulk writers (usage reports, imports, benchmarks) pipeline instead.
+        Unlike ``append_batch`` this is not atomic: when one item is refused, the rest of its
+        window and all earlier windows may have landed; later windows are not sent. Retrying the
+        whole call is safe when the items carry msg ids. Refusals raise like ``append``.
+
+        nats-py's ``publish_async`` is not used: in 2.16 an error ack raises inside its reply
+        handler and the future never completes, so a conflict would look like a timeout.
+        """
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        if not items:
+            return []
+        loop = asyncio.get_running_loop()
+        inbox = self.nc.new_inbox()
+        waiting: dict[str, asyncio.Future[Any]] = {}
+
+        async def on_ack(msg: Any) -> None:
+            future = waiting.pop(msg.subject[len(inbox) + 1:], None)
+            if future is None or future.done():
+                return
+            if msg.headers and msg.headers.get("Status") == "503":
+                future.set_result({"error": {"err_code": 0, "description": "no responders"}})
+            else:
+                future.set_result(json.loads(msg.data))
+
+        sub = await self.nc.subscribe(f"{inbox}.*", cb=on_ack)
+        results: list[Appended] = []
+        try:
+            for start in range(0, len(items), window):
+                chunk = items[start:start + window]
+                futures: list[asyncio.Future[Any]] = []
+                for n, item in enumerate(chunk, start):
+                    future = loop.create_future()
+                    waiting[str(n)] = future
+                    futures.append(future)
+                    await self.nc.publish(item.subject, codec.encode(item.envelope),
+                                          reply=f"{inbox}.{n}", headers=item.headers() or None)
+                _, pending = await asyncio.wait(futures, timeout=self.timeout)
+                if pending:
+                    raise AppendError(f"{len(pending)} append(s) not acknowledged in time")
+                for item, future in zip(chunk, futures, strict=True):
+                    ack: dict[str, Any] = future.result()
+                    error = ack.get("error")
+                    if error:
+                        results.append(await self._explain(item, int(error.get("err_code", 0)),
+                                                           str(error.get("description", ""))))
+                    else:
+                        results.append(Appended((int(ack["seq"]),),
+                                                duplicate=bool(ack.get("duplicate"))))
+        finally:
+            await sub.unsubscribe()
+        return results
+
+    async def _explain(self, item: Append, err_code: int, description: str) -> Appended:
+        """What ``append`` would have said about a refused pipelined message."""
+        if err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
+            mine = await self._already_mine([item])
+            if mine is not None:
+                return Appended((mine,), duplicate=True)
+            raise ConflictError(item.subject, description)
+        raise AppendError(f"{item.subject}: {err_code}: {description}")
 
     async def _publish_one(self, item: Append) -> int:
         try:
@@ -151,7 +219,9 @@ class EventStore:
                 continue
             headers["Nats-Batch-Commit"] = "1"
             try:
-                reply = await self.nc.request(item.subject, data, timeout=self.timeout, headers=headers)
+                reply = await self.nc.request(
+                    item.subject, data, timeout=self.timeout, headers=headers
+                )
             except nats.errors.NoRespondersError:
                 raise AppendError("no stream accepts the batch subject") from None
             ack: dict[str, Any] = json.loads(reply.data)
@@ -171,7 +241,7 @@ class EventStore:
             except NotFoundError:
                 return None
             if raw.headers and raw.headers.get("Nats-Msg-Id") == item.msg_id:
-                return int(raw.seq)
+                return int(raw.seq or 0)
             return None
         return None
 
@@ -180,7 +250,7 @@ class EventStore:
             raw = await self.js.get_last_msg(self.stream, subject)
         except NotFoundError:
             return 0
-        return int(raw.seq)
+        return int(raw.seq or 0)
 
     async def stream_last_seq(self) -> int:
         info = await self.js.stream_info(self.stream)

@@ -21,9 +21,7 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 def check_id(value: str, what: str = "id") -> str:
     if not _ID.fullmatch(value):
-        raise DammError(
-            Code.INVALID_ARGUMENT, f"{what} {value!r} must be 1-64 of A-Z a-z 0-9 _ -"
-        )
+        raise DammError(Code.INVALID_ARGUMENT, f"{what} {value!r} must be 1-64 of A-Z a-z 0-9 _ -")
     return value
 
 

@@ -75,19 +75,28 @@ class AdminHandlers:
 
     async def define_tier(self, req: p.DefineTier, call: Call) -> p.Done:
         check_id(req.tier, "tier")
-        for name, value in (("session limit", req.session_limit), ("byte limit", req.byte_limit),
-                            ("key lifetime", req.key_lifetime_s)):
+        for name, value in (
+            ("session limit", req.session_limit),
+            ("byte limit", req.byte_limit),
+            ("key lifetime", req.key_lifetime_s),
+        ):
             if value is not None and value <= 0:
                 raise DammError(Code.INVALID_ARGUMENT, f"{name} must be positive, got {value}")
         if req.status not in ("active", "retired"):
             raise DammError(Code.INVALID_ARGUMENT, f"status {req.status!r}: active or retired")
         event = m.TierDefined(
-            tier=req.tier, regions=_regions(req.regions),
-            exit_countries=_countries(req.exit_countries), session_limit=req.session_limit,
-            byte_limit=req.byte_limit, key_lifetime_s=req.key_lifetime_s, status=req.status)
+            tier=req.tier,
+            regions=_regions(req.regions),
+            exit_countries=_countries(req.exit_countries),
+            session_limit=req.session_limit,
+            byte_limit=req.byte_limit,
+            key_lifetime_s=req.key_lifetime_s,
+            status=req.status,
+        )
         subject = event_subject("tier", req.tier)
-        return await self._done(lambda: [self.ctx.append(
-            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -105,11 +114,21 @@ class AdminHandlers:
         token = "dmt_" + secrets.token_urlsafe(24)
         token_id = uuid.uuid4().hex[:16]
         expires = self.ctx.now() + timedelta(seconds=req.ttl_s) if req.ttl_s else None
-        event = m.TokenIssued(token_id=token_id, token_hash=token_hash(token), tier=req.tier,
-                              max_uses=req.uses, expires_at=expires)
+        event = m.TokenIssued(
+            token_id=token_id,
+            token_hash=token_hash(token),
+            tier=req.tier,
+            max_uses=req.uses,
+            expires_at=expires,
+        )
         subject = event_subject("token", token_id)
-        await self.ctx.commit(lambda: [self.ctx.append(
-            subject, event, call, expected=0, msg_id=f"token-{call.correlation_id}")])
+        await self.ctx.commit(
+            lambda: [
+                self.ctx.append(
+                    subject, event, call, expected=0, msg_id=f"token-{call.correlation_id}"
+                )
+            ]
+        )
         return p.TokenCreated(token_id, token, req.tier, req.uses, expires)
 
     async def revoke_token(self, req: p.RevokeToken, call: Call) -> p.Done:
@@ -118,8 +137,9 @@ class AdminHandlers:
             raise DammError(Code.NOT_FOUND, f"token {req.token_id!r}")
         subject = event_subject("token", req.token_id)
         event = m.TokenRevoked(token_id=req.token_id, reason=req.reason)
-        return await self._done(lambda: [self.ctx.append(
-            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
 
     # --- gateways ----------------------------------------------------------------------------
 
@@ -136,13 +156,29 @@ class AdminHandlers:
         def decide() -> list[Append]:
             if req.gateway_id in self.ctx.state.gateways:
                 raise DammError(Code.ALREADY_EXISTS, f"gateway {req.gateway_id!r}")
-            items = [self.ctx.append(subject, m.GatewayAdded(
-                gateway_id=req.gateway_id, region=region, token_hash=token_hash(token)),
-                call, expected=0)]
+            items = [
+                self.ctx.append(
+                    subject,
+                    m.GatewayAdded(
+                        gateway_id=req.gateway_id, region=region, token_hash=token_hash(token)
+                    ),
+                    call,
+                    expected=0,
+                )
+            ]
             if endpoint:
-                items.append(self.ctx.append(subject, m.FrontDoorSet(
-                    gateway_id=req.gateway_id, front_door_id="fd1", endpoint=endpoint,
-                    priority=req.priority), call))
+                items.append(
+                    self.ctx.append(
+                        subject,
+                        m.FrontDoorSet(
+                            gateway_id=req.gateway_id,
+                            front_door_id="fd1",
+                            endpoint=endpoint,
+                            priority=req.priority,
+                        ),
+                        call,
+                    )
+                )
             return items
 
         await self.ctx.commit(decide)
@@ -157,21 +193,29 @@ class AdminHandlers:
         if req.gateway_id not in self.ctx.state.gateways:
             raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
         subject = event_subject("gateway", req.gateway_id)
-        event = m.FrontDoorSet(gateway_id=req.gateway_id, front_door_id=req.front_door_id,
-                               endpoint=endpoint, transport=req.transport,
-                               priority=req.priority, active=req.active)
-        return await self._done(lambda: [self.ctx.append(
-            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+        event = m.FrontDoorSet(
+            gateway_id=req.gateway_id,
+            front_door_id=req.front_door_id,
+            endpoint=endpoint,
+            transport=req.transport,
+            priority=req.priority,
+            active=req.active,
+        )
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
 
     async def set_gateway_status(self, req: p.SetGatewayStatus, call: Call) -> p.Done:
         await self.ctx.fresh(lambda: req.gateway_id in self.ctx.state.gateways)
         if req.gateway_id not in self.ctx.state.gateways:
             raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
         subject = event_subject("gateway", req.gateway_id)
-        event = m.GatewayStatusChanged(gateway_id=req.gateway_id, active=req.active,
-                                       reason=req.reason)
-        return await self._done(lambda: [self.ctx.append(
-            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+        event = m.GatewayStatusChanged(
+            gateway_id=req.gateway_id, active=req.active, reason=req.reason
+        )
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
 
     async def define_egress(self, req: p.DefineEgress, call: Call) -> p.Done:
         check_id(req.pool_id, "egress pool id")
@@ -187,12 +231,19 @@ class AdminHandlers:
         if not req.countries:
             raise DammError(Code.INVALID_ARGUMENT, "an egress pool serves at least one country")
         event = m.EgressPoolDefined(
-            pool_id=req.pool_id, provider=req.provider, region=_regions([req.region])[0],
-            countries=_countries(req.countries), ips=tuple(ips), load=req.load,
-            headroom=req.headroom, active=req.active)
+            pool_id=req.pool_id,
+            provider=req.provider,
+            region=_regions([req.region])[0],
+            countries=_countries(req.countries),
+            ips=tuple(ips),
+            load=req.load,
+            headroom=req.headroom,
+            active=req.active,
+        )
         subject = event_subject("egress", req.pool_id)
-        return await self._done(lambda: [self.ctx.append(
-            subject, event, call, expected=self.ctx.state.seq_of(subject))])
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
 
     # --- device lifecycle --------------------------------------------------------------------
 
@@ -212,20 +263,31 @@ class AdminHandlers:
             token_subject = event_subject("token", dev.token_id)
             ipam_subject = event_subject("ipam", f"{DEFAULT_POOL}-{dev.index}")
             return [
-                self.ctx.append(subject, m.DeviceRevoked(device_id=dev.device_id,
-                                reason=req.reason), call, expected=self.ctx.state.seq_of(subject)),
-                self.ctx.append(token_subject, m.TokenSessionReleased(
-                    token_id=dev.token_id, device_id=dev.device_id), call,
-                    expected=self.ctx.state.seq_of(token_subject)),
-                self.ctx.append(ipam_subject, m.AddressReleased(
-                    pool=DEFAULT_POOL, index=dev.index, device_id=dev.device_id), call,
-                    expected=self.ctx.state.seq_of(ipam_subject)),
+                self.ctx.append(
+                    subject,
+                    m.DeviceRevoked(device_id=dev.device_id, reason=req.reason),
+                    call,
+                    expected=self.ctx.state.seq_of(subject),
+                ),
+                self.ctx.append(
+                    token_subject,
+                    m.TokenSessionReleased(token_id=dev.token_id, device_id=dev.device_id),
+                    call,
+                    expected=self.ctx.state.seq_of(token_subject),
+                ),
+                self.ctx.append(
+                    ipam_subject,
+                    m.AddressReleased(pool=DEFAULT_POOL, index=dev.index, device_id=dev.device_id),
+                    call,
+                    expected=self.ctx.state.seq_of(ipam_subject),
+                ),
             ]
 
         return await self._done(decide)
 
-    async def _status(self, req: p.DeviceAction, call: Call, event: m.Event,
-                      allowed_from: tuple[str, ...]) -> p.Done:
+    async def _status(
+        self, req: p.DeviceAction, call: Call, event: m.Event, allowed_from: tuple[str, ...]
+    ) -> p.Done:
         await self._device(req.device_id)
         subject = event_subject("device", req.device_id)
 

@@ -34,8 +34,15 @@ def token_hash(token: str) -> str:
 
 
 class Context:
-    def __init__(self, store: EventStore, state: DecisionState, follower: StateFollower,
-                 settings: ControlSettings, signer: CatalogSigner, rotation: RotationKey) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        state: DecisionState,
+        follower: StateFollower,
+        settings: ControlSettings,
+        signer: CatalogSigner,
+        rotation: RotationKey,
+    ) -> None:
         self.store = store
         self.state = state
         self.follower = follower
@@ -47,8 +54,15 @@ class Context:
     def now() -> datetime:
         return datetime.now(UTC)
 
-    def append(self, subject: str, event: Event, call: Call, *, expected: int | None = None,
-               msg_id: str | None = None) -> Append:
+    def append(
+        self,
+        subject: str,
+        event: Event,
+        call: Call,
+        *,
+        expected: int | None = None,
+        msg_id: str | None = None,
+    ) -> Append:
         env = envelope(subject, event, actor=call.actor, correlation_id=call.correlation_id)
         return Append(subject, env, expected_seq=expected, msg_id=msg_id)
 

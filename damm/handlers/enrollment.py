@@ -84,8 +84,9 @@ def enrolled_reply(ctx: Context, dev: DeviceState) -> p.Enrolled:
     )
 
 
-def check_token(state: DecisionState, token: str, now: datetime, pending_uses: int = 0
-                ) -> tuple[m.TierDefined, str]:
+def check_token(
+    state: DecisionState, token: str, now: datetime, pending_uses: int = 0
+) -> tuple[m.TierDefined, str]:
     if not token.startswith("dmt_") or len(token) > 100:
         raise DammError(Code.TOKEN_UNKNOWN, "not an enrollment token")
     tok = state.tokens_by_hash.get(token_hash(token))
@@ -94,7 +95,9 @@ def check_token(state: DecisionState, token: str, now: datetime, pending_uses: i
     if tok.revoked:
         raise DammError(Code.TOKEN_REVOKED, f"token {tok.token_id}")
     if tok.expires_at is not None and now >= tok.expires_at:
-        raise DammError(Code.TOKEN_EXPIRED, f"token {tok.token_id} expired {tok.expires_at:%Y-%m-%d %H:%M}Z")
+        raise DammError(
+            Code.TOKEN_EXPIRED, f"token {tok.token_id} expired {tok.expires_at:%Y-%m-%d %H:%M}Z"
+        )
     if tok.max_uses is not None and tok.uses + pending_uses >= tok.max_uses:
         raise DammError(Code.TOKEN_USED_UP, f"token {tok.token_id} allowed {tok.max_uses} uses")
     tier = state.tiers.get(tok.tier)
@@ -104,7 +107,11 @@ def check_token(state: DecisionState, token: str, now: datetime, pending_uses: i
 
 
 def decide_enrollment(
-    req: p.Enroll, ctx: Context, call: Call, tentative: Tentative, index: int | None,
+    req: p.Enroll,
+    ctx: Context,
+    call: Call,
+    tentative: Tentative,
+    index: int | None,
     device_id: str,
 ) -> list[Append]:
     """Validate and decide one enrollment against state plus this group's tentative effects."""
@@ -119,8 +126,9 @@ def decide_enrollment(
     if tier.session_limit is not None and (
         len(tok.sessions) + tentative.uses[token_id] >= tier.session_limit
     ):
-        raise DammError(Code.SESSION_LIMIT,
-                        f"{tier.session_limit} active devices already use this token")
+        raise DammError(
+            Code.SESSION_LIMIT, f"{tier.session_limit} active devices already use this token"
+        )
     owner = state.bound_keys.get(public_key)
     if owner is not None or public_key in tentative.keys:
         dev = state.devices.get(owner or "")
@@ -128,8 +136,13 @@ def decide_enrollment(
             raise DammError(Code.DEVICE_REVOKED, f"key belongs to revoked device {dev.device_id}")
         raise DammError(Code.KEY_REUSED, "generate a new key for a new enrollment")
     placement = pl.place(
-        pl.PlacementRequest(req.region, req.exit_country), tier_policy(tier), candidates(state),
-        pools(state), now=now, heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s))
+        pl.PlacementRequest(req.region, req.exit_country),
+        tier_policy(tier),
+        candidates(state),
+        pools(state),
+        now=now,
+        heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
+    )
     if index is None:
         raise DammError(Code.POOL_EXHAUSTED, f"no free address in {ctx.settings.overlay.network}")
     overlay = ctx.settings.overlay
@@ -144,20 +157,50 @@ def decide_enrollment(
     ipam_sub = address_subject(index)
     device_sub = event_subject("device", device_id)
     items = [
-        ctx.append(token_sub, m.TokenUsed(token_id=token_id, device_id=device_id), dcall,
-                   expected=tentative.expect(state, token_sub)),
-        ctx.append(key_sub, m.KeyBound(public_key=public_key, device_id=device_id), dcall,
-                   expected=tentative.expect(state, key_sub)),
-        ctx.append(ipam_sub, m.AddressAllocated(
-            pool=DEFAULT_POOL, index=index, address=address, address6=address6,
-            device_id=device_id), dcall, expected=tentative.expect(state, ipam_sub)),
-        ctx.append(device_sub, m.DeviceEnrolled(
-            device_id=device_id, public_key=public_key, token_id=token_id, tier=tier.tier,
-            gateway_id=placement.gateway.id, front_door_id=placement.front_door.id,
-            egress_pool_id=placement.egress_pool.id if placement.egress_pool else None,
-            address=address, address6=address6, key_expires_at=expires,
-            region=placement.gateway.region, exit_country=req.exit_country),
-            Call(req.request_id, device_actor), expected=0, msg_id=f"enroll-{req.request_id}"),
+        ctx.append(
+            token_sub,
+            m.TokenUsed(token_id=token_id, device_id=device_id),
+            dcall,
+            expected=tentative.expect(state, token_sub),
+        ),
+        ctx.append(
+            key_sub,
+            m.KeyBound(public_key=public_key, device_id=device_id),
+            dcall,
+            expected=tentative.expect(state, key_sub),
+        ),
+        ctx.append(
+            ipam_sub,
+            m.AddressAllocated(
+                pool=DEFAULT_POOL,
+                index=index,
+                address=address,
+                address6=address6,
+                device_id=device_id,
+            ),
+            dcall,
+            expected=tentative.expect(state, ipam_sub),
+        ),
+        ctx.append(
+            device_sub,
+            m.DeviceEnrolled(
+                device_id=device_id,
+                public_key=public_key,
+                token_id=token_id,
+                tier=tier.tier,
+                gateway_id=placement.gateway.id,
+                front_door_id=placement.front_door.id,
+                egress_pool_id=placement.egress_pool.id if placement.egress_pool else None,
+                address=address,
+                address6=address6,
+                key_expires_at=expires,
+                region=placement.gateway.region,
+                exit_country=req.exit_country,
+            ),
+            Call(req.request_id, device_actor),
+            expected=0,
+            msg_id=f"enroll-{req.request_id}",
+        ),
     ]
     tentative.uses[token_id] += 1
     tentative.keys.add(public_key)
@@ -295,12 +338,24 @@ class EnrollmentCommitter:
             if new_key in ctx.state.bound_keys:
                 raise DammError(Code.KEY_REUSED, "the new key is already bound")
             return [
-                ctx.append(key_sub, m.KeyBound(public_key=new_key, device_id=dev.device_id),
-                           dcall, expected=ctx.state.seq_of(key_sub)),
-                ctx.append(device_sub, m.DeviceKeyRotated(
-                    device_id=dev.device_id, old_public_key=old_key, new_public_key=new_key,
-                    key_expires_at=expires), dcall, expected=ctx.state.seq_of(device_sub),
-                    msg_id=f"rotate-{req.request_id}"),
+                ctx.append(
+                    key_sub,
+                    m.KeyBound(public_key=new_key, device_id=dev.device_id),
+                    dcall,
+                    expected=ctx.state.seq_of(key_sub),
+                ),
+                ctx.append(
+                    device_sub,
+                    m.DeviceKeyRotated(
+                        device_id=dev.device_id,
+                        old_public_key=old_key,
+                        new_public_key=new_key,
+                        key_expires_at=expires,
+                    ),
+                    dcall,
+                    expected=ctx.state.seq_of(device_sub),
+                    msg_id=f"rotate-{req.request_id}",
+                ),
             ]
 
         await ctx.commit(decide)

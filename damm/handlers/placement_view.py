@@ -23,16 +23,33 @@ def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
             pl.FrontDoor(fd.front_door_id, fd.endpoint, fd.transport, fd.priority, fd.active)
             for fd in gw.front_doors.values()
         )
-        out.append(pl.GatewayCandidate(
-            gw.gateway_id, gw.region, gw.registered, gw.active, gw.last_heartbeat, gw.load,
-            gw.peer_count, doors))
+        out.append(
+            pl.GatewayCandidate(
+                gw.gateway_id,
+                gw.region,
+                gw.registered,
+                gw.active,
+                gw.last_heartbeat,
+                gw.load,
+                gw.peer_count,
+                doors,
+            )
+        )
     return out
 
 
 def pools(state: DecisionState) -> list[pl.EgressPool]:
     return [
-        pl.EgressPool(e.pool_id, e.provider, e.region, frozenset(e.countries), e.ips, e.load,
-                      e.headroom, e.active)
+        pl.EgressPool(
+            e.pool_id,
+            e.provider,
+            e.region,
+            frozenset(e.countries),
+            e.ips,
+            e.load,
+            e.headroom,
+            e.active,
+        )
         for e in state.pools.values()
     ]
 
@@ -42,9 +59,13 @@ def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
     if tier is None:
         raise DammError(Code.NOT_FOUND, f"tier {req.tier!r}")
     result = pl.explain(
-        pl.PlacementRequest(req.region, req.exit_country), tier_policy(tier),
-        candidates(ctx.state), pools(ctx.state), now=ctx.now(),
-        heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s))
+        pl.PlacementRequest(req.region, req.exit_country),
+        tier_policy(tier),
+        candidates(ctx.state),
+        pools(ctx.state),
+        now=ctx.now(),
+        heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
+    )
     chosen = result.chosen
     error = None
     if result.error is not None:

@@ -50,8 +50,12 @@ class Route:
         return request_subject(self.command)
 
 
-def route(command: str, request_type: type[msgspec.Struct], handler: Any,
-          max_bytes: int = MAX_REQUEST_BYTES) -> Route:
+def route(
+    command: str,
+    request_type: type[msgspec.Struct],
+    handler: Any,
+    max_bytes: int = MAX_REQUEST_BYTES,
+) -> Route:
     return Route(command, request_type, handler, max_bytes)
 
 
@@ -65,8 +69,14 @@ def ok_reply(result: msgspec.Struct) -> bytes:
 
 
 class Service:
-    def __init__(self, nc: NATS, routes: Sequence[Route], *, queue: str = QUEUE_GROUP,
-                 max_in_flight: int = 512) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        routes: Sequence[Route],
+        *,
+        queue: str = QUEUE_GROUP,
+        max_in_flight: int = 512,
+    ) -> None:
         self.nc = nc
         self.routes = list(routes)
         self.queue = queue
@@ -112,8 +122,11 @@ class Service:
     async def _answer(self, route: Route, decoder: Any, msg: Msg, correlation_id: str) -> bytes:
         if len(msg.data) > route.max_bytes:
             _log.info("request refused", code="request_too_large", size=len(msg.data))
-            return error_reply(DammError(
-                Code.REQUEST_TOO_LARGE, f"{len(msg.data)} bytes > {route.max_bytes} bytes"))
+            return error_reply(
+                DammError(
+                    Code.REQUEST_TOO_LARGE, f"{len(msg.data)} bytes > {route.max_bytes} bytes"
+                )
+            )
         try:
             request = decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:

@@ -32,8 +32,13 @@ def _decode_key(key_b64: str) -> bytes:
     return raw
 
 
-def prove(private_key_b64: str, rotation_public_b64: str, device_id: str, new_public_key: str,
-          request_id: str) -> str:
+def prove(
+    private_key_b64: str,
+    rotation_public_b64: str,
+    device_id: str,
+    new_public_key: str,
+    request_id: str,
+) -> str:
     shared = crypto_scalarmult(_decode_key(private_key_b64), _decode_key(rotation_public_b64))
     mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
     return base64.b64encode(mac.digest()).decode()
@@ -61,8 +66,14 @@ class RotationKey:
             f.write(private)
         return cls(private)
 
-    def verify(self, proof_b64: str, old_public_key: str, device_id: str, new_public_key: str,
-               request_id: str) -> bool:
+    def verify(
+        self,
+        proof_b64: str,
+        old_public_key: str,
+        device_id: str,
+        new_public_key: str,
+        request_id: str,
+    ) -> bool:
         shared = crypto_scalarmult(self._private, _decode_key(old_public_key))
         mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
         try:

@@ -46,8 +46,17 @@ class NatsServer:
         for old in ports_dir.glob("*.ports"):
             old.unlink()
         self.proc = processes.spawn(
-            [binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(self.port),
-             "--ports_file_dir", str(ports_dir)],
+            [
+                binary(),
+                "-c",
+                str(conf),
+                "-a",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "--ports_file_dir",
+                str(ports_dir),
+            ],
             log=self.data_dir / "nats-server.log",
         )
         deadline = time.monotonic() + timeout

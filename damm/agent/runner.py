@@ -1,0 +1,378 @@
+"""The gateway agent: register, follow the peer set, reconcile WireGuard, heartbeat, meter usage.
+
+The packet path never waits for the control plane: the interface keeps forwarding with the last
+peer set it was given while NATS is away, the meter keeps counting, and reports queue on disk.
+On reconnect the agent resyncs from a snapshot and sends what accrued.
+
+Peer-set protocol: snapshot (``gateway.peers``) plus changes on ``damm.peers.<id>``, each with
+``prev_revision``. A change is applied only when it follows the agent's revision; anything else
+(a gap, a reconnect, a restart, a heartbeat reply showing another revision) triggers a resync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from damm import log
+from damm.agent.identity import load_or_create_key
+from damm.agent.ledger import UsageLedger
+from damm.agent.metrics import measure
+from damm.agent.peers import Peer, PeerDiff, diff
+from damm.agent.wg.base import InterfaceState, WireGuardBackend
+from damm.errors import Code, DammError
+from damm.events.subjects import peers_subject
+from damm.handlers import protocol as p
+from damm.rpc import call
+
+_log = log.get("damm.agent")
+
+AGENT_VERSION = "damm-agent/0.1"
+HEARTBEAT_GRACE_S = 1.0  # a change may be in flight when a heartbeat reply shows a newer revision
+FATAL = (Code.UNAUTHORIZED, Code.INVALID_ARGUMENT, Code.MALFORMED_KEY, Code.MALFORMED_REQUEST)
+
+_change_decoder = msgspec.json.Decoder(p.PeerSetChange)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    gateway_id: str
+    token: str
+    nats_url: str
+    state_dir: Path
+    listen_port: int = 51820
+    nats_user: str | None = "gateway"
+    nats_password: str | None = None
+    heartbeat_s: float = 10.0
+    usage_s: float = 30.0
+    reconcile_s: float = 60.0
+    capacity: int = 1000
+    request_timeout: float = 5.0
+
+
+AppliedHook = Callable[[PeerDiff, float], None]
+
+
+class GatewayAgent:
+    def __init__(self, config: AgentConfig, backend: WireGuardBackend) -> None:
+        self.config = config
+        self.backend = backend
+        self.revision = 0
+        self.desired: dict[str, Peer] = {}
+        self.public_key: str | None = None
+        self.nc: NATS | None = None
+        self.ledger = UsageLedger(config.state_dir)
+        self.registered = asyncio.Event()
+        self.synced = asyncio.Event()  # set after each successful snapshot resync
+        self.on_applied: list[AppliedHook] = []
+        self.resyncs = 0
+        self._changes: deque[p.PeerSetChange] = deque()
+        self._wake = asyncio.Event()
+        self._need_resync = True
+        self._flush = asyncio.Event()
+        self._wg = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.config
+        private, self.public_key = load_or_create_key(cfg.state_dir)
+        state = await self.backend.read()
+        if state.public_key != self.public_key or state.listen_port != cfg.listen_port:
+            await self.backend.set_identity(private, cfg.listen_port)
+        del private
+        async with self._wg:  # bytes that moved while no agent was watching
+            self._observe(await self.backend.read())
+        log_ctx = _log.bind(gateway_id=cfg.gateway_id)
+        log_ctx.info("agent starting", public_key=self.public_key, listen_port=cfg.listen_port,
+                     peers=len(state.peers))
+        self.nc = await self._connect(stop)
+        if self.nc is None:
+            return
+        try:
+            await self.nc.subscribe(peers_subject(cfg.gateway_id), cb=self._on_change)
+            if not await self._register(stop):
+                return
+            tasks = [asyncio.create_task(t) for t in
+                     (self._peer_loop(), self._heartbeat_loop(), self._usage_loop())]
+            waiter = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in [waiter, *tasks]:
+                task.cancel()
+            await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            for task in tasks:
+                if task in done and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            with contextlib.suppress(Exception):  # last chance to report, bounded
+                await asyncio.wait_for(self._meter_and_flush(), 2.0)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.nc.close(), 2.0)
+
+    async def _connect(self, stop: asyncio.Event) -> NATS | None:
+        cfg = self.config
+
+        async def disconnected() -> None:
+            _log.warning("nats disconnected; forwarding with the last peer set",
+                         revision=self.revision)
+
+        async def reconnected() -> None:
+            _log.info("nats reconnected; resyncing")
+            self.request_resync()
+            self._flush.set()
+
+        async def error(exc: Exception) -> None:
+            _log.debug("nats error", error=repr(exc))
+
+        options: dict[str, Any] = dict(
+            servers=[cfg.nats_url], name=f"damm-gateway-{cfg.gateway_id}",
+            connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5, disconnected_cb=disconnected,
+            reconnected_cb=reconnected, error_cb=error)
+        if cfg.nats_user:
+            options.update(user=cfg.nats_user, password=cfg.nats_password or "")
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                nc: NATS = await nats.connect(**options)
+                return nc
+            except Exception as exc:  # nats raises many types for an unreachable server
+                _log.warning("nats unreachable; retrying", error=repr(exc), retry_s=delay)
+                await _sleep_or_stop(stop, delay)
+                delay = min(delay * 2, 10.0)
+        return None
+
+    async def _register(self, stop: asyncio.Event) -> bool:
+        cfg = self.config
+        assert self.public_key is not None
+        request = p.RegisterGateway(gateway_id=cfg.gateway_id, token=cfg.token,
+                                    public_key=self.public_key, listen_port=cfg.listen_port,
+                                    agent_version=AGENT_VERSION)
+        while not stop.is_set():
+            try:
+                reply = await self._call("gateway.register", request, p.Registered)
+            except DammError as err:
+                if err.code in FATAL:
+                    raise
+                _log.warning("registration failed; retrying", error=err.line())
+                await _sleep_or_stop(stop, 1.0)
+                continue
+            _log.info("registered", gateway_id=reply.gateway_id, region=reply.region,
+                      gateway_address=reply.gateway_address)
+            self.registered.set()
+            return True
+        return False
+
+    async def _call(self, command: str, request: msgspec.Struct, result: type[Any]) -> Any:
+        assert self.nc is not None
+        if not self.nc.is_connected:
+            raise DammError(Code.UNAVAILABLE, "not connected to NATS")
+        try:
+            return await call(self.nc, command, request, result,
+                              timeout=self.config.request_timeout)
+        except nats.errors.Error as exc:
+            raise DammError(Code.UNAVAILABLE, repr(exc)) from None
+
+    # --- peer set --------------------------------------------------------------------------
+
+    def request_resync(self) -> None:
+        self._need_resync = True
+        self._wake.set()
+
+    async def _on_change(self, msg: Any) -> None:
+        try:
+            change = _change_decoder.decode(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            _log.warning("undecodable peer change; resyncing", error=str(exc))
+            self.request_resync()
+            return
+        if change.gateway_id == self.config.gateway_id:
+            self._changes.append(change)
+            self._wake.set()
+
+    async def _peer_loop(self) -> None:
+        while True:
+            if self._need_resync:
+                try:
+                    await self.resync()
+                except DammError as err:
+                    if err.code in FATAL:
+                        raise
+                    _log.warning("resync failed; retrying", error=err.line())
+                    await asyncio.sleep(1.0)
+                    continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.reconcile_s)
+            except TimeoutError:
+                async with self._wg:  # repair drift (peers added or lost behind our back)
+                    await self._reconcile(self.desired)
+                continue
+            self._wake.clear()
+            if not self._need_resync and self._changes:
+                await self._apply_changes()
+
+    async def resync(self) -> None:
+        cfg = self.config
+        self._need_resync = False
+        snap: p.PeerSnapshot = await self._call(
+            "gateway.peers", p.PeerSnapshotRequest(gateway_id=cfg.gateway_id, token=cfg.token),
+            p.PeerSnapshot)
+        desired = {e.public_key: Peer.build(e.public_key, e.allowed_ips) for e in snap.peers}
+        async with self._wg:
+            change = await self._reconcile(desired)
+            self.revision = snap.revision
+        self.resyncs += 1
+        while self._changes and self._changes[0].revision <= self.revision:
+            self._changes.popleft()
+        _log.info("peer set resynced", revision=snap.revision, peers=len(desired),
+                  diff=change.summary())
+        self.synced.set()
+        if self._changes:
+            self._wake.set()
+
+    async def _reconcile(self, desired: dict[str, Peer]) -> PeerDiff:
+        """Full reconcile (caller holds the lock); meters from the same read before removals."""
+        state = await self.backend.read()
+        self._observe(state)
+        change = diff(state.configured_peers(), desired)
+        if not change.is_empty:
+            await self.backend.apply(change)
+            self._applied(change)
+        self.desired = desired
+        return change
+
+    async def _apply_changes(self) -> None:
+        """Apply queued changes that follow our revision, as one diff over the touched keys."""
+        new = dict(self.desired)
+        touched: set[str] = set()
+        revision = self.revision
+        removes = False
+        while self._changes:
+            ch = self._changes.popleft()
+            if ch.revision <= revision and ch.prev_revision < revision:
+                continue  # old news
+            if ch.prev_revision != revision:
+                _log.info("peer set gap; resyncing", have=revision, prev=ch.prev_revision,
+                          revision=ch.revision)
+                self._changes.clear()
+                self.request_resync()
+                break
+            for key in ch.removes:
+                new.pop(key, None)
+                touched.add(key)
+                removes = True
+            for entry in ch.upserts:
+                new[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
+                touched.add(entry.public_key)
+            revision = ch.revision
+        if revision == self.revision and not touched:
+            return
+        async with self._wg:
+            if removes:  # count the bytes of peers about to go, from the interface itself
+                state = await self.backend.read()
+                self._observe(state)
+                have = state.configured_peers()
+            else:
+                have = self.desired
+            change = diff({k: have[k] for k in touched if k in have},
+                          {k: new[k] for k in touched if k in new})
+            if not change.is_empty:
+                await self.backend.apply(change)
+                self._applied(change)
+            self.desired = new
+            self.revision = revision
+
+    def _applied(self, change: PeerDiff) -> None:
+        now = time.monotonic()
+        _log.info("peers applied", diff=change.summary(), revision=self.revision)
+        for hook in self.on_applied:
+            hook(change, now)
+
+    # --- heartbeats ------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        cfg = self.config
+        while True:
+            try:
+                await self.heartbeat()
+            except DammError as err:
+                if err.code is Code.GATEWAY_NOT_REGISTERED:
+                    self.registered.clear()
+                    await self._register(asyncio.Event())
+                elif err.code in FATAL:
+                    raise
+                else:
+                    _log.info("heartbeat not delivered", error=err.line())
+            await asyncio.sleep(cfg.heartbeat_s)
+
+    async def heartbeat(self) -> p.HeartbeatAck:
+        cfg = self.config
+        m = measure(await self.backend.read(), cfg.capacity)
+        ack: p.HeartbeatAck = await self._call("gateway.heartbeat", p.Heartbeat(
+            gateway_id=cfg.gateway_id, token=cfg.token, peer_count=m.peer_count,
+            active_peers=m.active_peers, rx_bytes=m.rx_bytes, tx_bytes=m.tx_bytes, load=m.load,
+            peer_set_revision=self.revision), p.HeartbeatAck)
+        if ack.peer_set_revision != self.revision:
+            await asyncio.sleep(HEARTBEAT_GRACE_S)
+            if ack.peer_set_revision != self.revision:
+                _log.info("heartbeat shows another peer-set revision; resyncing",
+                          have=self.revision, control=ack.peer_set_revision)
+                self.request_resync()
+        return ack
+
+    # --- usage -----------------------------------------------------------------------------
+
+    def _observe(self, state: InterfaceState) -> None:
+        readings = {k: (s.rx_bytes, s.tx_bytes) for k, s in state.peers.items()}
+        queued = self.ledger.record(readings, datetime.now(UTC))
+        if queued:
+            _log.debug("usage measured", bytes=queued, pending=len(self.ledger.pending))
+
+    async def _usage_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush.wait(), self.config.usage_s)
+            self._flush.clear()
+            await self._meter_and_flush()
+
+    async def _meter_and_flush(self) -> None:
+        async with self._wg:
+            self._observe(await self.backend.read())
+        await self.flush_usage()
+
+    async def flush_usage(self) -> int:
+        """Send pending reports oldest first; stop at the first one the bus cannot take."""
+        cfg = self.config
+        sent = 0
+        for report in list(self.ledger.pending):
+            try:
+                await self._call("gateway.usage", p.ReportUsage(
+                    gateway_id=cfg.gateway_id, token=cfg.token, report_id=report.report_id,
+                    entries=report.entries, measured_at=report.measured_at), p.Done)
+            except DammError as err:
+                if err.code.retryable or err.code is Code.GATEWAY_NOT_REGISTERED:
+                    _log.info("usage report kept for later", error=err.line(),
+                              pending=len(self.ledger.pending))
+                    return sent
+                _log.error("usage report refused; dropped", report_id=report.report_id,
+                           error=err.line())
+            self.ledger.sent(report.report_id)
+            sent += 1
+        return sent
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

@@ -1,0 +1,478 @@
+"""`damm admin …`: operator commands. Writes go through the control plane; lists read Postgres."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from typing import Any
+
+import asyncpg
+import click
+from nats.aio.client import Client as NATS
+
+from damm.cli.common import Target, emit, json_option, run, table, target, with_nats
+from damm.errors import Code, DammError
+from damm.handlers import protocol as p
+from damm.rpc import call
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "KI": 2**10,
+    "MI": 2**20,
+    "GI": 2**30,
+    "TI": 2**40,
+    "PI": 2**50,
+}
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_size(value: str) -> int:
+    match = _SIZE.match(value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a size like 10GiB or 500MB")
+    unit = (match.group(2) or "").upper().removesuffix("B")
+    if unit not in _UNITS:
+        raise click.BadParameter(f"unknown unit in {value!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def parse_duration(value: str) -> int:
+    match = _DURATION.match(value.strip())
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a duration like 90s, 15m, 24h, 7d")
+    return int(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def _csv(value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+
+def _actor() -> str:
+    return os.environ.get("DAMM_ADMIN") or getpass.getuser()
+
+
+async def admin_call(t: Target, command: str, request: Any, result: type[Any]) -> Any:
+    async def body(nc: NATS) -> Any:
+        headers_actor = _actor()
+        return await _call_as(nc, command, request, result, headers_actor)
+
+    return await with_nats(t, "admin", body)
+
+
+async def _call_as(nc: NATS, command: str, request: Any, result: type[Any], actor: str) -> Any:
+    # The actor header names the operator in every event this command causes.
+    original = nc.request
+
+    async def request_with_actor(
+        subject: str,
+        payload: bytes = b"",
+        timeout: float = 5.0,
+        old_style: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        merged = dict(headers or {})
+        merged["Damm-Actor"] = actor
+        return await original(subject, payload, timeout=timeout, headers=merged)
+
+    nc.request = request_with_actor  # type: ignore[method-assign]
+    try:
+        return await call(nc, command, request, result, timeout=10.0)
+    finally:
+        nc.request = original  # type: ignore[method-assign]
+
+
+async def query(t: Target, sql: str, *args: Any) -> list[asyncpg.Record]:
+    try:
+        conn = await asyncpg.connect(t.database(), server_settings={"search_path": "damm"})
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DammError(Code.UNAVAILABLE, f"cannot reach Postgres: {exc}") from None
+    try:
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
+    finally:
+        await conn.close()
+
+
+def _records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [dict(r) for r in rows]
+
+
+@click.group()
+def admin() -> None:
+    """Operate the fleet: tiers, tokens, gateways, egress pools, devices."""
+
+
+# --- tiers ------------------------------------------------------------------------------------
+
+
+@admin.group()
+def tier() -> None:
+    """Access tiers: where devices may go and how much they may use."""
+
+
+@tier.command("create")
+@click.argument("name")
+@click.option("--regions", default="", help="comma-separated regions; empty means any")
+@click.option("--exit-countries", default="", help="comma-separated ISO codes; empty means any")
+@click.option("--session-limit", type=int, help="active devices per enrollment token")
+@click.option("--byte-limit", help="per device per period, e.g. 10GiB")
+@click.option("--key-lifetime", help="devices must rotate keys this often, e.g. 90d")
+@click.option("--retired", is_flag=True, help="define the tier as retired (no new tokens)")
+@click.pass_context
+@run
+async def tier_create(
+    ctx: click.Context,
+    name: str,
+    regions: str,
+    exit_countries: str,
+    session_limit: int | None,
+    byte_limit: str | None,
+    key_lifetime: str | None,
+    retired: bool,
+) -> None:
+    """Create or redefine tier NAME."""
+    t = target(ctx)
+    req = p.DefineTier(
+        tier=name,
+        regions=_csv(regions),
+        exit_countries=_csv(exit_countries),
+        session_limit=session_limit,
+        byte_limit=parse_size(byte_limit) if byte_limit else None,
+        key_lifetime_s=parse_duration(key_lifetime) if key_lifetime else None,
+        status="retired" if retired else "active",
+    )
+    done = await admin_call(t, "admin.tier.define", req, p.Done)
+    emit(t, done, lambda: click.echo(f"tier {name} defined"))
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+@admin.group()
+def token() -> None:
+    """Enrollment tokens (shown once, stored only as a hash)."""
+
+
+@token.command("create")
+@click.option("--tier", "tier_name", required=True)
+@click.option("--uses", type=int, help="how many enrollments it allows (default: unlimited)")
+@click.option("--ttl", help="lifetime, e.g. 24h (default: no expiry)")
+@click.pass_context
+@run
+async def token_create(
+    ctx: click.Context, tier_name: str, uses: int | None, ttl: str | None
+) -> None:
+    """Issue an enrollment token; it is printed once and never again."""
+    t = target(ctx)
+    req = p.CreateToken(tier=tier_name, uses=uses, ttl_s=parse_duration(ttl) if ttl else None)
+    created = await admin_call(t, "admin.token.create", req, p.TokenCreated)
+    emit(t, created, lambda: click.echo(created.token))
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@click.option("--reason", default="")
+@click.pass_context
+@run
+async def token_revoke(ctx: click.Context, token_id: str, reason: str) -> None:
+    t = target(ctx)
+    done = await admin_call(
+        t, "admin.token.revoke", p.RevokeToken(token_id=token_id, reason=reason), p.Done
+    )
+    emit(t, done, lambda: click.echo(f"token {token_id} revoked"))
+
+
+# --- gateways ---------------------------------------------------------------------------------
+
+
+@admin.group()
+def gateway() -> None:
+    """Gateways and their front doors."""
+
+
+@gateway.command("add")
+@click.argument("gateway_id")
+@click.option("--region", required=True)
+@click.option("--front-door", help="udp://HOST:PORT, the first front door (id fd1)")
+@click.option("--priority", type=int, default=10, help="lower is preferred")
+@click.pass_context
+@run
+async def gateway_add(
+    ctx: click.Context, gateway_id: str, region: str, front_door: str | None, priority: int
+) -> None:
+    """Add a gateway; prints its gateway-scoped registration token once."""
+    t = target(ctx)
+    added = await admin_call(
+        t,
+        "admin.gateway.add",
+        p.AddGateway(
+            gateway_id=gateway_id, region=region, front_door=front_door, priority=priority
+        ),
+        p.GatewayAdded,
+    )
+    emit(t, added, lambda: click.echo(added.token))
+
+
+@gateway.command("front-door")
+@click.argument("gateway_id")
+@click.argument("front_door_id")
+@click.option("--endpoint", required=True, help="udp://HOST:PORT")
+@click.option("--priority", type=int, default=10)
+@click.option("--inactive", is_flag=True, help="keep it but do not hand it out")
+@click.pass_context
+@run
+async def gateway_front_door(
+    ctx: click.Context,
+    gateway_id: str,
+    front_door_id: str,
+    endpoint: str,
+    priority: int,
+    inactive: bool,
+) -> None:
+    """Add or change a front door of a gateway."""
+    t = target(ctx)
+    done = await admin_call(
+        t,
+        "admin.gateway.front_door",
+        p.SetFrontDoor(
+            gateway_id=gateway_id,
+            front_door_id=front_door_id,
+            endpoint=endpoint,
+            priority=priority,
+            active=not inactive,
+        ),
+        p.Done,
+    )
+    emit(t, done, lambda: click.echo(f"front door {gateway_id}/{front_door_id} set"))
+
+
+@gateway.command("disable")
+@click.argument("gateway_id")
+@click.option("--reason", default="")
+@click.pass_context
+@run
+async def gateway_disable(ctx: click.Context, gateway_id: str, reason: str) -> None:
+    """Take a gateway out of placement and catalogs."""
+    t = target(ctx)
+    done = await admin_call(
+        t,
+        "admin.gateway.status",
+        p.SetGatewayStatus(gateway_id=gateway_id, active=False, reason=reason),
+        p.Done,
+    )
+    emit(t, done, lambda: click.echo(f"gateway {gateway_id} disabled"))
+
+
+@gateway.command("enable")
+@click.argument("gateway_id")
+@click.pass_context
+@run
+async def gateway_enable(ctx: click.Context, gateway_id: str) -> None:
+    t = target(ctx)
+    done = await admin_call(
+        t, "admin.gateway.status", p.SetGatewayStatus(gateway_id=gateway_id, active=True), p.Done
+    )
+    emit(t, done, lambda: click.echo(f"gateway {gateway_id} enabled"))
+
+
+# --- egress -----------------------------------------------------------------------------------
+
+
+@admin.group()
+def egress() -> None:
+    """Egress pools: where traffic leaves, per exit country."""
+
+
+@egress.command("add")
+@click.argument("pool_id")
+@click.option("--region", required=True)
+@click.option("--countries", required=True, help="comma-separated ISO codes")
+@click.option("--ips", default="", help="comma-separated addresses or CIDRs")
+@click.option("--provider", default="static")
+@click.option("--load", type=float, default=0.0)
+@click.option("--headroom", type=float, default=1.0)
+@click.pass_context
+@run
+async def egress_add(
+    ctx: click.Context,
+    pool_id: str,
+    region: str,
+    countries: str,
+    ips: str,
+    provider: str,
+    load: float,
+    headroom: float,
+) -> None:
+    """Add or redefine an egress pool."""
+    t = target(ctx)
+    done = await admin_call(
+        t,
+        "admin.egress.define",
+        p.DefineEgress(
+            pool_id=pool_id,
+            provider=provider,
+            region=region,
+            countries=_csv(countries),
+            ips=_csv(ips),
+            load=load,
+            headroom=headroom,
+        ),
+        p.Done,
+    )
+    emit(t, done, lambda: click.echo(f"egress pool {pool_id} defined"))
+
+
+# --- device lifecycle -------------------------------------------------------------------------
+
+
+def _lifecycle(command: str, verb: str) -> Any:
+    @click.argument("device_id")
+    @click.option("--reason", default="")
+    @json_option
+    @click.pass_context
+    @run
+    async def action(ctx: click.Context, device_id: str, reason: str, as_json: bool) -> None:
+        t = target(ctx)
+        done = await admin_call(
+            t, command, p.DeviceAction(device_id=device_id, reason=reason), p.Done
+        )
+        emit(t, done, lambda: click.echo(f"device {device_id} {verb}"))
+
+    action.__doc__ = f"Mark DEVICE_ID {verb}."
+    return action
+
+
+admin.command("revoke")(_lifecycle("admin.device.revoke", "revoked"))
+admin.command("suspend")(_lifecycle("admin.device.suspend", "suspended"))
+admin.command("resume")(_lifecycle("admin.device.resume", "resumed"))
+
+
+@admin.command("explain-placement")
+@click.option("--tier", "tier_name", required=True)
+@click.option("--region")
+@click.option("--exit-country")
+@click.pass_context
+@run
+async def explain_placement(
+    ctx: click.Context, tier_name: str, region: str | None, exit_country: str | None
+) -> None:
+    """Show where a device with these hints would land, and why every other candidate lost."""
+    t = target(ctx)
+    res = await admin_call(
+        t,
+        "admin.explain_placement",
+        p.ExplainPlacement(tier=tier_name, region=region, exit_country=exit_country),
+        p.PlacementExplained,
+    )
+
+    def text() -> None:
+        if res.gateway_id:
+            click.echo(
+                f"chosen: gateway {res.gateway_id} via {res.front_door_id} "
+                f"({res.endpoint}), egress {res.egress_pool_id or '-'}"
+            )
+        else:
+            assert res.error is not None
+            click.echo(f"no placement: {res.error.code}: {res.error.detail}")
+        for r in res.rejected:
+            click.echo(f"  rejected {r.kind} {r.id}: {r.reason}")
+
+    emit(t, res, text)
+
+
+# --- lists ------------------------------------------------------------------------------------
+
+
+_LISTS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "devices": (
+        "SELECT device_id, status, status_reason, tier, gateway_id, address, public_key,"
+        " enrolled_at FROM devices ORDER BY enrolled_at, device_id",
+        (
+            "device_id",
+            "status",
+            "status_reason",
+            "tier",
+            "gateway_id",
+            "address",
+            "public_key",
+            "enrolled_at",
+        ),
+    ),
+    "gateways": (
+        "SELECT g.gateway_id, g.region, g.active, g.public_key IS NOT NULL AS registered,"
+        " h.last_heartbeat, h.peer_count, h.load,"
+        " (SELECT string_agg(f.front_door_id || '=' || f.endpoint, ' ' ORDER BY f.priority)"
+        "  FROM front_doors f WHERE f.gateway_id = g.gateway_id) AS front_doors"
+        " FROM gateways g LEFT JOIN gateway_health h USING (gateway_id) ORDER BY 1",
+        (
+            "gateway_id",
+            "region",
+            "active",
+            "registered",
+            "last_heartbeat",
+            "peer_count",
+            "load",
+            "front_doors",
+        ),
+    ),
+    "tokens": (
+        "SELECT token_id, tier, uses, max_uses, active_sessions, expires_at, revoked,"
+        " issued_by FROM tokens ORDER BY issued_at",
+        (
+            "token_id",
+            "tier",
+            "uses",
+            "max_uses",
+            "active_sessions",
+            "expires_at",
+            "revoked",
+            "issued_by",
+        ),
+    ),
+    "tiers": (
+        "SELECT tier, regions, exit_countries, session_limit, byte_limit, key_lifetime_s,"
+        " status FROM tiers ORDER BY tier",
+        (
+            "tier",
+            "regions",
+            "exit_countries",
+            "session_limit",
+            "byte_limit",
+            "key_lifetime_s",
+            "status",
+        ),
+    ),
+    "pools": (
+        "SELECT pool_id, provider, region, countries, ips, load, headroom, active"
+        " FROM egress_pools ORDER BY pool_id",
+        ("pool_id", "provider", "region", "countries", "ips", "load", "headroom", "active"),
+    ),
+}
+
+
+def _list_command(name: str) -> Any:
+    sql, columns = _LISTS[name]
+
+    @json_option
+    @click.pass_context
+    @run
+    async def listing(ctx: click.Context, as_json: bool) -> None:
+        t = target(ctx)
+        rows = _records(await query(t, sql))
+        emit(t, rows, lambda: table(name, columns, [[r[c] for c in columns] for r in rows]))
+
+    listing.__doc__ = f"List {name} (read model)."
+    return listing
+
+
+for _name in _LISTS:
+    admin.command(_name)(_list_command(_name))

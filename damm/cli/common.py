@@ -1,0 +1,158 @@
+"""What every command shares: finding the stack, running async code, printing, failing cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+import msgspec
+from nats.aio.client import Client as NATS
+
+from damm.errors import Code, DammError
+from damm.stack.stackfile import StackFile
+
+T = TypeVar("T")
+
+EXIT_CODES = {Code.UNAVAILABLE: 3, Code.INVALID_ARGUMENT: 2, Code.MALFORMED_REQUEST: 2}
+
+
+@dataclass
+class Target:
+    nats_url: str | None
+    database_url: str | None
+    json: bool = False
+
+    def stack(self) -> StackFile | None:
+        return StackFile.read()
+
+    def nats(self) -> str:
+        if self.nats_url:
+            return self.nats_url
+        stack = self.stack()
+        if stack is None:
+            raise DammError(
+                Code.UNAVAILABLE,
+                "no --nats/DAMM_NATS_URL and no local stack (start one with `damm up`)",
+            )
+        return stack.nats_url
+
+    def database(self) -> str:
+        if self.database_url:
+            return self.database_url
+        stack = self.stack()
+        if stack is None:
+            raise DammError(
+                Code.UNAVAILABLE,
+                "no --database-url/DAMM_DATABASE_URL and no local stack (start one with `damm up`)",
+            )
+        return stack.database_url
+
+    def credentials(self, role: str) -> tuple[str | None, str | None]:
+        """Password from DAMM_<ROLE>_PASSWORD, else the local stack file, else none."""
+        env = os.environ.get(f"DAMM_{role.upper()}_PASSWORD")
+        if env:
+            return role, env
+        stack = self.stack()
+        if stack and role in stack.passwords and not self.nats_url:
+            return role, stack.passwords[role]
+        if stack and role in stack.passwords and self.nats_url == stack.nats_url:
+            return role, stack.passwords[role]
+        return None, None
+
+    async def connect(self, role: str | None = None) -> NATS:
+        from damm.bus import connect
+
+        url = self.nats()
+        user, password = self.credentials(role) if role else (None, None)
+        try:
+            return await connect(
+                url,
+                user=user,
+                password=password,
+                name=f"damm-cli-{role or 'device'}",
+                reconnect=False,
+            )
+        except Exception as exc:  # nats raises a zoo of types for an unreachable server
+            raise DammError(
+                Code.UNAVAILABLE, f"cannot reach NATS at {_redact(url)}: {exc}"
+            ) from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url:
+        scheme, _, rest = url.partition("://")
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def target(ctx: click.Context) -> Target:
+    obj = ctx.find_object(Target)
+    assert obj is not None
+    if ctx.params.get("as_json"):
+        obj.json = True
+    return obj
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--json on the command itself too, so `damm admin devices --json` works as scripts expect."""
+    return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(fn)
+
+
+def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """Run an async command body; turn a DammError into one line on stderr and an exit code."""
+
+    @wraps(coro_fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return asyncio.run(coro_fn(*args, **kwargs))
+        except DammError as err:
+            click.echo(f"error: {err.line()}", err=True)
+            sys.exit(EXIT_CODES.get(err.code, 1))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+async def with_nats(t: Target, role: str | None, body: Callable[[NATS], Awaitable[T]]) -> T:
+    nc = await t.connect(role)
+    try:
+        return await body(nc)
+    finally:
+        await nc.close()
+
+
+def emit(t: Target, value: Any, text: Callable[[], None]) -> None:
+    """--json prints the structured value; otherwise the human rendering."""
+    if t.json:
+        click.echo(msgspec.json.encode(value, enc_hook=str).decode())
+    else:
+        text()
+
+
+def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    tbl = Table(title=title, show_lines=False)
+    for col in columns:
+        tbl.add_column(col)
+    for row in rows:
+        tbl.add_row(*(_cell(v) for v in row))
+    Console().print(tbl)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value)
+    if hasattr(value, "strftime"):
+        return str(value.strftime("%Y-%m-%d %H:%M:%S"))
+    return str(value)

@@ -1,0 +1,51 @@
+"""`damm control run`: the control plane against existing NATS and Postgres (production)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import click
+
+from damm.cli.common import run, target
+from damm.config import ControlSettings
+from damm.control import ControlPlane
+
+
+@click.group()
+def control() -> None:
+    """The control plane process."""
+
+
+@control.command("run")
+@click.option(
+    "--keys-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="DAMM_KEYS_DIR",
+    default="/var/lib/damm/keys",
+    show_default=True,
+    help="catalog signing and rotation keys (0600)",
+)
+@click.option("--no-projectors", is_flag=True, help="serve requests only")
+@click.pass_context
+@run
+async def control_run(ctx: click.Context, keys_dir: Path, no_projectors: bool) -> None:
+    """Serve commands and project events until SIGTERM."""
+    t = target(ctx)
+    user, password = t.credentials("control")
+    plane = ControlPlane(
+        t.nats(),
+        t.database(),
+        ControlSettings.from_env(keys_dir),
+        user=user,
+        password=password,
+        run_projectors=not no_projectors,
+    )
+    await plane.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await plane.stop()

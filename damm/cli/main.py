@@ -1,0 +1,41 @@
+"""The `damm` command."""
+
+from __future__ import annotations
+
+import click
+
+from damm import log
+from damm.cli.admin import admin
+from damm.cli.common import Target
+from damm.cli.control import control
+from damm.cli.device import device
+from damm.cli.up import up
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nats", "nats_url", envvar="DAMM_NATS_URL", help="NATS URL (default: local stack)")
+@click.option(
+    "--database-url", envvar="DAMM_DATABASE_URL", help="Postgres URL (default: local stack)"
+)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--log-level", envvar="DAMM_LOG_LEVEL", default="warning", show_default=True)
+@click.pass_context
+def cli(
+    ctx: click.Context,
+    nats_url: str | None,
+    database_url: str | None,
+    as_json: bool,
+    log_level: str,
+) -> None:
+    """DAMM: a WireGuard VPN control plane on an event log."""
+    log.configure(log_level)
+    ctx.obj = Target(nats_url, database_url, as_json)
+
+
+cli.add_command(up)
+cli.add_command(admin)
+cli.add_command(device)
+cli.add_command(control)
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,134 @@
+"""`damm up`: the main job. Control plane on its own NATS and Postgres, plus a demo as root."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import click
+
+from damm import log
+from damm.cli.common import run, target
+from damm.config import ControlSettings
+from damm.control import ControlPlane
+from damm.errors import Code, DammError
+from damm.stack.nats_server import NatsServer
+from damm.stack.postgres import Postgres
+from damm.stack.stackfile import StackFile, home
+
+_log = log.get("damm.up")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _previous(directory: Path) -> dict[str, Any]:
+    try:
+        data: dict[str, Any] = json.loads((directory / "nats" / "identity.json").read_text())
+        return data
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+@click.command()
+@click.option("--no-demo", is_flag=True, help="do not start the demo gateway and device")
+@click.option("--exit-after-demo", is_flag=True, help="stop once the demo has shown the tunnel")
+@click.pass_context
+@run
+async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
+    """Start DAMM locally: NATS, Postgres, the control plane (and a demo tunnel as root)."""
+    t = target(ctx)
+    directory = home()
+    existing = StackFile.read(directory)
+    if existing is not None and existing.pid and existing.pid != os.getpid() and existing.alive():
+        raise DammError(
+            Code.ALREADY_EXISTS, f"a stack is already running (pid {existing.pid}) in {directory}"
+        )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async with AsyncExitStack() as stack:
+        nats_url = t.nats_url
+        passwords: dict[str, str] = {}
+        if nats_url is None:
+            prev = _previous(directory)
+            server = NatsServer(directory / "nats", passwords=dict(prev.get("passwords", {})))
+            port = int(prev.get("port", -1))
+            server.port = port if port > 0 and _port_free(port) else -1
+            nats_url = await asyncio.to_thread(server.start)
+            stack.callback(server.stop)
+            passwords = server.passwords
+            ident = directory / "nats" / "identity.json"
+            ident.write_text(
+                json.dumps({"port": int(nats_url.rsplit(":", 1)[1]), "passwords": passwords})
+            )
+            ident.chmod(0o600)
+        database_url = t.database_url
+        if database_url is None:
+            pg = Postgres(directory / "pgdata")
+            database_url = await asyncio.to_thread(pg.start)
+            stack.callback(pg.stop)
+        settings = ControlSettings.from_env(directory / "keys")
+        user, password = (
+            ("control", passwords["control"]) if passwords else t.credentials("control")
+        )
+        plane = ControlPlane(nats_url, database_url, settings, user=user, password=password)
+        await plane.start()
+        stack.push_async_callback(plane.stop)
+        stackfile = StackFile(
+            nats_url=nats_url, database_url=database_url, passwords=passwords, pid=os.getpid()
+        )
+        path = stackfile.write(directory)
+        stack.callback(lambda: path.unlink(missing_ok=True))
+
+        click.echo("DAMM is up.")
+        click.echo(f"  NATS       {nats_url}  (JetStream, sync_interval always, auth on)")
+        click.echo(f"  Postgres   {database_url}")
+        click.echo(f"  state      {directory}  (stack file {path})")
+        click.echo(f"  overlay    {settings.overlay.network}  gateway {settings.overlay.gateway}")
+        await _demo(stack, no_demo, nats_url, passwords, directory)
+        if exit_after_demo:
+            return
+        click.echo(
+            "Try: damm admin gateways · damm admin devices · damm admin report  (Ctrl-C stops)"
+        )
+        await stop.wait()
+        click.echo("stopping…")
+
+
+async def _demo(
+    stack: AsyncExitStack, no_demo: bool, nats_url: str, passwords: dict[str, str], directory: Path
+) -> None:
+    if no_demo:
+        click.echo("  demo       skipped (--no-demo)")
+        return
+    try:
+        from damm import demo
+    except ImportError:
+        click.echo("  demo       skipped: this build has no demo module")
+        return
+    possible, why = demo.demo_possible()
+    if not possible:
+        click.echo(f"  demo       skipped: {why}")
+        return
+    handle = await demo.run_demo(
+        nats_url, passwords.get("gateway", ""), passwords.get("admin", ""), directory / "demo"
+    )
+    stack.push_async_callback(handle.close)
+    for line in handle.summary():
+        click.echo(f"  demo       {line}")
