@@ -1,0 +1,166 @@
+"""Enrollment throughput and latency against a control plane in its own process.
+
+Ceiling: the bare round trip every enrollment needs at least once, a NATS request to a responder
+that appends one message to JetStream and replies, measured in the same run on the same server
+configuration (sync_interval always). Targets (2-core machine): >= 1,000 enrollments/s sustained,
+p99 <= 50 ms at 300/s offered.
+
+    .venv/bin/python bench/bench_enroll.py [--n 3000] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from nacl.public import PrivateKey
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from damm import log  # noqa: E402
+from damm.bus import connect  # noqa: E402
+from damm.events.streams import ensure_streams  # noqa: E402
+from damm.handlers import protocol as p  # noqa: E402
+from damm.rpc import call  # noqa: E402
+from damm.stack.nats_server import NatsServer  # noqa: E402
+from damm.stack.postgres import Postgres  # noqa: E402
+from tests.fleet import setup_fleet  # noqa: E402
+
+
+def keys(n: int) -> list[str]:
+    return [base64.b64encode(bytes(PrivateKey.generate().public_key)).decode() for _ in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def closed_loop(fn, n: int, concurrency: int) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    queue = iter(range(n))
+
+    async def worker() -> None:
+        for i in queue:
+            t0 = time.perf_counter()
+            await fn(i)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return n / (time.perf_counter() - t0), latencies
+
+
+async def open_loop(fn, rate: float, seconds: float) -> list[float]:  # type: ignore[no-untyped-def]
+    latencies: list[float] = []
+    tasks = []
+    start = time.perf_counter()
+    n = int(rate * seconds)
+
+    async def one(i: int) -> None:
+        t0 = time.perf_counter()
+        await fn(i)
+        latencies.append(time.perf_counter() - t0)
+
+    for i in range(n):
+        delay = start + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    return latencies
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=3000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    args = ap.parse_args()
+    log.configure("error", json=True)
+    root = Path(tempfile.mkdtemp(prefix="damm-bench-", dir="/tmp"))
+    nats_server = NatsServer(root / "nats")
+    url = nats_server.start()
+    pg = Postgres(root / "pg", delete_on_stop=True)
+    dsn = pg.start()
+    env = {**os.environ, "DAMM_NATS_URL": url, "DAMM_DATABASE_URL": dsn,
+           "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
+           "DAMM_OVERLAY": "10.40.0.0/14", "DAMM_LOG_LEVEL": "error"}
+    control = subprocess.Popen(
+        [str(Path(sys.executable).parent / "damm"), "control", "run", "--keys-dir", str(root / "keys")],
+        env=env)
+    try:
+        nc = await connect(url, user="control", password=nats_server.passwords["control"])
+        await ensure_streams(nc.jetstream())
+        admin = await connect(url, user="admin", password=nats_server.passwords["admin"])
+        gw = await connect(url, user="gateway", password=nats_server.passwords["gateway"])
+        device = await connect(url)
+        for _ in range(100):
+            try:
+                fleet = await setup_fleet(admin, gw)
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        # ceiling: request -> responder appends one JetStream message -> reply
+        js = nc.jetstream()
+        from nats.js.api import StorageType, StreamConfig
+
+        await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.js.>"],
+                                         storage=StorageType.FILE))
+
+        async def responder(msg) -> None:  # type: ignore[no-untyped-def]
+            await js.publish("bench.js.x", msg.data)
+            await nc.publish(msg.reply, b"ok")
+
+        async def spawn(msg) -> None:  # type: ignore[no-untyped-def]
+            asyncio.ensure_future(responder(msg))
+
+        await nc.subscribe("bench.ceiling", cb=spawn)
+        payload = b"x" * 300
+
+        async def bare(i: int) -> None:
+            await admin.request("bench.ceiling", payload, timeout=10)
+
+        ceiling, _ = await closed_loop(bare, args.n, args.concurrency)
+
+        pubs = keys(args.n * 2 + 4000)
+        token = (await call(admin, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated)).token
+
+        async def enroll(i: int) -> None:
+            await call(device, "enroll", p.Enroll(token=token, public_key=pubs[i],
+                       request_id=uuid.uuid4().hex), p.Enrolled, timeout=30)
+
+        rate, lat = await closed_loop(enroll, args.n, args.concurrency)
+        offset = args.n
+
+        async def enroll_open(i: int) -> None:
+            await enroll(offset + i)
+
+        lat300 = await open_loop(enroll_open, 300, 5)
+        print(f"{'measure':44} {'value':>12}")
+        print(f"{'bare request+JetStream append (ceiling)':44} {ceiling:10.0f}/s")
+        print(f"{'enrollments, closed loop c=' + str(args.concurrency):44} {rate:10.0f}/s"
+              f"   {rate / ceiling:.0%} of ceiling, target >= 1000/s ({rate / 1000:.2f}x)")
+        print(f"{'  latency p50 / p99':44} {statistics.median(lat) * 1000:8.1f} ms / {pct(lat, 0.99) * 1000:.1f} ms")
+        print(f"{'enrollments at 300/s offered, p50 / p99':44} {statistics.median(lat300) * 1000:8.1f} ms"
+              f" / {pct(lat300, 0.99) * 1000:.1f} ms   target p99 <= 50 ms")
+        for c in (device, gw, admin, nc):
+            await c.close()
+        del fleet
+    finally:
+        control.terminate()
+        control.wait(30)
+        pg.stop()
+        nats_server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
