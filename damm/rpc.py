@@ -27,9 +27,15 @@ async def call(
     *,
     timeout: float = 5.0,
     correlation_id: str | None = None,
+    actor: str | None = None,
 ) -> T:
-    """Send a command and return its typed result, or raise the ``DammError`` it answered."""
+    """Send a command and return its typed result, or raise the ``DammError`` it answered.
+
+    ``actor`` names the operator in the events an admin command causes.
+    """
     headers = {"Damm-Correlation-Id": correlation_id or uuid.uuid4().hex}
+    if actor:
+        headers["Damm-Actor"] = actor
     try:
         msg = await nc.request(
             request_subject(command), _encoder.encode(request), timeout=timeout, headers=headers

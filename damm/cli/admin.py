@@ -62,32 +62,9 @@ def _actor() -> str:
 
 async def admin_call(t: Target, command: str, request: Any, result: type[Any]) -> Any:
     async def body(nc: NATS) -> Any:
-        headers_actor = _actor()
-        return await _call_as(nc, command, request, result, headers_actor)
+        return await call(nc, command, request, result, timeout=10.0, actor=_actor())
 
     return await with_nats(t, "admin", body)
-
-
-async def _call_as(nc: NATS, command: str, request: Any, result: type[Any], actor: str) -> Any:
-    # The actor header names the operator in every event this command causes.
-    original = nc.request
-
-    async def request_with_actor(
-        subject: str,
-        payload: bytes = b"",
-        timeout: float = 5.0,
-        old_style: bool = False,
-        headers: dict[str, str] | None = None,
-    ) -> Any:
-        merged = dict(headers or {})
-        merged["Damm-Actor"] = actor
-        return await original(subject, payload, timeout=timeout, headers=merged)
-
-    nc.request = request_with_actor  # type: ignore[method-assign]
-    try:
-        return await call(nc, command, request, result, timeout=10.0)
-    finally:
-        nc.request = original  # type: ignore[method-assign]
 
 
 async def query(t: Target, sql: str, *args: Any) -> list[asyncpg.Record]:

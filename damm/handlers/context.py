@@ -13,7 +13,7 @@ import msgspec
 from damm.catalog.signing import CatalogSigner
 from damm.config import ControlSettings
 from damm.errors import Code, DammError
-from damm.events.model import Actor, Envelope, Event
+from damm.events.model import Actor, Event
 from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
 from damm.handlers.state import DecisionState, StateFollower
 from damm.handlers.x25519 import RotationKey
@@ -95,7 +95,3 @@ class Context:
         """When state says 'not found', make sure it is not just lagging another process."""
         if not check():
             await self.follower.sync()
-
-
-def envelope_of(item: Append) -> Envelope:
-    return item.envelope
