@@ -20,6 +20,8 @@ from damm.handlers.admin import AdminHandlers
 from damm.handlers.context import Context
 from damm.handlers.enrollment import EnrollmentCommitter
 from damm.handlers.gateway import GatewayHandlers
+from damm.handlers.peersets import KeyExpiryReactor, Leadership, PeerPublisher, PeerSetHandlers
+from damm.handlers.quota import QuotaReactor
 from damm.handlers.service import Service
 from damm.handlers.state import DecisionState, StateFollower
 from damm.handlers.x25519 import RotationKey
@@ -46,6 +48,9 @@ class ControlPlane:
     _service: Service | None = None
     _committer: EnrollmentCommitter | None = None
     _follower: StateFollower | None = None
+    leadership: Leadership | None = None
+    publisher: PeerPublisher | None = None
+    quota: QuotaReactor | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, user=self.user, password=self.password,
@@ -69,8 +74,18 @@ class ControlPlane:
         self.ctx = Context(store, state, self._follower, self.settings, signer, rotation)
         self._committer = EnrollmentCommitter(self.ctx)
         self._committer.start()
+        # Peer-set publishing and policy reactors run in one process: the advisory-lock holder.
+        self.leadership = Leadership(self.database_url, f"damm-leader-{self.schema}")
+        self._tasks.append(asyncio.create_task(self.leadership.run(self._stop)))
+        self.publisher = PeerPublisher(self.nc, state, self.leadership)
+        self.publisher.start()
+        self._tasks.append(asyncio.create_task(
+            KeyExpiryReactor(self.ctx, self.leadership).run(self._stop)))
+        self.quota = QuotaReactor(self.ctx, self.database_url, schema=self.schema,
+                                  leadership=self.leadership)
+        self._tasks.append(self.quota.start(self._stop))
         routes = [*AdminHandlers(self.ctx).routes(), *self._committer.routes(),
-                  *GatewayHandlers(self.ctx).routes()]
+                  *GatewayHandlers(self.ctx).routes(), *PeerSetHandlers(self.ctx).routes()]
         self._service = Service(self.nc, routes)
         await self._service.start()
         if self.run_projectors:
@@ -100,6 +115,8 @@ class ControlPlane:
             await self._service.stop()
         if self._committer:
             await self._committer.stop()
+        if self.publisher:
+            await self.publisher.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._follower:

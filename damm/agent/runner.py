@@ -75,6 +75,7 @@ class GatewayAgent:
         self.nc: NATS | None = None
         self.ledger = UsageLedger(config.state_dir)
         self.registered = asyncio.Event()
+        self.registration: p.Registered | None = None
         self.synced = asyncio.Event()  # set after each successful snapshot resync
         self.on_applied: list[AppliedHook] = []
         self.resyncs = 0
@@ -113,8 +114,8 @@ class GatewayAgent:
                 task.cancel()
             await asyncio.gather(waiter, *tasks, return_exceptions=True)
             for task in tasks:
-                if task in done and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task in done and not task.cancelled() and (exc := task.exception()):
+                    raise exc
             with contextlib.suppress(Exception):  # last chance to report, bounded
                 await asyncio.wait_for(self._meter_and_flush(), 2.0)
         finally:
@@ -171,6 +172,7 @@ class GatewayAgent:
                 continue
             _log.info("registered", gateway_id=reply.gateway_id, region=reply.region,
                       gateway_address=reply.gateway_address)
+            self.registration = reply
             self.registered.set()
             return True
         return False

@@ -12,6 +12,7 @@ import click
 from nats.aio.client import Client as NATS
 
 from damm.cli.common import Target, emit, json_option, run, table, target, with_nats
+from damm.cli.ops import audit, report
 from damm.errors import Code, DammError
 from damm.handlers import protocol as p
 from damm.rpc import call
@@ -453,3 +454,6 @@ def _list_command(name: str) -> Any:
 
 for _name in _LISTS:
     admin.command(_name)(_list_command(_name))
+
+admin.add_command(audit)
+admin.add_command(report)

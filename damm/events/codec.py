@@ -6,7 +6,7 @@ from datetime import datetime
 
 import msgspec
 
-from damm.events.model import Actor, Envelope, Event, UnknownEvent
+from damm.events.model import EVENT_TYPES, Actor, Envelope, UnknownEvent
 
 
 class CodecError(Exception):
@@ -28,7 +28,7 @@ class _Header(msgspec.Struct, frozen=True, kw_only=True):
 _encoder = msgspec.json.Encoder()
 _header = msgspec.json.Decoder(_Header)
 _full = msgspec.json.Decoder(Envelope)
-_known_types = frozenset(t.__struct_config__.tag for t in Event.__args__)  # type: ignore[attr-defined]
+_known_types = frozenset(t.__struct_config__.tag for t in EVENT_TYPES)
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 
 

@@ -258,7 +258,7 @@ Event = (
     | SigningKeyAnnounced
 )
 
-EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__  # type: ignore[attr-defined]
+EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__
 
 
 def event_type_name(event: Event | UnknownEvent) -> str:

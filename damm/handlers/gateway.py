@@ -64,7 +64,7 @@ class GatewayHandlers:
             f"{overlay.gateway6}/{overlay.ula.prefixlen}" if overlay.gateway6 and overlay.ula else None,
         )
 
-    async def heartbeat(self, req: p.Heartbeat, call: Call) -> p.Done:
+    async def heartbeat(self, req: p.Heartbeat, call: Call) -> p.HeartbeatAck:
         gw = await self.authenticate(req.gateway_id, req.token)
         if not gw.registered:
             raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
@@ -79,7 +79,8 @@ class GatewayHandlers:
                        correlation_id=call.correlation_id, aggregate=f"gateway/{gw.gateway_id}")
         ack = await self.ctx.store.js.publish(subject, _encode(env))
         self.ctx.state._fold(env)
-        return p.Done(seq=int(ack.seq))
+        return p.HeartbeatAck(seq=int(ack.seq),
+                              peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0))
 
     async def report_usage(self, req: p.ReportUsage, call: Call) -> p.Done:
         gw = await self.authenticate(req.gateway_id, req.token)

@@ -239,3 +239,39 @@ class ReportUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 class PeerSnapshotRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     gateway_id: str
     token: str
+
+
+# --- peer sets (gateway agent) ----------------------------------------------------------------
+
+
+class HeartbeatAck(msgspec.Struct, frozen=True):
+    """A heartbeat's reply: ``Done`` plus the peer-set revision the control plane holds now.
+
+    An agent whose own revision differs missed a change (a lost core-NATS message, a leader
+    change) and resyncs from the snapshot.
+    """
+
+    seq: int
+    duplicate: bool = False
+    peer_set_revision: int = 0
+
+
+class PeerEntry(msgspec.Struct, frozen=True, array_like=True):
+    public_key: str
+    allowed_ips: tuple[str, ...]
+
+
+class PeerSnapshot(msgspec.Struct, frozen=True):
+    gateway_id: str
+    revision: int
+    peers: tuple[PeerEntry, ...]
+
+
+class PeerSetChange(msgspec.Struct, frozen=True):
+    """Published on ``damm.peers.<gateway_id>``; apply only when ``prev_revision`` is yours."""
+
+    gateway_id: str
+    prev_revision: int
+    revision: int
+    upserts: tuple[PeerEntry, ...] = ()
+    removes: tuple[str, ...] = ()

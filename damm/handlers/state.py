@@ -10,6 +10,7 @@ one's own appends immediately and seeing them again from the stream harmless.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -84,6 +85,34 @@ class DeviceState:
     egress_pool_id: str | None = None
 
 
+@dataclass(frozen=True)
+class PeerChange:
+    """One change to one gateway's peer set, as the fold saw it (see ``DecisionState.apply``).
+
+    ``upserts`` are (public_key, allowed_ips) pairs; ``removes`` are public keys.
+    """
+
+    gateway_id: str
+    prev_revision: int
+    revision: int
+    upserts: tuple[tuple[str, tuple[str, ...]], ...]
+    removes: tuple[str, ...]
+
+
+PeerListener = Callable[[PeerChange], None]
+
+_PEER_EVENTS = (m.DeviceEnrolled, m.DeviceRevoked, m.DeviceSuspended, m.DeviceResumed,
+                m.DeviceKeyRotated)
+
+
+def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
+    """The peer a device puts on its gateway, or None when it must not be there."""
+    if dev is None or dev.status != "active":
+        return None
+    ips = (f"{dev.address}/32",) + ((f"{dev.address6}/128",) if dev.address6 else ())
+    return dev.public_key, ips
+
+
 class DecisionState:
     def __init__(self, overlay: Overlay) -> None:
         self.overlay = overlay
@@ -99,6 +128,14 @@ class DecisionState:
         self.subject_seq: dict[str, int] = {}
         self.applied_seq = 0
         self.changed = asyncio.Event()
+        # Per gateway: the highest event sequence that changed its peer set (deterministic over
+        # the log, so every control-plane process agrees), and who wants to hear of changes.
+        self.peer_revisions: dict[str, int] = {}
+        self.peer_listeners: list[PeerListener] = []
+
+    def peer_set(self, gateway_id: str) -> list[tuple[str, tuple[str, ...]]]:
+        return [peer for dev in self.devices.values()
+                if dev.gateway_id == gateway_id and (peer := peer_of(dev)) is not None]
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
@@ -107,12 +144,33 @@ class DecisionState:
         subject = subject or f"{EVENT_PREFIX}.{env.aggregate.replace('/', '.', 1)}"
         if env.seq and env.seq <= self.subject_seq.get(subject, 0):
             return
-        self._fold(env)
+        if isinstance(env.event, _PEER_EVENTS):
+            self._fold_peer_event(env)
+        else:
+            self._fold(env)
         if env.seq:
             self.subject_seq[subject] = env.seq
             self.applied_seq = max(self.applied_seq, env.seq)
 
-    def _fold(self, env: m.Envelope) -> None:  # noqa: C901 - one arm per event type
+    def _fold_peer_event(self, env: m.Envelope) -> None:
+        """Fold a device event and, when the device's peer changed, record and announce it."""
+        device_id: str = env.event.device_id  # type: ignore[union-attr]
+        before = peer_of(self.devices.get(device_id))
+        self._fold(env)
+        dev = self.devices.get(device_id)
+        after = peer_of(dev)
+        if before == after or dev is None:
+            return
+        removes = (before[0],) if before and (after is None or after[0] != before[0]) else ()
+        upserts = (after,) if after else ()
+        prev = self.peer_revisions.get(dev.gateway_id, 0)
+        revision = max(prev, env.seq)
+        self.peer_revisions[dev.gateway_id] = revision
+        change = PeerChange(dev.gateway_id, prev, revision, upserts, removes)
+        for listener in self.peer_listeners:
+            listener(change)
+
+    def _fold(self, env: m.Envelope) -> None:
         e = env.event
         match e:
             case m.TierDefined():
@@ -179,6 +237,8 @@ class DecisionState:
                 if dev := self.devices.get(e.device_id):
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
+                    if dev.status == "suspended" and dev.reason == "key_expired":
+                        dev.status, dev.reason = "active", "key_rotated"
             case _:
                 pass
 

