@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
@@ -21,7 +22,10 @@ async def connect(
     reconnect: bool = True,
     connect_timeout: float = 2.0,
 ) -> NATS:
+    errors: list[Exception] = []
+
     async def _error(exc: Exception) -> None:
+        errors.append(exc)
         _log.debug("nats error", error=repr(exc))
 
     async def _disconnected() -> None:
@@ -44,5 +48,13 @@ async def connect(
     if user:
         options["user"] = user
         options["password"] = password or ""
-    nc: NATS = await nats.connect(**options)
-    return nc
+    if reconnect:
+        nc: NATS = await nats.connect(**options)
+        return nc
+    # A one-shot client (the CLI) must fail fast: nats-py keeps retrying an unreachable server.
+    options["max_reconnect_attempts"] = 0
+    try:
+        return await asyncio.wait_for(nats.connect(**options), connect_timeout * 2)
+    except TimeoutError:
+        last = errors[-1] if errors else None
+        raise ConnectionError(str(last) if last else "timed out") from None

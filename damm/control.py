@@ -17,6 +17,7 @@ from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.events.subjects import EVENTS_STREAM, TELEMETRY_STREAM
 from damm.handlers.admin import AdminHandlers
+from damm.handlers.catalogs import CatalogPublisher
 from damm.handlers.context import Context
 from damm.handlers.enrollment import EnrollmentCommitter
 from damm.handlers.gateway import GatewayHandlers
@@ -51,6 +52,7 @@ class ControlPlane:
     leadership: Leadership | None = None
     publisher: PeerPublisher | None = None
     quota: QuotaReactor | None = None
+    catalogs: CatalogPublisher | None = None
 
     async def start(self) -> None:
         self.nc = await connect(self.nats_url, user=self.user, password=self.password,
@@ -84,10 +86,13 @@ class ControlPlane:
         self.quota = QuotaReactor(self.ctx, self.database_url, schema=self.schema,
                                   leadership=self.leadership)
         self._tasks.append(self.quota.start(self._stop))
+        self.catalogs = CatalogPublisher(self.ctx)
         routes = [*AdminHandlers(self.ctx).routes(), *self._committer.routes(),
-                  *GatewayHandlers(self.ctx).routes(), *PeerSetHandlers(self.ctx).routes()]
+                  *GatewayHandlers(self.ctx).routes(), *PeerSetHandlers(self.ctx).routes(),
+                  *self.catalogs.routes()]
         self._service = Service(self.nc, routes)
         await self._service.start()
+        self.catalogs.start()
         if self.run_projectors:
             self.projectors = [
                 Projector("readmodels", EVENTS_STREAM, self.database_url, self.schema),
@@ -117,6 +122,8 @@ class ControlPlane:
             await self._committer.stop()
         if self.publisher:
             await self.publisher.stop()
+        if self.catalogs:
+            await self.catalogs.stop()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._follower:

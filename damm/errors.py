@@ -21,7 +21,7 @@ class Code(enum.Enum):
     # request layer
     MALFORMED_REQUEST = ErrorSpec("the request could not be decoded")
     REQUEST_TOO_LARGE = ErrorSpec("the request body is larger than the limit")
-    UNAVAILABLE = ErrorSpec("the control plane is unavailable (no handler answered)", True)
+    UNAVAILABLE = ErrorSpec("the control plane is unavailable", True)
     INTERNAL = ErrorSpec("internal error in the control plane", True)
     CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
     NOT_FOUND = ErrorSpec("no such object")

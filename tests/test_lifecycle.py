@@ -257,5 +257,5 @@ def test_cli_errors_are_one_line(tmp_path: Path, nats_server: object) -> None:
                           timeout=60, check=False)
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 0
-    assert done.stderr.startswith("error: unavailable: the control plane is unavailable")
+    assert done.stderr.startswith("error: unavailable: the control plane is unavailable: nothing serves")
     assert "Traceback" not in done.stderr

@@ -10,7 +10,7 @@ import click
 from nats.aio.client import Client as NATS
 
 from damm.catalog.verify import initial_trust
-from damm.cli.common import emit, run, target, with_nats
+from damm.cli.common import Target, emit, json_option, run, target, with_nats
 from damm.device import state as files
 from damm.device.wgconfig import render_wg_quick, write_atomic
 from damm.handlers import protocol as p
@@ -168,5 +168,141 @@ def show(ctx: click.Context, state_dir: Path) -> None:
         lambda: click.echo(
             f"device {dev.device_id}\n  address  {dev.address}\n  gateway  {dev.gateway_id} "
             f"({dev.endpoint}, front door {dev.front_door_id})\n  key      {dev.public_key}"
+        ),
+    )
+
+
+def _device_target(t: Target, dev: files.DeviceFile | None) -> Target:
+    """--nats / DAMM_NATS_URL first, then the URL the device enrolled through, then the stack."""
+    if t.nats_url or dev is None or not dev.nats_url:
+        return t
+    return Target(dev.nats_url, t.database_url, t.json)
+
+
+@device.command()
+@state_dir_option
+@click.option("--interface", help="live WireGuard (UAPI) interface to move too, e.g. wg0")
+@json_option
+@click.pass_context
+@run
+async def failover(
+    ctx: click.Context, state_dir: Path, interface: str | None, as_json: bool
+) -> None:
+    """Verify the signed catalog and move to the gateway's next front door."""
+    from damm.device.failover import FailoverResult
+    from damm.device.failover import failover as do_failover
+
+    t = target(ctx)
+    dt = _device_target(t, files.load(state_dir))
+
+    async def body(nc: NATS) -> FailoverResult:
+        return await do_failover(nc, state_dir, live_interface=interface)
+
+    res = await with_nats(dt, None, body)
+    emit(
+        t,
+        res,
+        lambda: click.echo(
+            f"failed over {res.gateway_id}: {res.old_endpoint} -> {res.new_endpoint} "
+            f"(front door {res.front_door_id}, catalog v{res.catalog_version})"
+            + (f"; {interface} updated" if res.live_updated else "")
+        ),
+    )
+
+
+@device.command()
+@state_dir_option
+@click.option("--interface", help="live WireGuard (UAPI) interface to inspect, e.g. wg0")
+@click.option(
+    "--export",
+    "export_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write a diagnostics JSON file (holds no private key)",
+)
+@click.option("--no-probe", is_flag=True, help="do not send a UDP probe to the endpoint")
+@click.option("--timeout", default=5.0, show_default=True, help="seconds to reach NATS")
+@json_option
+@click.pass_context
+@run
+async def diagnose(
+    ctx: click.Context,
+    state_dir: Path,
+    interface: str | None,
+    export_path: Path | None,
+    no_probe: bool,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Check files, config, interface, handshake, endpoint and catalog; one line each."""
+    import sys
+
+    from damm.device import diagnose as diag
+    from damm.errors import DammError
+
+    t = target(ctx)
+    try:
+        dev: files.DeviceFile | None = files.load(state_dir)
+    except DammError:
+        dev = None
+    dt = _device_target(t, dev)
+    connect = None
+    try:
+        dt.nats()
+    except DammError:
+        pass
+    else:
+
+        async def connect() -> NATS:
+            return await dt.connect(None)
+
+    report = await diag.diagnose(
+        state_dir,
+        interface=interface,
+        connect=connect,
+        probe_endpoint=not no_probe,
+        timeout=timeout,
+    )
+    if export_path is not None:
+        diag.export(report, export_path)
+
+    def text() -> None:
+        for line in diag.render_lines(report):
+            click.echo(line)
+        if export_path is not None:
+            click.echo(f"diagnostics written to {export_path}")
+
+    emit(t, report, text)
+    if not report.ok:
+        sys.exit(1)
+
+
+@device.command()
+@state_dir_option
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="zip to write (default: <state-dir>/damm-bundle.zip)",
+)
+@click.pass_context
+def bundle(ctx: click.Context, state_dir: Path, out: Path | None) -> None:
+    """Write a zip with the config, install guidance per platform and public device info."""
+    import sys
+
+    from damm.device.bundle import write_bundle
+    from damm.errors import DammError
+
+    t = target(ctx)
+    path = out or state_dir / "damm-bundle.zip"
+    try:
+        write_bundle(state_dir, path)
+    except DammError as err:
+        click.echo(f"error: {err.line()}", err=True)
+        sys.exit(1)
+    emit(
+        t,
+        {"bundle": str(path)},
+        lambda: click.echo(
+            f"bundle: {path} (mode 0600; it holds the device private key inside the config)"
         ),
     )

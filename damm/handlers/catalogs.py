@@ -1,0 +1,308 @@
+"""Publishing signed catalogs: one per region, built from the decision state's health evidence.
+
+A catalog lists the region's healthy gateways (registered, active, heartbeat fresher than
+``heartbeat_ttl_s``) with their active front doors and the egress countries of the region's
+pools. Every publication is recorded as a ``CatalogPublished`` event on
+``damm.evt.catalog.<region>``, appended with the subject's last sequence as expectation, so the
+version is ``previous + 1`` across restarts and across processes. A new version is published
+only when the content changed (gateways, front doors, countries, announced keys, signing key)
+or the current one is within a third of its lifetime of expiring: devices never see an expired
+catalog from a healthy control plane.
+
+The signed bytes are cached in memory and served on ``catalog.get``. The signing key never
+appears in an event (only its id and the payload digest do).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from nats.js.errors import NotFoundError
+
+from damm import log
+from damm.catalog.codec import check_front_door, check_gateway
+from damm.catalog.model import (
+    COUNTRY_PATTERN,
+    CatalogFrontDoor,
+    CatalogGateway,
+    KeyAnnouncement,
+    SignedCatalog,
+    encode_signed,
+)
+from damm.catalog.signing import CatalogSigner, build_catalog
+from damm.errors import Code, DammError
+from damm.events import codec
+from damm.events import model as m
+from damm.events.store import ConflictError
+from damm.events.subjects import EVENTS_STREAM, check_id, event_subject
+from damm.handlers import protocol as p
+from damm.handlers.context import Call, Context
+from damm.handlers.service import Route, route
+from damm.handlers.state import GatewayState
+
+_log = log.get("damm.catalogs")
+_country = re.compile(COUNTRY_PATTERN)
+
+ACTOR = m.Actor("system", "catalog-publisher")
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Published:
+    """The latest catalog of one region, as this process holds it."""
+
+    region: str
+    version: int
+    seq: int  # last sequence of the region's catalog subject
+    digest: str
+    expires_at: int
+    content: tuple[object, ...] | None = None  # what changes force a new version; None: unknown
+    signed: SignedCatalog | None = None
+    encoded: bytes | None = None
+
+
+def catalog_subject(region: str) -> str:
+    return event_subject("catalog", region)
+
+
+def digest_of(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+class CatalogPublisher:
+    def __init__(
+        self,
+        ctx: Context,
+        *,
+        interval_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.ctx = ctx
+        self.interval_s = interval_s
+        self.clock = clock
+        self.signer: CatalogSigner = ctx.signer
+        self.next_keys: dict[str, KeyAnnouncement] = {}
+        self.latest: dict[str, Published] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # --- request/reply ------------------------------------------------------------------------
+
+    def routes(self) -> list[Route]:
+        return [route("catalog.get", p.GetCatalog, self.get)]
+
+    async def get(self, req: p.GetCatalog, call: Call) -> p.SignedCatalogReply:
+        current = self.latest.get(req.region)
+        # Not published yet (just started, or a region that appeared a moment ago).
+        if (current is None or current.encoded is None) and req.region in self.regions():
+            await self.tick()
+            current = self.latest.get(req.region)
+        if current is None or current.encoded is None:
+            raise DammError(Code.NOT_FOUND, f"no catalog for region {req.region!r}")
+        return p.SignedCatalogReply(signed=current.encoded)
+
+    # --- key rotation -------------------------------------------------------------------------
+
+    def announce_next(self, next_signer: CatalogSigner, not_before: int = 0) -> KeyAnnouncement:
+        """Vouch for the next key in catalogs the current key signs (published on the next tick)."""
+        announcement = next_signer.announcement(not_before)
+        self.next_keys[announcement.key_id] = announcement
+        return announcement
+
+    def rotate_to(self, next_signer: CatalogSigner) -> None:
+        """Sign with the next key from now on; new enrollments pin it too."""
+        self.signer = next_signer
+        self.ctx.signer = next_signer
+        self.next_keys.pop(next_signer.key_id, None)
+
+    # --- building -----------------------------------------------------------------------------
+
+    def regions(self) -> set[str]:
+        state = self.ctx.state
+        regions = {gw.region for gw in state.gateways.values()}
+        regions |= {pool.region for pool in state.pools.values()}
+        return {r for r in regions if _valid_region(r)}
+
+    def healthy(self, gw: GatewayState, now: float) -> bool:
+        if not (gw.registered and gw.active) or gw.last_heartbeat is None:
+            return False
+        return now - gw.last_heartbeat.timestamp() <= self.ctx.settings.heartbeat_ttl_s
+
+    def gateways_for(self, region: str, now: float) -> tuple[CatalogGateway, ...]:
+        state = self.ctx.state
+        countries = sorted(
+            {
+                c.upper()
+                for pool in state.pools.values()
+                if pool.region == region and pool.active
+                for c in pool.countries
+                if _country.fullmatch(c.upper())
+            }
+        )
+        out: list[CatalogGateway] = []
+        for gw in state.gateways.values():
+            if gw.region != region or not self.healthy(gw, now):
+                continue
+            doors: list[CatalogFrontDoor] = []
+            for fd in gw.front_doors.values():
+                if not fd.active or not 0 <= fd.priority <= 65535:
+                    continue
+                door = CatalogFrontDoor(
+                    id=fd.front_door_id, endpoint=fd.endpoint, transport=fd.transport,
+                    priority=fd.priority,
+                )  # fmt: skip
+                try:
+                    check_front_door(door)
+                except DammError as exc:
+                    # One bad door must not stop the whole region's catalog from being signed.
+                    _log.warning(
+                        "front door left out of catalog",
+                        gateway=gw.gateway_id,
+                        front_door=fd.front_door_id,
+                        reason=exc.detail,
+                    )
+                    continue
+                doors.append(door)
+            assert gw.public_key is not None  # registered
+            entry = CatalogGateway(
+                id=gw.gateway_id, region=region, public_key=gw.public_key,
+                front_doors=tuple(doors), egress_countries=tuple(countries),
+            )  # fmt: skip
+            try:
+                check_gateway(entry)
+            except DammError as exc:
+                _log.warning(
+                    "gateway left out of catalog", gateway=gw.gateway_id, reason=exc.detail
+                )
+                continue
+            out.append(entry)
+        out.sort(key=lambda g: g.id)
+        return tuple(out)
+
+    # --- publishing ---------------------------------------------------------------------------
+
+    async def tick(self, now: float | None = None) -> list[Published]:
+        """Publish each region whose catalog changed or nears expiry; return what was published."""
+        async with self._lock:
+            published: list[Published] = []
+            for region in sorted(self.regions()):
+                result = await self._publish_region(region, self.clock() if now is None else now)
+                if result is not None:
+                    published.append(result)
+            return published
+
+    async def _publish_region(self, region: str, now: float) -> Published | None:
+        gateways = self.gateways_for(region, now)
+        next_keys = tuple(sorted(self.next_keys.values(), key=lambda k: k.key_id))
+        content: tuple[object, ...] = (self.signer.key_id, gateways, next_keys)
+        ttl = int(self.ctx.settings.catalog_ttl_s)
+        for _ in range(MAX_ATTEMPTS):
+            previous = self.latest.get(region)
+            if previous is None:
+                previous = await self._load(region)
+            if (
+                previous.signed is not None
+                and previous.content == content
+                and now < previous.expires_at - ttl / 3
+            ):
+                return None
+            version = previous.version + 1
+            catalog = build_catalog(
+                region, gateways, version=version, now=int(now), ttl_seconds=ttl,
+                next_keys=next_keys,
+            )  # fmt: skip
+            signed = self.signer.sign(catalog)
+            digest = digest_of(signed.payload)
+            subject = catalog_subject(region)
+            event = m.CatalogPublished(
+                region=region, version=version, key_id=signed.key_id, digest=digest,
+                expires_at=_utc(catalog.expires_at),
+            )  # fmt: skip
+            call = Call(uuid.uuid4().hex, ACTOR)
+            item = self.ctx.append(
+                subject, event, call, expected=previous.seq, msg_id=f"catalog:{region}:{version}"
+            )
+            try:
+                result = await self.ctx.store.append(item)
+            except ConflictError:
+                # Another process published meanwhile: take its version as the base and retry.
+                self.latest[region] = await self._load(region)
+                continue
+            if result.duplicate:
+                self.latest[region] = await self._load(region)
+                continue
+            current = Published(
+                region=region, version=version, seq=result.seqs[0], digest=digest,
+                expires_at=catalog.expires_at, content=content, signed=signed,
+                encoded=encode_signed(signed),
+            )  # fmt: skip
+            self.latest[region] = current
+            _log.info(
+                "catalog published",
+                region=region,
+                version=version,
+                gateways=len(gateways),
+                key_id=signed.key_id,
+            )
+            return current
+        raise DammError(Code.CONFLICT, f"catalog for {region}: gave up after {MAX_ATTEMPTS}")
+
+    async def _load(self, region: str) -> Published:
+        """The last published version of a region from the log (0 if none)."""
+        js = self.ctx.store.js
+        try:
+            raw = await js.get_last_msg(EVENTS_STREAM, catalog_subject(region))
+        except NotFoundError:
+            return Published(region=region, version=0, seq=0, digest="", expires_at=0)
+        seq = int(raw.seq or 0)
+        env = codec.decode(raw.data or b"", seq=seq)
+        event = env.event
+        if not isinstance(event, m.CatalogPublished):
+            return Published(region=region, version=0, seq=seq, digest="", expires_at=0)
+        expires = int(event.expires_at.timestamp()) if event.expires_at else 0
+        return Published(
+            region=region, version=event.version, seq=seq, digest=event.digest, expires_at=expires
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # keep publishing; the next tick retries
+                _log.exception("catalog publishing failed")
+            await asyncio.sleep(self.interval_s)
+
+
+def _valid_region(region: str) -> bool:
+    try:
+        check_id(region, "region")
+    except DammError:
+        return False
+    return True
+
+
+def _utc(ts: int) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
