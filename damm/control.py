@@ -24,6 +24,7 @@ from damm.handlers.gateway import GatewayHandlers
 from damm.handlers.peersets import KeyExpiryReactor, Leadership, PeerPublisher, PeerSetHandlers
 from damm.handlers.quota import QuotaReactor
 from damm.handlers.service import Service
+from damm.handlers.signing_keys import SigningKeys
 from damm.handlers.state import DecisionState, StateFollower
 from damm.handlers.x25519 import RotationKey
 from damm.projections.migrate import migrate
@@ -87,9 +88,11 @@ class ControlPlane:
                                   leadership=self.leadership)
         self._tasks.append(self.quota.start(self._stop))
         self.catalogs = CatalogPublisher(self.ctx)
+        signing_keys = SigningKeys(self.ctx, self.catalogs, keys)
+        signing_keys.resume()
         routes = [*AdminHandlers(self.ctx).routes(), *self._committer.routes(),
                   *GatewayHandlers(self.ctx).routes(), *PeerSetHandlers(self.ctx).routes(),
-                  *self.catalogs.routes()]
+                  *self.catalogs.routes(), *signing_keys.routes()]
         self._service = Service(self.nc, routes)
         await self._service.start()
         self.catalogs.start()

@@ -367,6 +367,34 @@ async def explain_placement(
     emit(t, res, text)
 
 
+# --- catalog signing key ---------------------------------------------------------------------
+
+
+@admin.group("catalog-key")
+def catalog_key() -> None:
+    """Rotate the catalog signing key: announce the next one, then activate it."""
+
+
+def _key_step(command: str, verb: str) -> Any:
+    from damm.handlers.signing_keys import SigningKeyChanged
+
+    @json_option
+    @click.pass_context
+    @run
+    async def step(ctx: click.Context, as_json: bool) -> None:
+        t = target(ctx)
+        res = await admin_call(t, command, p.Empty(), SigningKeyChanged)
+        emit(t, res, lambda: click.echo(f"{verb} signing key {res.key_id} ({res.public_key})"))
+
+    return step
+
+
+catalog_key.command("announce", help="Stage a next key and announce it in current catalogs.")(
+    _key_step("admin.catalog.announce", "announced"))
+catalog_key.command("activate", help="Sign with the announced key; retire the current one.")(
+    _key_step("admin.catalog.activate", "activated"))
+
+
 # --- lists ------------------------------------------------------------------------------------
 
 

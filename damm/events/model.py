@@ -226,6 +226,13 @@ class SigningKeyAnnounced(_Event, frozen=True, tag="catalog.key_announced"):
     public_key: str
 
 
+class SigningKeyActivated(_Event, frozen=True, tag="catalog.key_activated"):
+    """Catalogs are signed with this key from now on; the previous key is retired."""
+
+    key_id: str
+    retired_key_id: str
+
+
 class UnknownEvent(_Event, frozen=True, tag="unknown"):
     """An event type this build does not know: carried through, never folded."""
 
@@ -256,6 +263,7 @@ Event = (
     | UsagePeriodReset
     | CatalogPublished
     | SigningKeyAnnounced
+    | SigningKeyActivated
 )
 
 EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__

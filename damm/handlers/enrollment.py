@@ -80,7 +80,13 @@ def enrolled_reply(ctx: Context, dev: DeviceState) -> p.Enrolled:
         egress_pool_id=dev.egress_pool_id,
         key_expires_at=dev.key_expires_at,
         rotation_key=ctx.rotation.public_b64,
-        catalog=p.CatalogTrust(ctx.signer.key_id, ctx.signer.public_key_b64, 0, gw.region),
+        # Pin the version published now: an older catalog replayed later is a rollback.
+        catalog=p.CatalogTrust(
+            ctx.signer.key_id,
+            ctx.signer.public_key_b64,
+            ctx.state.catalog_versions.get(gw.region, 0),
+            gw.region,
+        ),
     )
 
 

@@ -126,6 +126,7 @@ class DecisionState:
         self.bound_keys: dict[str, str] = {}
         self.requests: dict[str, str] = {}
         self.subject_seq: dict[str, int] = {}
+        self.catalog_versions: dict[str, int] = {}
         self.applied_seq = 0
         self.changed = asyncio.Event()
         # Per gateway: the highest event sequence that changed its peer set (deterministic over
@@ -216,6 +217,9 @@ class DecisionState:
             case m.AddressReleased():
                 if not self.addresses.is_free(e.index):
                     self.addresses.release(e.index)
+            case m.CatalogPublished():
+                current = self.catalog_versions.get(e.region, 0)
+                self.catalog_versions[e.region] = max(current, e.version)
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
             case m.DeviceEnrolled():

@@ -107,6 +107,8 @@ _SIGNING_KEY = (
     "INSERT INTO signing_keys (key_id, public_key, announced_at) VALUES ($1,$2,$3)"
     " ON CONFLICT DO NOTHING"
 )
+_KEY_ACTIVATED = "UPDATE signing_keys SET activated_at=$2 WHERE key_id=$1"
+_KEY_RETIRED = "UPDATE signing_keys SET retired_at=$2 WHERE key_id=$1"
 _HEALTH = (
     "INSERT INTO gateway_health (gateway_id, last_heartbeat, peer_count, active_peers, rx_bytes,"
     " tx_bytes, load, peer_set_revision) VALUES ($1,$2,$3,$4,$5,$6,$7,$8)"
@@ -183,6 +185,9 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
             yield Stmt("catalogs", _CATALOG, (e.region, e.version, e.key_id, e.digest, e.expires_at))
         case m.SigningKeyAnnounced():
             yield Stmt("signing_keys", _SIGNING_KEY, (e.key_id, e.public_key, at))
+        case m.SigningKeyActivated():
+            yield Stmt("signing_keys", _KEY_RETIRED, (e.retired_key_id, at))
+            yield Stmt("signing_keys", _KEY_ACTIVATED, (e.key_id, at))
         case m.GatewayHeartbeat():
             yield Stmt("gateway_health", _HEALTH, (
                 e.gateway_id, at, e.peer_count, e.active_peers, e.rx_bytes, e.tx_bytes, e.load,
