@@ -26,14 +26,14 @@ from nacl.public import PrivateKey
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from damm import log  # noqa: E402
-from damm.bus import connect  # noqa: E402
-from damm.events.streams import ensure_streams  # noqa: E402
-from damm.handlers import protocol as p  # noqa: E402
-from damm.rpc import call  # noqa: E402
-from damm.stack.nats_server import NatsServer  # noqa: E402
-from damm.stack.postgres import Postgres  # noqa: E402
-from tests.fleet import setup_fleet  # noqa: E402
+from damm import log
+from damm.bus import connect
+from damm.events.streams import ensure_streams
+from damm.handlers import protocol as p
+from damm.rpc import call
+from damm.stack.nats_server import NatsServer
+from damm.stack.postgres import Postgres
+from tests.fleet import setup_fleet
 
 
 def keys(n: int) -> list[str]:
@@ -91,12 +91,24 @@ async def main() -> None:
     url = nats_server.start()
     pg = Postgres(root / "pg", delete_on_stop=True)
     dsn = pg.start()
-    env = {**os.environ, "DAMM_NATS_URL": url, "DAMM_DATABASE_URL": dsn,
-           "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
-           "DAMM_OVERLAY": "10.40.0.0/14", "DAMM_LOG_LEVEL": "error"}
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": url,
+        "DAMM_DATABASE_URL": dsn,
+        "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
+        "DAMM_OVERLAY": "10.40.0.0/14",
+        "DAMM_LOG_LEVEL": "error",
+    }
     control = subprocess.Popen(
-        [str(Path(sys.executable).parent / "damm"), "control", "run", "--keys-dir", str(root / "keys")],
-        env=env)
+        [
+            str(Path(sys.executable).parent / "damm"),
+            "control",
+            "run",
+            "--keys-dir",
+            str(root / "keys"),
+        ],
+        env=env,
+    )
     try:
         nc = await connect(url, user="control", password=nats_server.passwords["control"])
         await ensure_streams(nc.jetstream())
@@ -113,15 +125,20 @@ async def main() -> None:
         js = nc.jetstream()
         from nats.js.api import StorageType, StreamConfig
 
-        await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.js.>"],
-                                         storage=StorageType.FILE))
+        await js.add_stream(
+            StreamConfig(name="BENCH", subjects=["bench.js.>"], storage=StorageType.FILE)
+        )
 
         async def responder(msg) -> None:  # type: ignore[no-untyped-def]
             await js.publish("bench.js.x", msg.data)
             await nc.publish(msg.reply, b"ok")
 
+        inflight: set[asyncio.Task[None]] = set()
+
         async def spawn(msg) -> None:  # type: ignore[no-untyped-def]
-            asyncio.ensure_future(responder(msg))
+            task = asyncio.create_task(responder(msg))
+            inflight.add(task)
+            task.add_done_callback(inflight.discard)
 
         await nc.subscribe("bench.ceiling", cb=spawn)
         payload = b"x" * 300
@@ -132,11 +149,18 @@ async def main() -> None:
         ceiling, _ = await closed_loop(bare, args.n, args.concurrency)
 
         pubs = keys(args.n * 2 + 4000)
-        token = (await call(admin, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated)).token
+        token = (
+            await call(admin, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated)
+        ).token
 
         async def enroll(i: int) -> None:
-            await call(device, "enroll", p.Enroll(token=token, public_key=pubs[i],
-                       request_id=uuid.uuid4().hex), p.Enrolled, timeout=30)
+            await call(
+                device,
+                "enroll",
+                p.Enroll(token=token, public_key=pubs[i], request_id=uuid.uuid4().hex),
+                p.Enrolled,
+                timeout=30,
+            )
 
         rate, lat = await closed_loop(enroll, args.n, args.concurrency)
         offset = args.n
@@ -147,11 +171,17 @@ async def main() -> None:
         lat300 = await open_loop(enroll_open, 300, 5)
         print(f"{'measure':44} {'value':>12}")
         print(f"{'bare request+JetStream append (ceiling)':44} {ceiling:10.0f}/s")
-        print(f"{'enrollments, closed loop c=' + str(args.concurrency):44} {rate:10.0f}/s"
-              f"   {rate / ceiling:.0%} of ceiling, target >= 1000/s ({rate / 1000:.2f}x)")
-        print(f"{'  latency p50 / p99':44} {statistics.median(lat) * 1000:8.1f} ms / {pct(lat, 0.99) * 1000:.1f} ms")
-        print(f"{'enrollments at 300/s offered, p50 / p99':44} {statistics.median(lat300) * 1000:8.1f} ms"
-              f" / {pct(lat300, 0.99) * 1000:.1f} ms   target p99 <= 50 ms")
+        print(
+            f"{'enrollments, closed loop c=' + str(args.concurrency):44} {rate:10.0f}/s"
+            f"   {rate / ceiling:.0%} of ceiling, target >= 1000/s ({rate / 1000:.2f}x)"
+        )
+        print(
+            f"{'  latency p50 / p99':44} {statistics.median(lat) * 1000:8.1f} ms / {pct(lat, 0.99) * 1000:.1f} ms"
+        )
+        print(
+            f"{'enrollments at 300/s offered, p50 / p99':44} {statistics.median(lat300) * 1000:8.1f} ms"
+            f" / {pct(lat300, 0.99) * 1000:.1f} ms   target p99 <= 50 ms"
+        )
         for c in (device, gw, admin, nc):
             await c.close()
         del fleet

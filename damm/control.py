@@ -56,8 +56,9 @@ class ControlPlane:
     catalogs: CatalogPublisher | None = None
 
     async def start(self) -> None:
-        self.nc = await connect(self.nats_url, user=self.user, password=self.password,
-                                name="damm-control")
+        self.nc = await connect(
+            self.nats_url, user=self.user, password=self.password, name="damm-control"
+        )
         await ensure_streams(self.nc.jetstream())
         conn = await asyncpg.connect(self.database_url)
         try:
@@ -67,9 +68,7 @@ class ControlPlane:
         if applied:
             _log.info("migrated read models", applied=applied)
         keys: Path = self.settings.keys_dir
-        keys.mkdir(parents=True, exist_ok=True, mode=0o700)
-        signer = CatalogSigner.load_or_create(keys / "catalog.key")
-        rotation = RotationKey.load_or_create(keys / "rotation.key")
+        signer, rotation = await asyncio.to_thread(_load_keys, keys)
         state = DecisionState(self.settings.overlay)
         self._follower = StateFollower(self.nc, state)
         await self._follower.start()
@@ -82,17 +81,24 @@ class ControlPlane:
         self._tasks.append(asyncio.create_task(self.leadership.run(self._stop)))
         self.publisher = PeerPublisher(self.nc, state, self.leadership)
         self.publisher.start()
-        self._tasks.append(asyncio.create_task(
-            KeyExpiryReactor(self.ctx, self.leadership).run(self._stop)))
-        self.quota = QuotaReactor(self.ctx, self.database_url, schema=self.schema,
-                                  leadership=self.leadership)
+        self._tasks.append(
+            asyncio.create_task(KeyExpiryReactor(self.ctx, self.leadership).run(self._stop))
+        )
+        self.quota = QuotaReactor(
+            self.ctx, self.database_url, schema=self.schema, leadership=self.leadership
+        )
         self._tasks.append(self.quota.start(self._stop))
         self.catalogs = CatalogPublisher(self.ctx)
         signing_keys = SigningKeys(self.ctx, self.catalogs, keys)
         signing_keys.resume()
-        routes = [*AdminHandlers(self.ctx).routes(), *self._committer.routes(),
-                  *GatewayHandlers(self.ctx).routes(), *PeerSetHandlers(self.ctx).routes(),
-                  *self.catalogs.routes(), *signing_keys.routes()]
+        routes = [
+            *AdminHandlers(self.ctx).routes(),
+            *self._committer.routes(),
+            *GatewayHandlers(self.ctx).routes(),
+            *PeerSetHandlers(self.ctx).routes(),
+            *self.catalogs.routes(),
+            *signing_keys.routes(),
+        ]
         self._service = Service(self.nc, routes)
         await self._service.start()
         self.catalogs.start()
@@ -133,3 +139,11 @@ class ControlPlane:
             await self._follower.stop()
         if self.nc:
             await self.nc.drain()
+
+
+def _load_keys(keys: Path) -> tuple[CatalogSigner, RotationKey]:
+    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return (
+        CatalogSigner.load_or_create(keys / "catalog.key"),
+        RotationKey.load_or_create(keys / "rotation.key"),
+    )

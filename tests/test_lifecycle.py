@@ -45,23 +45,34 @@ async def refused(control: ControlPlane, code: Code, coro: object) -> DammError:
     return info.value
 
 
-async def test_policy_failures(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                               device_nc: NATS) -> None:
-    fleet = await setup_fleet(admin_nc, gateway_nc, regions=("eu", "us"), countries=("DE", "US"),
-                              gateways=(("gw-eu", "eu"),))
+async def test_policy_failures(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
+    fleet = await setup_fleet(
+        admin_nc,
+        gateway_nc,
+        regions=("eu", "us"),
+        countries=("DE", "US"),
+        gateways=(("gw-eu", "eu"),),
+    )
     tok = fleet["token"]
     await refused(control, Code.OUT_OF_POLICY, enroll(device_nc, tok, region="ap"))
     await refused(control, Code.OUT_OF_POLICY, enroll(device_nc, tok, exit_country="FR"))
     await refused(control, Code.NO_HEALTHY_GATEWAY, enroll(device_nc, tok, region="us"))
     await refused(control, Code.NO_EGRESS, enroll(device_nc, tok, exit_country="DE"))
-    await call(admin_nc, "admin.egress.define", p.DefineEgress(
-        pool_id="eu-de", region="eu", countries=("DE",), ips=("198.51.100.0/28",)), p.Done)
+    await call(
+        admin_nc,
+        "admin.egress.define",
+        p.DefineEgress(pool_id="eu-de", region="eu", countries=("DE",), ips=("198.51.100.0/28",)),
+        p.Done,
+    )
     placed = await enroll(device_nc, tok, exit_country="DE")
     assert placed.egress_pool_id == "eu-de"
 
 
 async def test_stale_heartbeat_means_no_healthy_gateway(
-        control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS) -> None:
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     control.ctx.settings.__dict__["heartbeat_ttl_s"] = 0.5  # type: ignore[union-attr]
     await asyncio.sleep(0.7)
@@ -70,8 +81,9 @@ async def test_stale_heartbeat_means_no_healthy_gateway(
     await enroll(device_nc, fleet["token"])
 
 
-async def test_session_limit_and_release(control: ControlPlane, admin_nc: NATS,
-                                         gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_session_limit_and_release(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc, session_limit=2)
     first = await enroll(device_nc, fleet["token"])
     await enroll(device_nc, fleet["token"])
@@ -80,8 +92,9 @@ async def test_session_limit_and_release(control: ControlPlane, admin_nc: NATS,
     await enroll(device_nc, fleet["token"])
 
 
-async def test_suspend_resume_and_revoked_actions(control: ControlPlane, admin_nc: NATS,
-                                                  gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_suspend_resume_and_revoked_actions(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     dev = await enroll(device_nc, fleet["token"])
     action = p.DeviceAction(device_id=dev.device_id, reason="abuse report")
@@ -97,14 +110,19 @@ async def test_suspend_resume_and_revoked_actions(control: ControlPlane, admin_n
     assert info.value.code is Code.NOT_FOUND
 
 
-async def test_pool_exhausted(nats_server: object, dsn: str, tmp_path: Path, admin_nc: NATS,
-                              gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_pool_exhausted(
+    nats_server: object, dsn: str, tmp_path: Path, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     from damm.config import ControlSettings
     from damm.domain.ipam import Overlay
 
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/28"), keys_dir=tmp_path / "k")
-    plane = ControlPlane(nats_server.url, dsn, settings,  # type: ignore[attr-defined]
-                         password=nats_server.passwords["control"])  # type: ignore[attr-defined]
+    plane = ControlPlane(
+        nats_server.url,
+        dsn,
+        settings,  # type: ignore[attr-defined]
+        password=nats_server.passwords["control"],
+    )  # type: ignore[attr-defined]
     await plane.start()
     try:
         fleet = await setup_fleet(admin_nc, gateway_nc)
@@ -115,8 +133,9 @@ async def test_pool_exhausted(nats_server: object, dsn: str, tmp_path: Path, adm
         await plane.stop()
 
 
-async def test_key_rotation(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                            device_nc: NATS) -> None:
+async def test_key_rotation(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc, key_lifetime_s=3600)
     old_priv, old_pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=old_pub)
@@ -125,13 +144,27 @@ async def test_key_rotation(control: ControlPlane, admin_nc: NATS, gateway_nc: N
     rid = uuid.uuid4().hex
     bad = prove(keypair()[0], dev.rotation_key, dev.device_id, new_pub, rid)
     with pytest.raises(DammError) as info:
-        await call(device_nc, "device.rotate_key", p.RotateKey(
-            device_id=dev.device_id, old_public_key=old_pub, new_public_key=new_pub, proof=bad,
-            request_id=rid), p.KeyRotated)
+        await call(
+            device_nc,
+            "device.rotate_key",
+            p.RotateKey(
+                device_id=dev.device_id,
+                old_public_key=old_pub,
+                new_public_key=new_pub,
+                proof=bad,
+                request_id=rid,
+            ),
+            p.KeyRotated,
+        )
     assert info.value.code is Code.UNAUTHORIZED
     proof = prove(old_priv, dev.rotation_key, dev.device_id, new_pub, rid)
-    req = p.RotateKey(device_id=dev.device_id, old_public_key=old_pub, new_public_key=new_pub,
-                      proof=proof, request_id=rid)
+    req = p.RotateKey(
+        device_id=dev.device_id,
+        old_public_key=old_pub,
+        new_public_key=new_pub,
+        proof=proof,
+        request_id=rid,
+    )
     rotated = await call(device_nc, "device.rotate_key", req, p.KeyRotated)
     assert rotated.public_key == new_pub
     assert (await call(device_nc, "device.rotate_key", req, p.KeyRotated)).public_key == new_pub
@@ -144,18 +177,26 @@ async def test_key_rotation(control: ControlPlane, admin_nc: NATS, gateway_nc: N
     assert info.value.code is Code.KEY_REUSED
 
 
-async def test_500_concurrent_enrollments(control: ControlPlane, admin_nc: NATS,
-                                          gateway_nc: NATS, device_nc: NATS, dsn: str,
-                                          tmp_path: Path) -> None:
+async def test_500_concurrent_enrollments(
+    control: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
+    tmp_path: Path,
+) -> None:
     from damm.config import ControlSettings
     from damm.domain.ipam import Overlay
 
     # a second control-plane process shares the queue group: the decisions race for real
     assert control.nc is not None
     other = ControlPlane(
-        control.nats_url, dsn,
+        control.nats_url,
+        dsn,
         ControlSettings(overlay=Overlay.parse("10.44.0.0/16"), keys_dir=tmp_path / "k2"),
-        password=control.password, run_projectors=False)
+        password=control.password,
+        run_projectors=False,
+    )
     control.ctx.settings.__dict__["overlay"] = Overlay.parse("10.44.0.0/16")  # type: ignore[union-attr]
     control.ctx.state.__init__(Overlay.parse("10.44.0.0/16"))  # type: ignore[union-attr, misc]
     await control._follower.sync()  # type: ignore[union-attr]
@@ -163,7 +204,8 @@ async def test_500_concurrent_enrollments(control: ControlPlane, admin_nc: NATS,
     try:
         fleet = await setup_fleet(admin_nc, gateway_nc, uses=500)
         results = await asyncio.gather(
-            *(enroll(device_nc, fleet["token"]) for _ in range(500)), return_exceptions=True)
+            *(enroll(device_nc, fleet["token"]) for _ in range(500)), return_exceptions=True
+        )
         errors = [r for r in results if isinstance(r, BaseException)]
         assert not errors, errors[:3]
         got = [r for r in results if not isinstance(r, BaseException)]
@@ -191,18 +233,36 @@ async def test_500_concurrent_enrollments(control: ControlPlane, admin_nc: NATS,
         await other.stop()
 
 
-async def test_no_private_key_anywhere(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                                       nats_server: object, tmp_path: Path,
-                                       capfd: pytest.CaptureFixture[str]) -> None:
+async def test_no_private_key_anywhere(
+    control: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    nats_server: object,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
     """Enroll through the real CLI, then scan the stream, logs and reply for the private key."""
     fleet = await setup_fleet(admin_nc, gateway_nc)
     state_dir = tmp_path / "dev"
-    env = {**os.environ, "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
-           "DAMM_LOG_LEVEL": "debug", "DAMM_HOME": str(tmp_path / "nohome")}
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
+        "DAMM_LOG_LEVEL": "debug",
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
     proc = await asyncio.create_subprocess_exec(
-        DAMM, "--json", "device", "enroll", "--token",
-        fleet["token"], "--state-dir", str(state_dir), env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        DAMM,
+        "--json",
+        "device",
+        "enroll",
+        "--token",
+        fleet["token"],
+        "--state-dir",
+        str(state_dir),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
     private = (state_dir / "private.key").read_text().strip()
@@ -211,7 +271,9 @@ async def test_no_private_key_anywhere(control: ControlPlane, admin_nc: NATS, ga
     raw = base64.b64decode(private)
     needles = [private.encode(), raw.hex().encode(), raw]
     assert control.nc is not None
-    sub = await control.nc.jetstream().subscribe("damm.>", ordered_consumer=True, stream=EVENTS_STREAM)
+    sub = await control.nc.jetstream().subscribe(
+        "damm.>", ordered_consumer=True, stream=EVENTS_STREAM
+    )
     blobs = [out, err]
     try:
         while True:
@@ -220,8 +282,11 @@ async def test_no_private_key_anywhere(control: ControlPlane, admin_nc: NATS, ga
         pass
     await sub.unsubscribe()
     captured = capfd.readouterr()
-    blobs += [captured.out.encode(), captured.err.encode(),
-              (state_dir / "device.json").read_bytes()]
+    blobs += [
+        captured.out.encode(),
+        captured.err.encode(),
+        (state_dir / "device.json").read_bytes(),
+    ]
     for blob in blobs:
         for needle in needles:
             assert needle not in blob
@@ -230,32 +295,56 @@ async def test_no_private_key_anywhere(control: ControlPlane, admin_nc: NATS, ga
 
 
 @pytest.mark.skipif(shutil.which("wg-quick") is None, reason="wg-quick (wireguard-tools) missing")
-async def test_cli_config_passes_wg_quick_strip(control: ControlPlane, admin_nc: NATS,
-                                                gateway_nc: NATS, nats_server: object,
-                                                tmp_path: Path) -> None:
+async def test_cli_config_passes_wg_quick_strip(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, nats_server: object, tmp_path: Path
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
-    env = {**os.environ, "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
-           "DAMM_HOME": str(tmp_path / "nohome")}
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
     state_dir = tmp_path / "dev"
     # in a thread: the control plane answering it runs on this test's event loop
     done = await asyncio.to_thread(
-        subprocess.run, [DAMM, "device", "enroll", "--token", fleet["token"], "--state-dir",
-                         str(state_dir)], env=env, capture_output=True, text=True, timeout=60,
-        check=False)
+        subprocess.run,
+        [DAMM, "device", "enroll", "--token", fleet["token"], "--state-dir", str(state_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
-    stripped = subprocess.run(["wg-quick", "strip", str(state_dir / "wg0.conf")],
-                              capture_output=True, text=True, check=True, timeout=30)
+    stripped = await asyncio.to_thread(
+        subprocess.run,
+        ["wg-quick", "strip", str(state_dir / "wg0.conf")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
     assert "PublicKey = " + fleet["gw1_public_key"] in stripped.stdout
     assert "Endpoint = 192.0.2.1:51820" in stripped.stdout
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, nats_server: object) -> None:
-    env = {**os.environ, "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
-           "DAMM_HOME": str(tmp_path / "nohome")}
-    done = subprocess.run([DAMM, "device", "enroll", "--token", "dmt_x", "--state-dir",
-                           str(tmp_path / "d")], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
+    done = subprocess.run(
+        [DAMM, "device", "enroll", "--token", "dmt_x", "--state-dir", str(tmp_path / "d")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 3
     assert done.stderr.strip().count("\n") == 0
-    assert done.stderr.startswith("error: unavailable: the control plane is unavailable: nothing serves")
+    assert done.stderr.startswith(
+        "error: unavailable: the control plane is unavailable: nothing serves"
+    )
     assert "Traceback" not in done.stderr

@@ -29,22 +29,34 @@ def test_ops_nats_conf_is_valid(tmp_path: Path) -> None:
     conf = (ROOT / "ops" / "nats.conf").read_text().replace("/var/lib/damm", str(tmp_path))
     path = tmp_path / "nats.conf"
     path.write_text(conf)
-    env = {**os.environ, **{f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "GATEWAY", "SYS")}}
-    done = subprocess.run([binary(), "-t", "-c", str(path)], env=env, capture_output=True,
-                          text=True, timeout=30, check=False)
+    env = {
+        **os.environ,
+        **{f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "GATEWAY", "SYS")},
+    }
+    done = subprocess.run(
+        [binary(), "-t", "-c", str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 async def test_devices_and_gateways_get_narrow_permissions(nats_server: NatsServer) -> None:
     device = await connect(nats_server.url, reconnect=False)
-    gateway = await connect(nats_server.url, user="gateway",
-                            password=nats_server.passwords["gateway"], reconnect=False)
+    gateway = await connect(
+        nats_server.url, user="gateway", password=nats_server.passwords["gateway"], reconnect=False
+    )
     try:
-        for client, subject in ((device, "damm.req.admin.tier.define"),
-                                (device, "damm.req.gateway.register"),
-                                (device, "$JS.API.STREAM.LIST"),
-                                (gateway, "damm.req.admin.token.create"),
-                                (gateway, "damm.evt.device.x")):
+        for client, subject in (
+            (device, "damm.req.admin.tier.define"),
+            (device, "damm.req.gateway.register"),
+            (device, "$JS.API.STREAM.LIST"),
+            (gateway, "damm.req.admin.token.create"),
+            (gateway, "damm.evt.device.x"),
+        ):
             with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
                 await client.request(subject, b"{}", timeout=0.5)
     finally:
@@ -67,18 +79,35 @@ def test_damm_up_starts_stops_and_reuses_data(tmp_path: Path) -> None:
     env.pop("DAMM_DATABASE_URL", None)
     stack = tmp_path / "home" / "stack.json"
     for round_ in range(2):
-        up = subprocess.Popen([DAMM, "up", "--no-demo"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+        up = subprocess.Popen(
+            [DAMM, "up", "--no-demo"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             _wait_for(stack, 60)
             if round_ == 0:
                 for args in (["admin", "tier", "create", "gold", "--regions", "eu"],):
-                    done = subprocess.run([DAMM, *args], env=env, capture_output=True, text=True,
-                                          timeout=60, check=False)
+                    done = subprocess.run(
+                        [DAMM, *args],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=60,
+                        check=False,
+                    )
                     assert done.returncode == 0, done.stderr
             time.sleep(1.0)
-            listing = subprocess.run([DAMM, "admin", "tiers", "--json"], env=env,
-                                     capture_output=True, text=True, timeout=60, check=False)
+            listing = subprocess.run(
+                [DAMM, "admin", "tiers", "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
             assert '"tier":"gold"' in listing.stdout, listing.stdout + listing.stderr
         finally:
             up.send_signal(signal.SIGTERM)
@@ -86,6 +115,7 @@ def test_damm_up_starts_stops_and_reuses_data(tmp_path: Path) -> None:
         assert up.returncode == 0, out
         assert "DAMM is up." in out
         assert not stack.exists()
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "home")], capture_output=True,
-                               text=True, check=False)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True, check=False
+    )
     assert leftovers.stdout.strip() == "", "processes left behind"

@@ -53,15 +53,30 @@ class GatewayHandlers:
             current = self.ctx.state.gateways[gw.gateway_id]
             if current.public_key == public_key and current.listen_port == req.listen_port:
                 return []
-            return [self.ctx.append(subject, m.GatewayRegistered(
-                gateway_id=gw.gateway_id, public_key=public_key, listen_port=req.listen_port,
-                agent_version=req.agent_version), gcall, expected=self.ctx.state.seq_of(subject))]
+            return [
+                self.ctx.append(
+                    subject,
+                    m.GatewayRegistered(
+                        gateway_id=gw.gateway_id,
+                        public_key=public_key,
+                        listen_port=req.listen_port,
+                        agent_version=req.agent_version,
+                    ),
+                    gcall,
+                    expected=self.ctx.state.seq_of(subject),
+                )
+            ]
 
         await self.ctx.commit(decide)
         overlay = self.ctx.settings.overlay
         return p.Registered(
-            gw.gateway_id, gw.region, str(overlay.network), f"{overlay.gateway}/{overlay.network.prefixlen}",
-            f"{overlay.gateway6}/{overlay.ula.prefixlen}" if overlay.gateway6 and overlay.ula else None,
+            gw.gateway_id,
+            gw.region,
+            str(overlay.network),
+            f"{overlay.gateway}/{overlay.network.prefixlen}",
+            f"{overlay.gateway6}/{overlay.ula.prefixlen}"
+            if overlay.gateway6 and overlay.ula
+            else None,
         )
 
     async def heartbeat(self, req: p.Heartbeat, call: Call) -> p.HeartbeatAck:
@@ -71,28 +86,44 @@ class GatewayHandlers:
         if req.load < 0 or min(req.peer_count, req.active_peers, req.rx_bytes, req.tx_bytes) < 0:
             raise DammError(Code.INVALID_ARGUMENT, "metrics must not be negative")
         event = m.GatewayHeartbeat(
-            gateway_id=gw.gateway_id, peer_count=req.peer_count, active_peers=req.active_peers,
-            rx_bytes=req.rx_bytes, tx_bytes=req.tx_bytes, load=req.load,
-            peer_set_revision=req.peer_set_revision)
+            gateway_id=gw.gateway_id,
+            peer_count=req.peer_count,
+            active_peers=req.active_peers,
+            rx_bytes=req.rx_bytes,
+            tx_bytes=req.tx_bytes,
+            load=req.load,
+            peer_set_revision=req.peer_set_revision,
+        )
         subject = heartbeat_subject(gw.gateway_id)
-        env = envelope(subject, event, actor=Actor("gateway", gw.gateway_id),
-                       correlation_id=call.correlation_id, aggregate=f"gateway/{gw.gateway_id}")
+        env = envelope(
+            subject,
+            event,
+            actor=Actor("gateway", gw.gateway_id),
+            correlation_id=call.correlation_id,
+            aggregate=f"gateway/{gw.gateway_id}",
+        )
         ack = await self.ctx.store.js.publish(subject, _encode(env))
         self.ctx.state._fold(env)
-        return p.HeartbeatAck(seq=int(ack.seq),
-                              peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0))
+        return p.HeartbeatAck(
+            seq=int(ack.seq), peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
+        )
 
     async def report_usage(self, req: p.ReportUsage, call: Call) -> p.Done:
         gw = await self.authenticate(req.gateway_id, req.token)
         if not gw.registered:
             raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
         if len(req.entries) > MAX_USAGE_ENTRIES:
-            raise DammError(Code.REQUEST_TOO_LARGE,
-                            f"{len(req.entries)} entries > {MAX_USAGE_ENTRIES}; split the report")
+            raise DammError(
+                Code.REQUEST_TOO_LARGE,
+                f"{len(req.entries)} entries > {MAX_USAGE_ENTRIES}; split the report",
+            )
         if not req.report_id or len(req.report_id) > 64:
             raise DammError(Code.MALFORMED_REQUEST, "report_id must be 1-64 characters")
-        by_key = {d.public_key: d.device_id for d in self.ctx.state.devices.values()
-                  if d.gateway_id == gw.gateway_id}
+        by_key = {
+            d.public_key: d.device_id
+            for d in self.ctx.state.devices.values()
+            if d.gateway_id == gw.gateway_id
+        }
         deltas = []
         for entry in req.entries:
             if entry.rx_bytes < 0 or entry.tx_bytes < 0:
@@ -103,11 +134,20 @@ class GatewayHandlers:
         if not deltas:
             return p.Done(seq=0)
         subject = event_subject("usage", gw.gateway_id)
-        event = m.UsageReported(gateway_id=gw.gateway_id, report_id=req.report_id,
-                                deltas=tuple(deltas), measured_at=req.measured_at)
+        event = m.UsageReported(
+            gateway_id=gw.gateway_id,
+            report_id=req.report_id,
+            deltas=tuple(deltas),
+            measured_at=req.measured_at,
+        )
         gcall = Call(call.correlation_id, Actor("gateway", gw.gateway_id))
-        result = await self.ctx.commit(lambda: [self.ctx.append(
-            subject, event, gcall, msg_id=f"usage-{gw.gateway_id}-{req.report_id}")])
+        result = await self.ctx.commit(
+            lambda: [
+                self.ctx.append(
+                    subject, event, gcall, msg_id=f"usage-{gw.gateway_id}-{req.report_id}"
+                )
+            ]
+        )
         return p.Done(seq=result.seqs[-1], duplicate=result.duplicate)
 
 

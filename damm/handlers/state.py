@@ -10,6 +10,7 @@ one's own appends immediately and seeing them again from the stream harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -101,8 +102,13 @@ class PeerChange:
 
 PeerListener = Callable[[PeerChange], None]
 
-_PEER_EVENTS = (m.DeviceEnrolled, m.DeviceRevoked, m.DeviceSuspended, m.DeviceResumed,
-                m.DeviceKeyRotated)
+_PEER_EVENTS = (
+    m.DeviceEnrolled,
+    m.DeviceRevoked,
+    m.DeviceSuspended,
+    m.DeviceResumed,
+    m.DeviceKeyRotated,
+)
 
 
 def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
@@ -135,8 +141,11 @@ class DecisionState:
         self.peer_listeners: list[PeerListener] = []
 
     def peer_set(self, gateway_id: str) -> list[tuple[str, tuple[str, ...]]]:
-        return [peer for dev in self.devices.values()
-                if dev.gateway_id == gateway_id and (peer := peer_of(dev)) is not None]
+        return [
+            peer
+            for dev in self.devices.values()
+            if dev.gateway_id == gateway_id and (peer := peer_of(dev)) is not None
+        ]
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
@@ -195,7 +204,8 @@ class DecisionState:
             case m.FrontDoorSet():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.front_doors[e.front_door_id] = FrontDoorState(
-                        e.front_door_id, e.endpoint, e.transport, e.priority, e.active)
+                        e.front_door_id, e.endpoint, e.transport, e.priority, e.active
+                    )
             case m.GatewayRegistered():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.public_key = e.public_key
@@ -204,11 +214,11 @@ class DecisionState:
                 if gw := self.gateways.get(e.gateway_id):
                     gw.active = e.active
             case m.GatewayHeartbeat():
-                if gw := self.gateways.get(e.gateway_id):
-                    if gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat:
-                        gw.last_heartbeat = env.occurred_at
-                        gw.load = e.load
-                        gw.peer_count = e.peer_count
+                gw = self.gateways.get(e.gateway_id)
+                if gw and (gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat):
+                    gw.last_heartbeat = env.occurred_at
+                    gw.load = e.load
+                    gw.peer_count = e.peer_count
             case m.EgressPoolDefined():
                 self.pools[e.pool_id] = e
             case m.AddressAllocated():
@@ -224,9 +234,18 @@ class DecisionState:
                 self.bound_keys[e.public_key] = e.device_id
             case m.DeviceEnrolled():
                 self.devices[e.device_id] = DeviceState(
-                    e.device_id, e.public_key, e.token_id, e.tier, e.gateway_id, e.front_door_id,
-                    e.address, e.address6, self.overlay.index_of(e.address),
-                    key_expires_at=e.key_expires_at, egress_pool_id=e.egress_pool_id)
+                    e.device_id,
+                    e.public_key,
+                    e.token_id,
+                    e.tier,
+                    e.gateway_id,
+                    e.front_door_id,
+                    e.address,
+                    e.address6,
+                    self.overlay.index_of(e.address),
+                    key_expires_at=e.key_expires_at,
+                    egress_pool_id=e.egress_pool_id,
+                )
                 self.requests[env.correlation_id] = e.device_id
             case m.DeviceRevoked():
                 if dev := self.devices.get(e.device_id):
@@ -263,13 +282,26 @@ class StateFollower:
         async def on_heartbeat(msg: object) -> None:
             self._apply(msg, telemetry=True)
 
-        self._subs.append(await self.js.subscribe(
-            f"{EVENT_PREFIX}.>", stream=EVENTS_STREAM, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL, cb=on_event, pending_msgs_limit=-1,
-            pending_bytes_limit=-1))
-        self._subs.append(await self.js.subscribe(
-            f"{TELEMETRY_PREFIX}.heartbeat.*", stream=TELEMETRY_STREAM, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, cb=on_heartbeat))
+        self._subs.append(
+            await self.js.subscribe(
+                f"{EVENT_PREFIX}.>",
+                stream=EVENTS_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                cb=on_event,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+        )
+        self._subs.append(
+            await self.js.subscribe(
+                f"{TELEMETRY_PREFIX}.heartbeat.*",
+                stream=TELEMETRY_STREAM,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                cb=on_heartbeat,
+            )
+        )
         await self.sync()
 
     def _apply(self, msg: object, *, telemetry: bool) -> None:
@@ -297,10 +329,8 @@ class StateFollower:
             if asyncio.get_running_loop().time() > deadline:
                 raise nats.errors.TimeoutError
             self.state.changed.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.changed.wait(), 0.05)
-            except TimeoutError:
-                pass
 
     async def stop(self) -> None:
         for sub in self._subs:

@@ -42,7 +42,10 @@ async def migrate(conn: Any, schema: str) -> list[str]:
             " version integer PRIMARY KEY, name text NOT NULL,"
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
-        done = {r["version"] for r in await conn.fetch(f"SELECT version FROM {schema}.schema_migrations")}
+        done = {
+            r["version"]
+            for r in await conn.fetch(f"SELECT version FROM {schema}.schema_migrations")
+        }
         await conn.execute(f"SET LOCAL search_path TO {schema}")
         for version, name, sql in migrations():
             if version in done:
@@ -50,7 +53,8 @@ async def migrate(conn: Any, schema: str) -> list[str]:
             await conn.execute(sql)
             await conn.execute(
                 f"INSERT INTO {schema}.schema_migrations (version, name) VALUES ($1, $2)",
-                version, name,
+                version,
+                name,
             )
             applied.append(name)
     return applied
