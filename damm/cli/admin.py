@@ -395,6 +395,54 @@ catalog_key.command("activate", help="Sign with the announced key; retire the cu
     _key_step("admin.catalog.activate", "activated"))
 
 
+# --- replay ----------------------------------------------------------------------------------
+
+
+@admin.command()
+@click.option("--verify", "check", is_flag=True,
+              help="rebuild beside the live read models and compare, changing nothing")
+@json_option
+@click.pass_context
+@run
+async def replay(ctx: click.Context, check: bool, as_json: bool) -> None:
+    """Rebuild the read models from event 1 (or, with --verify, check them against the log)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from damm.projections import replay as rp
+
+    t = target(ctx)
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=t.json, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("replaying events", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        async def body(nc: NATS) -> Any:
+            dsn = t.database()
+            if check:
+                return await rp.verify(nc, dsn, progress=progress)
+            return await rp.replace_live(nc, dsn, progress=progress)
+
+        result = await with_nats(t, "admin", body)
+    if not check:
+        emit(t, {"rebuilt_to": result},
+             lambda: click.echo(f"read models rebuilt from the log up to event {result}"))
+        return
+    report = result
+    summary = {"ok": report.ok, "seq": report.seq,
+               "differing": {name: {"missing_in_live": d.missing_in_live,
+                                    "extra_in_live": d.extra_in_live}
+                             for name, d in report.tables.items() if not d.ok}}
+    emit(t, summary, lambda: click.echo(
+        f"read models match the log up to event {report.seq}" if report.ok
+        else "\n".join(rp.describe(report))))
+    if not report.ok:
+        raise SystemExit(1)
+
+
 # --- lists ------------------------------------------------------------------------------------
 
 
