@@ -1,23 +1,28 @@
 """The demo `damm up` shows as root: a gateway and a device, each in its own network namespace.
 
-It goes through the same doors as production: the admin API defines a tier, a gateway (front
-door on the gateway namespace's veth address) and a token; the gateway agent registers and
-follows its peer set on a real wireguard-go interface; the device generates its key, enrolls
-over NATS, writes the wg-quick file DAMM writes, brings its tunnel up from it, and pings the
-gateway's tunnel address. ``close()`` removes everything it created (namespaces, daemons).
+It goes through the same doors as production: the admin API defines a tier, a gateway with two
+front doors (fd1 and fd2, one veth address each in the gateway namespace) and a token; the
+gateway agent registers and follows its peer set on a real wireguard-go interface; the device
+generates its key, enrolls over NATS, writes the state dir `damm device enroll` writes
+(``device.json`` with the catalog trust pinned from the reply, ``wg0.conf``), brings its tunnel
+up through fd1 and pings the gateway's tunnel address. Then fd1 goes dark (its address is
+removed) and is marked inactive; the device runs the real failover (signed catalog, verified
+against its pinned trust, live interface updated) and pings again, now through fd2.
+``close()`` removes everything it created (namespaces, daemons).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import ipaddress
+import re
+import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nacl.public import PrivateKey
 from nats.aio.client import Client as NATS
 
 from damm import log, netlab
@@ -25,14 +30,30 @@ from damm.agent.peers import Peer, PeerDiff
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.agent.wg.uapi import UapiBackend
 from damm.bus import connect
-from damm.device.wgconfig import render_wg_quick, write_atomic
+from damm.device import state as files
+from damm.device.enrollment import save_enrollment
+from damm.device.failover import (
+    FailoverResult,
+    device_trust,
+    failover,
+    fetch_catalog,
+    verify_for_device,
+)
 from damm.errors import Code, DammError
 from damm.handlers import protocol as p
 from damm.rpc import call
 
 _log = log.get("damm.demo")
 
-GW_ADDR, DEV_ADDR, PORT = "172.30.0.1", "172.30.0.2", 51820
+PORT = 51820
+REGION = "demo"
+# One veth pair per front door: fd1 on 172.30.1.0/24, fd2 on 172.30.2.0/24.
+FD1_ADDR, FD1_DEV = "172.30.1.1", "172.30.1.2"
+FD2_ADDR, FD2_DEV = "172.30.2.1", "172.30.2.2"
+FD1, FD2 = f"{FD1_ADDR}:{PORT}", f"{FD2_ADDR}:{PORT}"
+FD1_PRIORITY, FD2_PRIORITY = 10, 20
+CATALOG_WAIT_S = 20.0
+_RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 
 
 def demo_possible() -> tuple[bool, str]:
@@ -46,36 +67,109 @@ class DemoHandle:
     device_id: str = ""
     device_address: str = ""
     gateway_address: str = ""
+    state_dir: Path | None = None  # the device's, as `damm device enroll` writes it
     config_path: Path | None = None
-    ping_ok: bool = False
     gw_ns: str = ""
     dev_ns: str = ""
+    dev_ifname: str = ""
+    enroll_ms: float = 0.0
+    # Step 1: tunnel through fd1.
+    first_door: str = ""
+    first_endpoint: str = ""
+    tunnel_ms: float = 0.0
+    ping_ok: bool = False
+    ping_rtt_ms: float | None = None
+    # Step 2: the signed catalog lists both front doors.
+    catalog_version: int = 0
+    catalog_doors: tuple[str, ...] = ()
+    catalog_wait_ms: float = 0.0
+    # Step 3: fd1 cut, failover to fd2.
+    cut_confirmed: bool = False  # the ping through fd1 stopped answering
+    failover_result: FailoverResult | None = None
+    failover_ms: float = 0.0
+    failover_ping_ok: bool = False
+    failover_ping_rtt_ms: float | None = None
+    recovery_ms: float = 0.0  # failover start to the first answered ping through fd2
+    failover_error: str = ""
+    _admin: tuple[str, str] = ("", "")  # NATS URL and admin password, to retire the gateway
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _agent_task: asyncio.Task[None] | None = None
 
+    @property
+    def ok(self) -> bool:
+        return self.ping_ok and self.failover_ping_ok
+
     def summary(self) -> list[str]:
-        state = "works" if self.ping_ok else "did NOT answer"
-        return [
-            f"gateway {self.gateway_id} in netns {self.gw_ns} (wireguard-go, "
-            f"front door {GW_ADDR}:{PORT}, tunnel {self.gateway_address})",
+        lines = [
+            f"gateway {self.gateway_id} in netns {self.gw_ns} (wireguard-go, tunnel "
+            f"{self.gateway_address})",
+            f"front doors fd1 {FD1} (priority {FD1_PRIORITY}), fd2 {FD2} (priority {FD2_PRIORITY})",
             f"device {self.device_id} in netns {self.dev_ns} with {self.device_address}, "
-            f"config {self.config_path}",
-            f"ping {self.gateway_address} across the tunnel: {state}",
-            f"try: ip netns exec {self.dev_ns} ping {self.gateway_address}",
+            f"enrolled in {self.enroll_ms:.0f} ms",
+            f"device state {self.state_dir} (device.json, wg0.conf)",
         ]
+        if self.ping_ok:
+            lines.append(
+                f"tunnel up via {self.first_door} {self.first_endpoint} in "
+                f"{self.tunnel_ms:.0f} ms, ping {self.gateway_address} {_rtt(self.ping_rtt_ms)}"
+            )
+        else:
+            lines.append(
+                f"tunnel via {self.first_door} {self.first_endpoint}: "
+                f"ping {self.gateway_address} did NOT answer"
+            )
+        if self.catalog_version:
+            lines.append(
+                f"catalog v{self.catalog_version} (signature verified with the enrolled trust) "
+                f"lists {', '.join(self.catalog_doors)}; waited {self.catalog_wait_ms:.0f} ms"
+            )
+        res = self.failover_result
+        if res is not None:
+            cut = "ping lost" if self.cut_confirmed else "ping still answered (not cut?)"
+            after = (
+                f"ping ok {_rtt(self.failover_ping_rtt_ms)}, tunnel back "
+                f"{self.recovery_ms:.0f} ms after failover began"
+                if self.failover_ping_ok
+                else f"ping {self.gateway_address} did NOT answer"
+            )
+            lines.append(f"fd1 cut: address removed, marked inactive; {cut}")
+            lines.append(
+                f"failover to {res.front_door_id} {res.new_endpoint} in {self.failover_ms:.0f} ms "
+                f"(catalog v{res.catalog_version}, {res.live_interface} updated); {after}"
+            )
+        elif self.failover_error:
+            lines.append(f"failover did NOT happen: {self.failover_error}")
+        lines.append(
+            f"try: ip netns exec {self.dev_ns} ping {self.gateway_address}  ·  "
+            f"damm device show --state-dir {self.state_dir}"
+        )
+        return lines
 
     async def close(self) -> None:
         self._stop.set()
         if self._agent_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._agent_task, 5)
+        if self.gateway_id and self._admin[0]:
+            # Its heartbeat stays fresh for a while: a demo started right after this one must
+            # not place its device on a gateway whose namespace is gone.
+            await _retire(*self._admin, [self.gateway_id])
         await self.lab.close()
 
 
-async def run_demo(nats_url: str, gateway_password: str, admin_password: str,
-                   state_dir: Path) -> DemoHandle:
+def _rtt(ms: float | None) -> str:
+    return f"{ms:.2f} ms" if ms is not None else "ok"
+
+
+def _ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000
+
+
+async def run_demo(
+    nats_url: str, gateway_password: str, admin_password: str, state_dir: Path
+) -> DemoHandle:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
-    handle = DemoHandle(netlab.Lab())
+    handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
         await _build(handle, nats_url, gateway_password, admin_password, state_dir)
     except BaseException:
@@ -84,57 +178,200 @@ async def run_demo(nats_url: str, gateway_password: str, admin_password: str,
     return handle
 
 
-async def _build(h: DemoHandle, nats_url: str, gateway_password: str, admin_password: str,
-                 state_dir: Path) -> None:
+async def _build(
+    h: DemoHandle, nats_url: str, gateway_password: str, admin_password: str, state_dir: Path
+) -> None:
     lab = h.lab
     h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
-    await lab.veth(h.gw_ns, h.dev_ns, f"{GW_ADDR}/24", f"{DEV_ADDR}/24")
+    fd1_if, _ = await lab.veth(h.gw_ns, h.dev_ns, f"{FD1_ADDR}/24", f"{FD1_DEV}/24")
+    await lab.veth(h.gw_ns, h.dev_ns, f"{FD2_ADDR}/24", f"{FD2_DEV}/24")
     gwd, devd = await lab.wireguard_go(h.gw_ns, "g"), await lab.wireguard_go(h.dev_ns, "d")
+    h.dev_ifname = devd.ifname
     admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
     device_nc = await connect(nats_url, name="damm-demo-device")
     try:
+        await _retire_stale(admin, state_dir)
         h.gateway_id = f"demo-{lab.tag}"
-        await call(admin, "admin.tier.define", p.DefineTier(tier="demo", regions=("demo",)), p.Done)
-        added = await call(admin, "admin.gateway.add", p.AddGateway(
-            gateway_id=h.gateway_id, region="demo", front_door=f"{GW_ADDR}:{PORT}"),
-            p.GatewayAdded)
-        token = (await call(admin, "admin.token.create", p.CreateToken(tier="demo", uses=1),
-                            p.TokenCreated)).token
-        agent = GatewayAgent(AgentConfig(
-            gateway_id=h.gateway_id, token=added.token, nats_url=nats_url,
-            state_dir=state_dir / f"gateway-{lab.tag}", nats_password=gateway_password,
-            listen_port=PORT, heartbeat_s=5, usage_s=10), UapiBackend(gwd.ifname))
+        await call(admin, "admin.tier.define", p.DefineTier(tier="demo", regions=(REGION,)), p.Done)
+        added = await call(
+            admin,
+            "admin.gateway.add",
+            p.AddGateway(
+                gateway_id=h.gateway_id, region=REGION, front_door=FD1, priority=FD1_PRIORITY
+            ),
+            p.GatewayAdded,
+        )
+        await call(
+            admin,
+            "admin.gateway.front_door",
+            p.SetFrontDoor(
+                gateway_id=h.gateway_id, front_door_id="fd2", endpoint=FD2, priority=FD2_PRIORITY
+            ),
+            p.Done,
+        )
+        token = (
+            await call(
+                admin, "admin.token.create", p.CreateToken(tier="demo", uses=1), p.TokenCreated
+            )
+        ).token
+        agent = GatewayAgent(
+            AgentConfig(
+                gateway_id=h.gateway_id,
+                token=added.token,
+                nats_url=nats_url,
+                state_dir=state_dir / f"gateway-{lab.tag}",
+                nats_password=gateway_password,
+                listen_port=PORT,
+                heartbeat_s=5,
+                usage_s=10,
+            ),
+            UapiBackend(gwd.ifname),
+        )
         h._agent_task = asyncio.create_task(agent.run(h._stop))
         await asyncio.wait_for(agent.synced.wait(), 15)
         assert agent.registration is not None
         await netlab.configure_interface(h.gw_ns, gwd.ifname, agent.registration.gateway_address)
         h.gateway_address = agent.registration.gateway_address.split("/")[0]
-        await asyncio.sleep(0.3)  # the first heartbeat makes the gateway placeable
-        key = PrivateKey.generate()
-        private = base64.b64encode(bytes(key)).decode()
-        public = base64.b64encode(bytes(key.public_key)).decode()
+
+        # The device: its key made locally, enrolled, the state dir `damm device enroll` writes.
+        dev_dir = h.state_dir = state_dir / f"device-{lab.tag}"
+        public = files.generate_key(dev_dir)
+        started = time.monotonic()
         enrolled = await _enroll(device_nc, token, public)
-        h.device_id, h.device_address = enrolled.device_id, enrolled.address
-        text = render_wg_quick(private, enrolled.address, enrolled.address6, enrolled.dns,
-                               enrolled.gateway_public_key, enrolled.endpoint,
-                               enrolled.allowed_ips)
-        h.config_path = state_dir / f"device-{lab.tag}.conf"
-        write_atomic(h.config_path, text, 0o600)
-        await _device_up(UapiBackend(devd.ifname), h.dev_ns, devd.ifname, private, enrolled)
+        dev, h.config_path = save_enrollment(dev_dir, enrolled, public, nats_url)
+        h.enroll_ms = _ms(started)
+        h.device_id, h.device_address = dev.device_id, dev.address
+        h.first_door, h.first_endpoint = dev.front_door_id, dev.endpoint
+
+        started = time.monotonic()
+        await _device_up(
+            UapiBackend(devd.ifname), h.dev_ns, devd.ifname, files.private_key(dev_dir), dev
+        )
         for _ in range(50):  # the peer reaches the gateway within milliseconds; bound it anyway
             if public in (await UapiBackend(gwd.ifname).read()).peers:
                 break
             await asyncio.sleep(0.05)
-        h.ping_ok = await netlab.ping(h.dev_ns, h.gateway_address, count=3, wait=5)
-        _log.info("demo ready", ping_ok=h.ping_ok, device_id=h.device_id)
+        h.ping_ok, h.ping_rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=3, wait=5)
+        h.tunnel_ms = _ms(started)
+        _log.info("demo tunnel up", ping_ok=h.ping_ok, device_id=h.device_id)
+        if not h.ping_ok:
+            return
+        if dev.gateway_id != h.gateway_id or dev.front_door_id != "fd1":
+            h.failover_error = (
+                f"enrolled via {dev.gateway_id}/{dev.front_door_id}, not {h.gateway_id}/fd1"
+            )
+            return
+        try:
+            await _failover_step(h, admin, device_nc, fd1_if)
+        except (DammError, TimeoutError, netlab.LabError) as exc:
+            h.failover_error = exc.line() if isinstance(exc, DammError) else str(exc) or "timeout"
+            _log.warning("demo failover failed", error=h.failover_error)
+        _log.info("demo ready", ping_ok=h.ping_ok, failover_ok=h.failover_ping_ok)
     finally:
         await admin.close()
         await device_nc.close()
 
 
+async def _retire(nats_url: str, admin_password: str, gateway_ids: list[str]) -> None:
+    """Mark demo gateways inactive (best effort, bounded): nothing may be placed on them."""
+    with contextlib.suppress(Exception):
+        admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
+        try:
+            await _retire_with(admin, gateway_ids)
+        finally:
+            await admin.close()
+
+
+async def _retire_with(admin: NATS, gateway_ids: list[str]) -> None:
+    for gateway_id in gateway_ids:
+        request = p.SetGatewayStatus(gateway_id=gateway_id, active=False, reason="demo closed")
+        with contextlib.suppress(DammError, TimeoutError):
+            await call(admin, "admin.gateway.status", request, p.Done, timeout=3.0)
+
+
+async def _retire_stale(admin: NATS, state_dir: Path) -> None:
+    """Retire the gateways of earlier demos (a crashed one could not) and drop their files."""
+    stale = await asyncio.to_thread(_earlier_runs, state_dir)
+    gateways = [d.name.removeprefix("gateway-") for d in stale if d.name.startswith("gateway-")]
+    await _retire_with(admin, [f"demo-{tag}" for tag in gateways])
+    for old in stale:
+        await asyncio.to_thread(shutil.rmtree, old, ignore_errors=True)
+
+
+def _earlier_runs(state_dir: Path) -> list[Path]:
+    return sorted([*state_dir.glob("gateway-*"), *state_dir.glob("device-*")])
+
+
+async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS, fd1_if: str) -> None:
+    assert h.state_dir is not None
+    # The signed catalog must list both doors before fd1 goes: the device needs somewhere to go.
+    started = time.monotonic()
+    h.catalog_version, h.catalog_doors = await _wait_for_door(
+        device_nc, h.state_dir, h.gateway_id, "fd2"
+    )
+    h.catalog_wait_ms = _ms(started)
+
+    # fd1 goes dark, and the operator marks it inactive.
+    await netlab.run("ip", "-n", h.gw_ns, "addr", "del", f"{FD1_ADDR}/24", "dev", fd1_if)
+    await call(admin, "admin.gateway.front_door", p.SetFrontDoor(
+        gateway_id=h.gateway_id, front_door_id="fd1", endpoint=FD1, priority=FD1_PRIORITY,
+        active=False), p.Done)  # fmt: skip
+    h.cut_confirmed = not (await _ping(h.dev_ns, h.gateway_address, count=1, wait=1))[0]
+
+    started = time.monotonic()
+    h.failover_result = await failover(device_nc, h.state_dir, live_interface=h.dev_ifname)
+    h.failover_ms = _ms(started)
+    for _ in range(8):  # the first answer after the move tells how long the tunnel was gone
+        ok, _rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=1, wait=1)
+        if ok:
+            h.recovery_ms = _ms(started)
+            break
+    h.failover_ping_ok, h.failover_ping_rtt_ms = await _ping(
+        h.dev_ns, h.gateway_address, count=3, wait=5
+    )
+
+
+async def _wait_for_door(
+    nc: NATS, state_dir: Path, gateway_id: str, door: str
+) -> tuple[int, tuple[str, ...]]:
+    """Poll `catalog.get` until a catalog, verified with the device's trust, lists ``door``."""
+    trust = device_trust(files.load(state_dir))
+    deadline = time.monotonic() + CATALOG_WAIT_S
+    while True:
+        try:
+            checked = verify_for_device(
+                await fetch_catalog(nc, trust.region), trust, now=int(time.time())
+            )
+        except DammError as exc:
+            if exc.code is not Code.NOT_FOUND:
+                raise
+        else:
+            gw = next((g for g in checked.catalog.gateways if g.id == gateway_id), None)
+            doors = tuple(fd.id for fd in gw.front_doors) if gw is not None else ()
+            if door in doors:
+                return checked.catalog.version, doors
+        if time.monotonic() > deadline:
+            raise DammError(
+                Code.UNAVAILABLE,
+                f"no catalog listed {door} of {gateway_id} within {CATALOG_WAIT_S:.0f}s",
+            )
+        await asyncio.sleep(0.2)
+
+
+async def _ping(ns: str, addr: str, *, count: int, wait: float) -> tuple[bool, float | None]:
+    """Like `netlab.ping`, also returning the average round trip in ms when one came back."""
+    result = await netlab.exec_in(
+        ns, "ping", "-n", "-q", "-c", str(count), "-i", "0.2", "-w", str(max(1, round(wait))),
+        addr, check=False, time_limit=wait + 5,
+    )  # fmt: skip
+    if not result.ok:
+        return False, None
+    match = _RTT.search(result.stdout)
+    return True, float(match.group(1)) if match else None
+
+
 async def _enroll(nc: NATS, token: str, public: str) -> p.Enrolled:
-    request = p.Enroll(token=token, public_key=public, region="demo",
-                       request_id=uuid.uuid4().hex)
+    request = p.Enroll(token=token, public_key=public, region=REGION, request_id=uuid.uuid4().hex)
     for attempt in range(20):  # until the gateway's first heartbeat is folded
         try:
             return await call(nc, "enroll", request, p.Enrolled)
@@ -145,13 +382,14 @@ async def _enroll(nc: NATS, token: str, public: str) -> p.Enrolled:
     return await call(nc, "enroll", request, p.Enrolled)
 
 
-async def _device_up(dev: UapiBackend, ns: str, ifname: str, private: str,
-                     enrolled: p.Enrolled) -> None:
+async def _device_up(
+    dev: UapiBackend, ns: str, ifname: str, private: str, state: files.DeviceFile
+) -> None:
     await dev.set_identity(private, 0)
-    gw = enrolled.gateway_public_key
+    gw = state.gateway_public_key
     # wireguard-go: set the endpoint before the keepalive, or the first handshake stalls ~5 s.
-    await dev.apply(PeerDiff(add=(Peer.build(gw, enrolled.allowed_ips),)))
-    await dev.set_peer_endpoint(gw, enrolled.endpoint)
-    await dev.apply(PeerDiff(update=(Peer.build(gw, enrolled.allowed_ips, 25),)))
-    await netlab.add_address(ns, ifname, str(ipaddress.ip_interface(enrolled.address)))
+    await dev.apply(PeerDiff(add=(Peer.build(gw, state.allowed_ips),)))
+    await dev.set_peer_endpoint(gw, state.endpoint)
+    await dev.apply(PeerDiff(update=(Peer.build(gw, state.allowed_ips, 25),)))
+    await netlab.add_address(ns, ifname, str(ipaddress.ip_interface(state.address)))
     await netlab.link_up(ns, ifname)

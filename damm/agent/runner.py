@@ -126,6 +126,8 @@ class GatewayAgent:
         cfg = self.config
 
         async def disconnected() -> None:
+            if stop.is_set():  # our own close on shutdown, not an outage
+                return
             _log.warning("nats disconnected; forwarding with the last peer set",
                          revision=self.revision)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 from nats.aio.client import Client as NATS
 
-from damm.catalog.verify import initial_trust
 from damm.cli.common import Target, emit, json_option, run, target, with_nats
 from damm.device import state as files
-from damm.device.wgconfig import render_wg_quick, write_atomic
+from damm.device.enrollment import save_enrollment
+from damm.device.enrollment import write_config as write_config  # re-exported (tests)
 from damm.handlers import protocol as p
 from damm.handlers.x25519 import prove
 from damm.rpc import call
@@ -41,21 +41,6 @@ def keygen(ctx: click.Context, state_dir: Path, force: bool) -> None:
     emit(target(ctx), {"public_key": pub}, lambda: click.echo(pub))
 
 
-def write_config(state_dir: Path, dev: files.DeviceFile) -> Path:
-    text = render_wg_quick(
-        files.private_key(state_dir),
-        dev.address,
-        dev.address6,
-        dev.dns,
-        dev.gateway_public_key,
-        dev.endpoint,
-        dev.allowed_ips,
-    )
-    path = state_dir / files.CONFIG
-    write_atomic(path, text, mode=0o600)
-    return path
-
-
 @device.command()
 @click.option("--token", required=True, envvar="DAMM_TOKEN", help="enrollment token")
 @click.option("--region", help="preferred region")
@@ -82,29 +67,7 @@ async def enroll(
         return await call(nc, "enroll", req, p.Enrolled, timeout=10.0)
 
     res = await with_nats(t, None, body)
-    trust = None
-    if res.catalog is not None:
-        trust = initial_trust(
-            res.catalog.region, res.catalog.key_id, res.catalog.public_key, res.catalog.min_version
-        )
-    dev = files.DeviceFile(
-        device_id=res.device_id,
-        public_key=public,
-        gateway_id=res.gateway_id,
-        gateway_public_key=res.gateway_public_key,
-        front_door_id=res.front_door_id,
-        endpoint=res.endpoint,
-        address=res.address,
-        address6=res.address6,
-        allowed_ips=res.allowed_ips,
-        dns=res.dns,
-        nats_url=t.nats(),
-        rotation_key=res.rotation_key,
-        trust=trust,
-        key_expires_at=res.key_expires_at.isoformat() if res.key_expires_at else None,
-    )
-    config = write_config(state_dir, dev)
-    files.save(state_dir, dev)
+    _dev, config = save_enrollment(state_dir, res, public, t.nats())
     emit(
         t,
         res,
