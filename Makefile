@@ -5,7 +5,7 @@ run:
 	scripts/dev run
 
 test:
-	scripts/dev test
+	scripts/dev test $(ARGS)
 
 lint:
 	scripts/dev setup && .venv/bin/ruff check . && .venv/bin/mypy

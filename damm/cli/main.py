@@ -9,6 +9,7 @@ from damm.cli.admin import admin
 from damm.cli.common import Target
 from damm.cli.control import control
 from damm.cli.device import device
+from damm.cli.gateway import gateway
 from damm.cli.up import up
 
 
@@ -36,6 +37,7 @@ cli.add_command(up)
 cli.add_command(admin)
 cli.add_command(device)
 cli.add_command(control)
+cli.add_command(gateway)
 
 if __name__ == "__main__":
     cli()

@@ -9,14 +9,13 @@ README says so plainly.
 from __future__ import annotations
 
 import io
-import os
 import zipfile
 from pathlib import Path
 
 import msgspec
 
 from damm.device import state as files
-from damm.device.wgconfig import parse_endpoint
+from damm.device.wgconfig import parse_endpoint, write_atomic
 from damm.errors import Code, DammError
 
 CONFIG_NAME = "damm-wg0.conf"
@@ -115,23 +114,7 @@ def build_bundle(state_dir: Path) -> bytes:
 
 def write_bundle(state_dir: Path, out: Path) -> Path:
     data = build_bundle(state_dir)
-    _write_private_bytes(out, data)
+    write_atomic(out, data, 0o600)
     return out
 
 
-def _write_private_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import os
 from pathlib import Path
 
 import msgspec
 from nacl.public import PrivateKey
 
 from damm.catalog.verify import TrustState
+from damm.device.wgconfig import write_atomic
 from damm.errors import Code, DammError
 
 PRIVATE_KEY = "private.key"
@@ -45,13 +45,7 @@ def generate_key(state_dir: Path, *, replace: bool = False) -> str:
     if path.exists() and not replace:
         return public_key(state_dir)
     key = PrivateKey.generate()
-    tmp = path.with_name(f".{PRIVATE_KEY}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(base64.b64encode(bytes(key)).decode() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, base64.b64encode(bytes(key)).decode() + "\n", mode=0o600)
     return base64.b64encode(bytes(key.public_key)).decode()
 
 
@@ -95,8 +89,6 @@ def load(state_dir: Path) -> DeviceFile:
 
 
 def save(state_dir: Path, device: DeviceFile) -> None:
-    from damm.device.wgconfig import write_atomic
-
     write_atomic(
         state_dir / STATE, msgspec.json.format(msgspec.json.encode(device)).decode(), mode=0o600
     )

@@ -91,7 +91,7 @@ def check_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-def write_atomic(path: str | os.PathLike[str], text: str, mode: int = 0o600) -> None:
+def write_atomic(path: str | os.PathLike[str], text: str | bytes, mode: int = 0o600) -> None:
     """Readers see the old file or the new one, never a mix, even across a crash; and the new
     file never exists with a wider mode than `mode`, even for an instant."""
     path = Path(path)
@@ -100,7 +100,7 @@ def write_atomic(path: str | os.PathLike[str], text: str, mode: int = 0o600) -> 
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for exactly this
-            data = text.encode("utf-8")
+            data = text.encode("utf-8") if isinstance(text, str) else text
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
