@@ -141,6 +141,7 @@ async def main() -> None:
             task.add_done_callback(inflight.discard)
 
         await nc.subscribe("bench.ceiling", cb=spawn)
+        await nc.flush()
         payload = b"x" * 300
 
         async def bare(i: int) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -41,6 +42,8 @@ from damm.handlers import protocol as p
 from damm.rpc import call
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fleet import keypair
 
 TARGET_ENROLL_MS, TARGET_REVOKE_MS = 100.0, 200.0
