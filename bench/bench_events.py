@@ -54,8 +54,13 @@ def workload(count: int, seed: int = 1) -> list[Append]:
 
     def add(kind: str, ident: str, event: m.Event, actor: m.Actor = admin) -> None:
         subject = event_subject(kind, ident)
-        env = envelope(subject, event, actor=actor, correlation_id=f"c{len(items)}",
-                       now=T0 + timedelta(seconds=len(items)))
+        env = envelope(
+            subject,
+            event,
+            actor=actor,
+            correlation_id=f"c{len(items)}",
+            now=T0 + timedelta(seconds=len(items)),
+        )
         items.append(Append(subject, env))
 
     for t in tokens:
@@ -66,23 +71,40 @@ def workload(count: int, seed: int = 1) -> list[Append]:
             dev, tok = f"dev-{n}", tokens[n % len(tokens)]
             devices.append(dev)
             add("token", tok, m.TokenUsed(token_id=tok, device_id=dev))
-            add("device", dev, m.DeviceEnrolled(
-                device_id=dev, public_key=f"{n:043d}=", token_id=tok, tier="basic",
-                gateway_id=f"gw-{n % 8}", front_door_id="fd0", egress_pool_id="pool-de",
-                address=f"10.44.{n // 250 % 256}.{n % 250 + 2}", region="eu", exit_country="DE"))
+            add(
+                "device",
+                dev,
+                m.DeviceEnrolled(
+                    device_id=dev,
+                    public_key=f"{n:043d}=",
+                    token_id=tok,
+                    tier="basic",
+                    gateway_id=f"gw-{n % 8}",
+                    front_door_id="fd0",
+                    egress_pool_id="pool-de",
+                    address=f"10.44.{n // 250 % 256}.{n % 250 + 2}",
+                    region="eu",
+                    exit_country="DE",
+                ),
+            )
         else:
             gw = f"gw-{rng.randrange(8)}"
-            deltas = tuple(m.UsageDelta(d, rng.randrange(10**7), rng.randrange(10**6))
-                           for d in rng.sample(devices, 4))
-            add("gateway", gw, m.UsageReported(gateway_id=gw, report_id=f"r{len(items)}",
-                                               deltas=deltas), m.Actor("gateway", gw))
+            deltas = tuple(
+                m.UsageDelta(d, rng.randrange(10**7), rng.randrange(10**6))
+                for d in rng.sample(devices, 4)
+            )
+            add(
+                "gateway",
+                gw,
+                m.UsageReported(gateway_id=gw, report_id=f"r{len(items)}", deltas=deltas),
+                m.Actor("gateway", gw),
+            )
     return items[:count]
 
 
 async def raw_publish(nc: NATS, count: int) -> float:
     js = nc.jetstream()
-    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"],
-                                     storage=StorageType.FILE))
+    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE))
     payload = b"x" * 200
     start = time.perf_counter()
     for i in range(count):
@@ -93,8 +115,9 @@ async def raw_publish(nc: NATS, count: int) -> float:
 
 async def raw_fetch(nc: NATS, count: int) -> float:
     js = nc.jetstream()
-    config = ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL,
-                            max_ack_pending=-1)
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL, max_ack_pending=-1
+    )
     start = time.perf_counter()
     psub = await js.pull_subscribe("bench.>", stream="BENCH", config=config)
     got = 0
@@ -111,7 +134,7 @@ async def damm_append(nc: NATS, items: list[Append]) -> float:
     store = EventStore(nc, timeout=30)
     start = time.perf_counter()
     for i in range(0, len(items), 10_000):
-        await store.append_many(items[i:i + 10_000], window=1000)
+        await store.append_many(items[i : i + 10_000], window=1000)
     elapsed = time.perf_counter() - start
     assert await store.stream_last_seq() == len(items)
     return elapsed
@@ -163,8 +186,9 @@ async def main(count: int, profile: bool) -> None:
         await migrate(conn, "damm")
         rows = await conn.fetch("SHOW synchronous_commit")
         await conn.close()
-        nc = await connect(nats_server.url, user="control",
-                           password=nats_server.passwords["control"], name="bench")
+        nc = await connect(
+            nats_server.url, user="control", password=nats_server.passwords["control"], name="bench"
+        )
         await ensure_streams(nc.jetstream())
         items = workload(count)
 
@@ -173,25 +197,41 @@ async def main(count: int, profile: bool) -> None:
             print(f"  {label:<38} {seconds:7.2f} s {rate:>10,.0f} /s  {note}", flush=True)
             return rate
 
-        print(f"{count:,} events; nats-server sync_interval=always; postgres "
-              f"synchronous_commit={rows[0][0]}")
-        raw = row("1 raw publish_async 200 B", await timed("raw", profile,
-                                                         lambda: raw_publish(nc, count)))
+        print(
+            f"{count:,} events; nats-server sync_interval=always; postgres "
+            f"synchronous_commit={rows[0][0]}"
+        )
+        raw = row(
+            "1 raw publish_async 200 B", await timed("raw", profile, lambda: raw_publish(nc, count))
+        )
         row("2 raw pull fetch(1000)", await timed("fetch", profile, lambda: raw_fetch(nc, count)))
         damm = count / await timed("append", profile, lambda: damm_append(nc, items))
         ratio = damm / raw
-        print(f"  {'3 DAMM append_many (envelopes)':<38} {count / damm:7.2f} s {damm:>10,.0f} /s"
-              f"  {ratio:.0%} of raw (target >= {APPEND_RATIO_TARGET:.0%})", flush=True)
-        proj = row("4 projection (Projector, from 0)",
-                   await timed("project", profile, lambda: project(nc, uri, count)),
-                   f"target >= {PROJECT_TARGET:,.0f}/s")
-        rep = row("5 replay (rebuild into shadow)",
-                  await timed("replay", profile, lambda: replay(nc, uri, count)),
-                  f"target >= {REPLAY_TARGET:,.0f}/s")
+        print(
+            f"  {'3 DAMM append_many (envelopes)':<38} {count / damm:7.2f} s {damm:>10,.0f} /s"
+            f"  {ratio:.0%} of raw (target >= {APPEND_RATIO_TARGET:.0%})",
+            flush=True,
+        )
+        proj = row(
+            "4 projection (Projector, from 0)",
+            await timed("project", profile, lambda: project(nc, uri, count)),
+            f"target >= {PROJECT_TARGET:,.0f}/s",
+        )
+        rep = row(
+            "5 replay (rebuild into shadow)",
+            await timed("replay", profile, lambda: replay(nc, uri, count)),
+            f"target >= {REPLAY_TARGET:,.0f}/s",
+        )
         await nc.close()
-        misses = [name for name, ok in (
-            ("append ratio", ratio >= APPEND_RATIO_TARGET), ("projection", proj >= PROJECT_TARGET),
-            ("replay", rep >= REPLAY_TARGET)) if not ok]
+        misses = [
+            name
+            for name, ok in (
+                ("append ratio", ratio >= APPEND_RATIO_TARGET),
+                ("projection", proj >= PROJECT_TARGET),
+                ("replay", rep >= REPLAY_TARGET),
+            )
+            if not ok
+        ]
         print("all targets met" if not misses else f"MISSED: {', '.join(misses)}")
     finally:
         pg.stop()

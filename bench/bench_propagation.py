@@ -68,14 +68,20 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
     try:
         assert plane.leadership is not None
         await asyncio.wait_for(plane.leadership.gained.wait(), 5)
-        admin = await connect(nats_server.url, user="admin",
-                              password=nats_server.passwords["admin"])
+        admin = await connect(
+            nats_server.url, user="admin", password=nats_server.passwords["admin"]
+        )
         device = await connect(nats_server.url)
         await call(admin, "admin.tier.define", p.DefineTier(tier="bench", regions=("eu",)), p.Done)
-        added = await call(admin, "admin.gateway.add", p.AddGateway(
-            gateway_id="gw1", region="eu", front_door="192.0.2.1:51820"), p.GatewayAdded)
-        token = (await call(admin, "admin.token.create", p.CreateToken(tier="bench"),
-                            p.TokenCreated)).token
+        added = await call(
+            admin,
+            "admin.gateway.add",
+            p.AddGateway(gateway_id="gw1", region="eu", front_door="192.0.2.1:51820"),
+            p.GatewayAdded,
+        )
+        token = (
+            await call(admin, "admin.token.create", p.CreateToken(tier="bench"), p.TokenCreated)
+        ).token
         backend: WireGuardBackend
         if backend_kind == "uapi":
             from damm.agent.wg.uapi import UapiBackend
@@ -87,10 +93,18 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
             backend = UapiBackend(daemon.ifname)
         else:
             backend = MemoryBackend()
-        agent = GatewayAgent(AgentConfig(
-            gateway_id="gw1", token=added.token, nats_url=nats_server.url,
-            state_dir=root / "agent", nats_password=nats_server.passwords["gateway"],
-            heartbeat_s=2.0, usage_s=5.0), backend)
+        agent = GatewayAgent(
+            AgentConfig(
+                gateway_id="gw1",
+                token=added.token,
+                nats_url=nats_server.url,
+                state_dir=root / "agent",
+                nats_password=nats_server.passwords["gateway"],
+                heartbeat_s=2.0,
+                usage_s=5.0,
+            ),
+            backend,
+        )
         added_at: dict[str, float] = {}
         removed_at: dict[str, float] = {}
 
@@ -115,8 +129,12 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
 
         async def do_enroll() -> None:
             _, pub = keypair()
-            res = await call(device, "enroll", p.Enroll(token=token, public_key=pub,
-                                                        request_id=uuid.uuid4().hex), p.Enrolled)
+            res = await call(
+                device,
+                "enroll",
+                p.Enroll(token=token, public_key=pub, request_id=uuid.uuid4().hex),
+                p.Enrolled,
+            )
             replied[pub] = time.monotonic()
             enrolled.append((res.device_id, pub))
 
@@ -124,8 +142,9 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
             revoke_sent[pub] = time.monotonic()
             for _ in range(20):  # revoke and enroll race on the token aggregate (OCC)
                 try:
-                    await call(admin, "admin.device.revoke", p.DeviceAction(device_id=device_id),
-                               p.Done)
+                    await call(
+                        admin, "admin.device.revoke", p.DeviceAction(device_id=device_id), p.Done
+                    )
                     revoke_done[pub] = time.monotonic()
                     return
                 except DammError as err:
@@ -145,24 +164,37 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
         await asyncio.gather(*tasks)
         elapsed = time.monotonic() - start
         deadline = time.monotonic() + 10
-        while (any(k not in added_at for k in replied) or  # noqa: ASYNC110
-               any(k not in removed_at for k in revoke_sent)) and time.monotonic() < deadline:
+
+        def pending() -> bool:
+            return any(k not in added_at for k in replied) or any(
+                k not in removed_at for k in revoke_sent
+            )
+
+        # polling what the watcher task records, bounded by a deadline
+        while pending() and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
         enroll_ms = [max(0.0, added_at[k] - t) * 1000 for k, t in replied.items() if k in added_at]
         revoke_ms = [(removed_at[k] - t) * 1000 for k, t in revoke_sent.items() if k in removed_at]
-        committed_ms = [max(0.0, removed_at[k] - t) * 1000 for k, t in revoke_done.items()
-                        if k in removed_at]
+        committed_ms = [
+            max(0.0, removed_at[k] - t) * 1000 for k, t in revoke_done.items() if k in removed_at
+        ]
         missing = (len(replied) - len(enroll_ms), len(revoke_sent) - len(revoke_ms))
-        print(f"backend={backend_kind} changes={changes} offered={rate:g}/s "
-              f"achieved={changes / elapsed:.1f}/s resyncs={agent.resyncs} missing={missing} "
-              f"revoke-conflict-retries={len(conflicts)}")
-        for name, values, target in (("enroll->applied", enroll_ms, TARGET_ENROLL_MS),
-                                     ("revoke sent->removed", revoke_ms, TARGET_REVOKE_MS),
-                                     ("revoke reply->removed", committed_ms, TARGET_REVOKE_MS)):
+        print(
+            f"backend={backend_kind} changes={changes} offered={rate:g}/s "
+            f"achieved={changes / elapsed:.1f}/s resyncs={agent.resyncs} missing={missing} "
+            f"revoke-conflict-retries={len(conflicts)}"
+        )
+        for name, values, target in (
+            ("enroll->applied", enroll_ms, TARGET_ENROLL_MS),
+            ("revoke sent->removed", revoke_ms, TARGET_REVOKE_MS),
+            ("revoke reply->removed", committed_ms, TARGET_REVOKE_MS),
+        ):
             p50, p99 = statistics.median(values), pct(values, 99)
-            print(f"  {name}: n={len(values)} p50={p50:.1f} ms p99={p99:.1f} ms "
-                  f"max={max(values):.1f} ms  target p99<={target:.0f} ms "
-                  f"ratio={p99 / target:.2f}")
+            print(
+                f"  {name}: n={len(values)} p50={p50:.1f} ms p99={p99:.1f} ms "
+                f"max={max(values):.1f} ms  target p99<={target:.0f} ms "
+                f"ratio={p99 / target:.2f}"
+            )
         stop.set()
         await asyncio.wait_for(agent_task, 10)
         await admin.close()
@@ -177,8 +209,9 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--changes", type=int, default=400)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--backend", choices=("uapi", "memory"), default="uapi")

@@ -55,11 +55,16 @@ def usage_reports(devices: int, gateways: int, rounds: int, seed: int = 7) -> li
         for gw, devs in per_gw.items():
             subject = event_subject("usage", gw)
             event = m.UsageReported(
-                gateway_id=gw, report_id=f"{gw}-{r}", measured_at=at,
-                deltas=tuple(m.UsageDelta(d, rng.randrange(10**6), rng.randrange(10**5))
-                             for d in devs))
-            env = envelope(subject, event, actor=m.Actor("gateway", gw),
-                           correlation_id=f"{gw}-{r}", now=at)
+                gateway_id=gw,
+                report_id=f"{gw}-{r}",
+                measured_at=at,
+                deltas=tuple(
+                    m.UsageDelta(d, rng.randrange(10**6), rng.randrange(10**5)) for d in devs
+                ),
+            )
+            env = envelope(
+                subject, event, actor=m.Actor("gateway", gw), correlation_id=f"{gw}-{r}", now=at
+            )
             items.append(Append(subject, env, msg_id=f"usage-{gw}-{r}"))
     return items
 
@@ -68,7 +73,7 @@ async def ingest(nc: NATS, dsn: str, items: list[Append]) -> tuple[float, float,
     store = EventStore(nc, timeout=60)
     start = time.perf_counter()
     for i in range(0, len(items), 1000):
-        await store.append_many(items[i:i + 1000], window=200)
+        await store.append_many(items[i : i + 1000], window=200)
     appended = time.perf_counter() - start
     last = await store.stream_last_seq()
     projector = Projector("readmodels", EVENTS_STREAM, dsn, batch_size=200)
@@ -98,25 +103,82 @@ async def fill(dsn: str, devices: int, now: datetime, seed: int = 11) -> None:
     period = period_at(now)
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
     try:
-        await conn.copy_records_to_table("tiers", records=[
-            (t, ["eu", "us"], [], 5, limit, None, "active", "admin:bench", now)
-            for t, limit in tiers], columns=["tier", "regions", "exit_countries",
-                                              "session_limit", "byte_limit", "key_lifetime_s",
-                                              "status", "defined_by", "updated_at"])
-        await conn.copy_records_to_table("gateways", records=[
-            (g, r, "h" + g, "k" + g, 51820, "bench", now, True, None, now)
-            for g, r in gateways], columns=["gateway_id", "region", "token_hash", "public_key",
-                                             "listen_port", "agent_version", "registered_at",
-                                             "active", "status_reason", "added_at"])
-        await conn.copy_records_to_table("gateway_health", records=[
-            (g, now - timedelta(seconds=300 if n % 17 == 0 else 5), 2000, 1500, 10**12,
-             10**11, rng.random(), n) for n, (g, _) in enumerate(gateways)])
-        await conn.copy_records_to_table("front_doors", records=[
-            (g, fd, f"192.0.2.{n % 250}:{51820 + k}", "udp", 10 * (k + 1), True)
-            for n, (g, _) in enumerate(gateways) for k, fd in enumerate(("fd1", "fd2"))])
-        await conn.copy_records_to_table("egress_pools", records=[
-            (p, "static", r, ["DE"], [f"198.51.100.{n * 16}/28"], rng.random(),
-             rng.random(), True) for n, (p, r) in enumerate(pools)])
+        await conn.copy_records_to_table(
+            "tiers",
+            records=[
+                (t, ["eu", "us"], [], 5, limit, None, "active", "admin:bench", now)
+                for t, limit in tiers
+            ],
+            columns=[
+                "tier",
+                "regions",
+                "exit_countries",
+                "session_limit",
+                "byte_limit",
+                "key_lifetime_s",
+                "status",
+                "defined_by",
+                "updated_at",
+            ],
+        )
+        await conn.copy_records_to_table(
+            "gateways",
+            records=[
+                (g, r, "h" + g, "k" + g, 51820, "bench", now, True, None, now) for g, r in gateways
+            ],
+            columns=[
+                "gateway_id",
+                "region",
+                "token_hash",
+                "public_key",
+                "listen_port",
+                "agent_version",
+                "registered_at",
+                "active",
+                "status_reason",
+                "added_at",
+            ],
+        )
+        await conn.copy_records_to_table(
+            "gateway_health",
+            records=[
+                (
+                    g,
+                    now - timedelta(seconds=300 if n % 17 == 0 else 5),
+                    2000,
+                    1500,
+                    10**12,
+                    10**11,
+                    rng.random(),
+                    n,
+                )
+                for n, (g, _) in enumerate(gateways)
+            ],
+        )
+        await conn.copy_records_to_table(
+            "front_doors",
+            records=[
+                (g, fd, f"192.0.2.{n % 250}:{51820 + k}", "udp", 10 * (k + 1), True)
+                for n, (g, _) in enumerate(gateways)
+                for k, fd in enumerate(("fd1", "fd2"))
+            ],
+        )
+        await conn.copy_records_to_table(
+            "egress_pools",
+            records=[
+                (
+                    p,
+                    "static",
+                    r,
+                    ["DE"],
+                    [f"198.51.100.{n * 16}/28"],
+                    rng.random(),
+                    rng.random(),
+                    True,
+                )
+                for n, (p, r) in enumerate(pools)
+            ],
+        )
         statuses = ["active"] * 90 + ["suspended"] * 7 + ["revoked"] * 3
         device_rows: list[tuple[Any, ...]] = []
         usage_rows: list[tuple[Any, ...]] = []
@@ -124,12 +186,27 @@ async def fill(dsn: str, devices: int, now: datetime, seed: int = 11) -> None:
             g, region = gateways[n % len(gateways)]
             tier = tiers[n % len(tiers)][0]
             device_id = f"dev-{n:06d}"
-            device_rows.append((
-                device_id, f"{n:043d}=", f"tok-{n % 100}", tier, g, "fd1", pools[n % 10][0],
-                f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}", None, region, "DE",
-                rng.choice(statuses), None, None, now, now))
-            usage_rows.append((device_id, period, rng.randrange(6 * 10**9),
-                               rng.randrange(10**9)))
+            device_rows.append(
+                (
+                    device_id,
+                    f"{n:043d}=",
+                    f"tok-{n % 100}",
+                    tier,
+                    g,
+                    "fd1",
+                    pools[n % 10][0],
+                    f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
+                    None,
+                    region,
+                    "DE",
+                    rng.choice(statuses),
+                    None,
+                    None,
+                    now,
+                    now,
+                )
+            )
+            usage_rows.append((device_id, period, rng.randrange(6 * 10**9), rng.randrange(10**9)))
         await conn.copy_records_to_table("devices", records=device_rows)
         await conn.copy_records_to_table("usage_totals", records=usage_rows)
         await conn.execute("ANALYZE")
@@ -158,33 +235,47 @@ async def main(devices: int, gateways: int, rounds: int, report_devices: int) ->
             conn = await asyncpg.connect(dsn)
             await migrate(conn, "damm")
             await conn.close()
-        nc = await connect(nats_server.url, user="control",
-                           password=nats_server.passwords["control"], name="bench-usage")
+        nc = await connect(
+            nats_server.url,
+            user="control",
+            password=nats_server.passwords["control"],
+            name="bench-usage",
+        )
         await ensure_streams(nc.jetstream())
 
         items = usage_reports(devices, gateways, rounds)
         reports = len(items)
         deltas = reports * (devices // gateways)
-        print(f"1. usage ingestion: {devices:,} devices on {gateways} gateways, {rounds} rounds "
-              f"= {reports:,} reports, {deltas:,} deltas")
+        print(
+            f"1. usage ingestion: {devices:,} devices on {gateways} gateways, {rounds} rounds "
+            f"= {reports:,} reports, {deltas:,} deltas"
+        )
         appended, projected, rows = await ingest(nc, ingest_dsn, items)
         assert rows == devices, rows
         total = appended + projected
-        for label, seconds in (("append (log, pipelined)", appended),
-                               ("projection into usage_totals", projected),
-                               ("end to end (append + project)", total)):
-            print(f"   {label:<32} {seconds:6.2f} s {reports / seconds:>9,.0f} reports/s "
-                  f"{deltas / seconds:>11,.0f} deltas/s")
+        for label, seconds in (
+            ("append (log, pipelined)", appended),
+            ("projection into usage_totals", projected),
+            ("end to end (append + project)", total),
+        ):
+            print(
+                f"   {label:<32} {seconds:6.2f} s {reports / seconds:>9,.0f} reports/s "
+                f"{deltas / seconds:>11,.0f} deltas/s"
+            )
         ingest_rate = deltas / projected
-        print(f"   projection {ingest_rate:,.0f} deltas/s vs target {DELTAS_TARGET:,.0f}: "
-              f"ratio {ingest_rate / DELTAS_TARGET:.2f}x")
+        print(
+            f"   projection {ingest_rate:,.0f} deltas/s vs target {DELTAS_TARGET:,.0f}: "
+            f"ratio {ingest_rate / DELTAS_TARGET:.2f}x"
+        )
         await nc.close()
 
         now = datetime.now(UTC)
         start = time.perf_counter()
         await fill(report_dsn, report_devices, now)
-        print(f"2. report over {report_devices:,} devices (fill by COPY "
-              f"{time.perf_counter() - start:.1f} s)")
+        print(
+            f"2. report over {report_devices:,} devices (fill by COPY "
+            f"{time.perf_counter() - start:.1f} s)"
+        )
         timings: list[float] = []
         for _ in range(3):
             start = time.perf_counter()
@@ -194,17 +285,29 @@ async def main(devices: int, gateways: int, rounds: int, report_devices: int) ->
         start = time.perf_counter()
         text, html, js = render_text(rep), render_html(rep), to_json(rep)
         render = time.perf_counter() - start
-        print(f"   generate (gather + build)        {best:6.3f} s best of 3 "
-              f"({', '.join(f'{t:.3f}' for t in timings)})")
-        print(f"   render text+html+json            {render:6.3f} s "
-              f"({len(text):,} / {len(html):,} / {len(js):,} bytes)")
+        print(
+            f"   generate (gather + build)        {best:6.3f} s best of 3 "
+            f"({', '.join(f'{t:.3f}' for t in timings)})"
+        )
+        print(
+            f"   render text+html+json            {render:6.3f} s "
+            f"({len(text):,} / {len(html):,} / {len(js):,} bytes)"
+        )
         full = best + render
-        print(f"   report total {full:.3f} s vs target {REPORT_TARGET_S:.1f} s: "
-              f"ratio {REPORT_TARGET_S / full:.1f}x headroom; devices {rep.totals.devices:,}, "
-              f"over quota {rep.totals.over_quota:,}, near {rep.totals.near_quota:,}, "
-              f"recommendations {len(rep.recommendations)}")
-        misses = [name for name, ok in (("ingestion", ingest_rate >= DELTAS_TARGET),
-                                        ("report", full <= REPORT_TARGET_S)) if not ok]
+        print(
+            f"   report total {full:.3f} s vs target {REPORT_TARGET_S:.1f} s: "
+            f"ratio {REPORT_TARGET_S / full:.1f}x headroom; devices {rep.totals.devices:,}, "
+            f"over quota {rep.totals.over_quota:,}, near {rep.totals.near_quota:,}, "
+            f"recommendations {len(rep.recommendations)}"
+        )
+        misses = [
+            name
+            for name, ok in (
+                ("ingestion", ingest_rate >= DELTAS_TARGET),
+                ("report", full <= REPORT_TARGET_S),
+            )
+            if not ok
+        ]
         print("all targets met" if not misses else f"MISSED: {', '.join(misses)}")
     finally:
         pg.stop()

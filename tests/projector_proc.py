@@ -1,6 +1,6 @@
 """A read-model projector in its own process, so tests can SIGKILL it at any instruction.
 
-    python -m tests.projector_proc NATS_URL CONTROL_PASSWORD DSN
+python -m tests.projector_proc NATS_URL CONTROL_PASSWORD DSN
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ ADMIN = m.Actor("admin", "alice")
 
 def usage(n: int, *, msg_id: str | None = None, expected: int | None = None) -> Append:
     subject = event_subject("gateway", f"gw-{n % 3}")
-    event = m.UsageReported(gateway_id=f"gw-{n % 3}", report_id=f"r{n}",
-                            deltas=(m.UsageDelta(f"dev-{n}", n, 2 * n),))
+    event = m.UsageReported(
+        gateway_id=f"gw-{n % 3}", report_id=f"r{n}", deltas=(m.UsageDelta(f"dev-{n}", n, 2 * n),)
+    )
     env = envelope(subject, event, actor=ADMIN, correlation_id=f"c{n}")
     return Append(subject, env, expected_seq=expected, msg_id=msg_id)
 
@@ -25,8 +26,10 @@ async def test_sequences_follow_item_order_across_windows(store: EventStore) -> 
     assert [r.seqs for r in results] == [(n,) for n in range(1, 51)]
     assert not any(r.duplicate for r in results)
     history, _ = await store.load(event_subject("gateway", "gw-1"))
-    assert [e.event.report_id for e in history  # type: ignore[union-attr]
-            ] == [f"r{n}" for n in range(50) if n % 3 == 1]
+    assert [
+        e.event.report_id
+        for e in history  # type: ignore[union-attr]
+    ] == [f"r{n}" for n in range(50) if n % 3 == 1]
 
 
 async def test_msg_ids_dedupe_a_retried_call(store: EventStore) -> None:

@@ -38,20 +38,30 @@ async def _admin(nc: NATS, who: str, command: str, req: msgspec.Struct) -> None:
 
 
 @pytest.fixture
-async def history(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                  device_nc: NATS) -> History:
+async def history(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> History:
     fleet = await setup_fleet(admin_nc, gateway_nc, byte_limit=10_000)
     _, pub_a = keypair()
     a = (await enroll(device_nc, fleet["token"], public_key=pub_a)).device_id
     b = (await enroll(device_nc, fleet["token"])).device_id
-    await call(gateway_nc, "gateway.usage", p.ReportUsage(
-        gateway_id="gw1", token=fleet["gw1_token"], report_id="rep-1",
-        entries=(p.UsageEntry(pub_a, 100, 50),)), p.Done)
+    await call(
+        gateway_nc,
+        "gateway.usage",
+        p.ReportUsage(
+            gateway_id="gw1",
+            token=fleet["gw1_token"],
+            report_id="rep-1",
+            entries=(p.UsageEntry(pub_a, 100, 50),),
+        ),
+        p.Done,
+    )
     await asyncio.sleep(0.05)
     before = datetime.now(UTC)
     await asyncio.sleep(0.05)
-    await _admin(admin_nc, "alice", "admin.device.suspend",
-                 p.DeviceAction(device_id=a, reason="abuse"))
+    await _admin(
+        admin_nc, "alice", "admin.device.suspend", p.DeviceAction(device_id=a, reason="abuse")
+    )
     await asyncio.sleep(0.05)
     suspended = datetime.now(UTC)
     await asyncio.sleep(0.05)
@@ -79,15 +89,22 @@ async def test_device_filter(control: ControlPlane, history: History) -> None:
     envs = await collect(control.nc, AuditFilter(device=history.a))
     got = types(envs)
     assert got[0] in ("device.enrolled", "token.used", "ipam.allocated", "key.bound")
-    for expected in ("device.enrolled", "token.used", "ipam.allocated", "usage.reported",
-                     "device.suspended", "device.resumed"):
+    for expected in (
+        "device.enrolled",
+        "token.used",
+        "ipam.allocated",
+        "usage.reported",
+        "device.suspended",
+        "device.resumed",
+    ):
         assert expected in got, (expected, got)
     assert "device.revoked" not in got
     for env in envs:
         event = env.event
-        assert (getattr(event, "device_id", None) == history.a
-                or (isinstance(event, m.UsageReported)
-                and any(d.device_id == history.a for d in event.deltas)))
+        assert getattr(event, "device_id", None) == history.a or (
+            isinstance(event, m.UsageReported)
+            and any(d.device_id == history.a for d in event.deltas)
+        )
 
 
 async def test_gateway_token_actor_type_filters(control: ControlPlane, history: History) -> None:
@@ -95,16 +112,27 @@ async def test_gateway_token_actor_type_filters(control: ControlPlane, history: 
     nc = control.nc
     gw = types(await collect(nc, AuditFilter(gateway="gw1")))
     assert gw.count("device.enrolled") == 2
-    for expected in ("gateway.added", "gateway.front_door_set", "gateway.registered",
-                     "usage.reported"):
+    for expected in (
+        "gateway.added",
+        "gateway.front_door_set",
+        "gateway.registered",
+        "usage.reported",
+    ):
         assert expected in gw
     assert "device.suspended" not in gw
     assert await collect(nc, AuditFilter(gateway="nope")) == []
 
     tok = await collect(nc, AuditFilter(token=history.fleet["token_id"]))
-    assert sorted(types(tok)) == sorted(["token.issued", "token.used", "token.used",
-                                         "device.enrolled", "device.enrolled",
-                                         "token.session_released"])
+    assert sorted(types(tok)) == sorted(
+        [
+            "token.issued",
+            "token.used",
+            "token.used",
+            "device.enrolled",
+            "device.enrolled",
+            "token.session_released",
+        ]
+    )
 
     alice = await collect(nc, AuditFilter(actor="admin:alice"))
     assert [(e.type, e.actor) for e in alice] == [("device.suspended", m.Actor("admin", "alice"))]
@@ -113,18 +141,26 @@ async def test_gateway_token_actor_type_filters(control: ControlPlane, history: 
     assert all(e.actor == m.Actor("admin", "bob") for e in bob)
     admins = await collect(nc, AuditFilter(actor="admin"))
     assert {"tier.defined", "gateway.added", "token.issued", "device.suspended"} <= set(
-        types(admins))
+        types(admins)
+    )
     gateway_actor = await collect(nc, AuditFilter(actor="gateway:gw1"))
     assert "usage.reported" in types(gateway_actor)
 
     suspended = await collect(nc, AuditFilter(types=("device.suspended",)))
     assert len(suspended) == 1 and suspended[0].actor == m.Actor("admin", "alice")
     device_events = types(await collect(nc, AuditFilter(types=("device",))))
-    assert sorted(device_events) == sorted(["device.enrolled", "device.enrolled",
-                                            "device.suspended", "device.resumed",
-                                            "device.revoked"])
-    both = await collect(nc, AuditFilter(device=history.a, types=("device.resumed",),
-                                         actor="admin:bob"))
+    assert sorted(device_events) == sorted(
+        [
+            "device.enrolled",
+            "device.enrolled",
+            "device.suspended",
+            "device.resumed",
+            "device.revoked",
+        ]
+    )
+    both = await collect(
+        nc, AuditFilter(device=history.a, types=("device.resumed",), actor="admin:bob")
+    )
     assert types(both) == ["device.resumed"]
 
 
@@ -132,10 +168,14 @@ async def test_time_filters(control: ControlPlane, history: History) -> None:
     assert control.nc is not None
     nc = control.nc
     after = await collect(nc, AuditFilter(since=history.before_suspend))
-    assert types(after) == ["device.suspended", "device.resumed", "device.revoked",
-                            "token.session_released", "ipam.released"]
-    window = await collect(nc, AuditFilter(since=history.before_suspend,
-                                           until=history.suspended))
+    assert types(after) == [
+        "device.suspended",
+        "device.resumed",
+        "device.revoked",
+        "token.session_released",
+        "ipam.released",
+    ]
+    window = await collect(nc, AuditFilter(since=history.before_suspend, until=history.suspended))
     assert types(window) == ["device.suspended"]
     before = await collect(nc, AuditFilter(until=history.before_suspend))
     assert "device.suspended" not in types(before) and "device.enrolled" in types(before)
@@ -170,7 +210,8 @@ async def test_follow_prints_new_events(
 
     async def follow() -> None:
         async for env in AuditReader(control.nc).read(  # type: ignore[arg-type]
-                AuditFilter(device=history.a), follow=True):
+            AuditFilter(device=history.a), follow=True
+        ):
             seen.append(env)
             if env.type == "device.suspended" and env.actor.id == "carol":
                 got_new.set()
@@ -185,14 +226,20 @@ async def test_follow_prints_new_events(
         await task
 
 
-async def test_cli(control: ControlPlane, history: History, nats_server: NatsServer, dsn: str,
-                   monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_cli(
+    control: ControlPlane,
+    history: History,
+    nats_server: NatsServer,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("DAMM_ADMIN_PASSWORD", nats_server.passwords["admin"])
     runner = CliRunner()
 
     def invoke(*args: str) -> str:
-        result = runner.invoke(audit, list(args), obj=Target(nats_server.url, dsn),
-                               catch_exceptions=False)
+        result = runner.invoke(
+            audit, list(args), obj=Target(nats_server.url, dsn), catch_exceptions=False
+        )
         assert result.exit_code == 0, result.output
         return result.output
 
@@ -205,12 +252,17 @@ async def test_cli(control: ControlPlane, history: History, nats_server: NatsSer
     assert "admin:bob" in table and "device.revoked" in table and "alice" not in table
     lines = table.splitlines()
     assert lines[0].split() == ["time", "seq", "type", "aggregate", "actor", "summary"]
-    as_of = await asyncio.to_thread(invoke, "--device", history.a, "--as-of",
-                                    history.suspended.isoformat())
+    as_of = await asyncio.to_thread(
+        invoke, "--device", history.a, "--as-of", history.suspended.isoformat()
+    )
     assert "suspended" in as_of and "admin:alice" in as_of
-    as_of_json = json.loads(await asyncio.to_thread(
-        invoke, "--device", history.a, "--as-of", history.suspended.isoformat(), "--json"))
+    as_of_json = json.loads(
+        await asyncio.to_thread(
+            invoke, "--device", history.a, "--as-of", history.suspended.isoformat(), "--json"
+        )
+    )
     assert as_of_json["status"] == "suspended"
-    bad = await asyncio.to_thread(runner.invoke, audit, ["--as-of", "1h"],
-                                  obj=Target(nats_server.url, dsn))
+    bad = await asyncio.to_thread(
+        runner.invoke, audit, ["--as-of", "1h"], obj=Target(nats_server.url, dsn)
+    )
     assert bad.exit_code != 0 and "--device" in bad.output

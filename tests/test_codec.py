@@ -66,18 +66,24 @@ def envelopes(draw: st.DrawFn, events: st.SearchStrategy[Any] = EVENTS) -> m.Env
         schema=draw(st.integers(min_value=1, max_value=9)),
         aggregate=draw(st.text(max_size=40)),
         occurred_at=draw(DATETIMES),
-        actor=m.Actor(draw(st.sampled_from(["admin", "device", "gateway", "policy"])),
-                      draw(st.text(max_size=16))),
+        actor=m.Actor(
+            draw(st.sampled_from(["admin", "device", "gateway", "policy"])),
+            draw(st.text(max_size=16)),
+        ),
         correlation_id=draw(st.text(max_size=32)),
         event=event,
     )
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | INT64 | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | INT64
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                               max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
     max_leaves=20,
 )
 
@@ -118,8 +124,13 @@ def test_random_json_raises_only_codec_error(value: Any) -> None:
         codec.decode(json.dumps(value).encode())
 
 
-@given(envelopes(), st.sampled_from(["id", "type", "aggregate", "occurred_at", "actor", "event",
-                                     "correlation_id", "schema"]), JSON)
+@given(
+    envelopes(),
+    st.sampled_from(
+        ["id", "type", "aggregate", "occurred_at", "actor", "event", "correlation_id", "schema"]
+    ),
+    JSON,
+)
 def test_damaged_envelopes_raise_only_codec_error(env: m.Envelope, key: str, value: Any) -> None:
     """Plausible corruption: one header field replaced by arbitrary JSON, or dropped."""
     doc = json.loads(codec.encode(env))
@@ -128,8 +139,10 @@ def test_damaged_envelopes_raise_only_codec_error(env: m.Envelope, key: str, val
             codec.decode(json.dumps(damaged).encode())
 
 
-@given(envelopes(), st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: "x_" + k),
-                                    JSON, max_size=3))
+@given(
+    envelopes(),
+    st.dictionaries(st.text(min_size=1, max_size=8).map(lambda k: "x_" + k), JSON, max_size=3),
+)
 def test_unknown_fields_are_ignored(env: m.Envelope, extra: dict[str, Any]) -> None:
     doc = json.loads(codec.encode(env))
     doc.update(extra)
@@ -153,9 +166,14 @@ def test_unknown_event_type_decodes_to_unknown_event(env: m.Envelope, tag: str, 
 
 def test_known_type_with_broken_event_is_an_error_not_unknown() -> None:
     """A known type that fails validation is corruption: skipping it silently would lose state."""
-    doc = {"id": "e1", "type": "device.revoked", "aggregate": "device/d", "actor":
-           {"kind": "admin", "id": "a"}, "correlation_id": "c",
-           "occurred_at": datetime(2025, 1, 1, tzinfo=UTC).isoformat(),
-           "event": {"type": "device.revoked"}}
+    doc = {
+        "id": "e1",
+        "type": "device.revoked",
+        "aggregate": "device/d",
+        "actor": {"kind": "admin", "id": "a"},
+        "correlation_id": "c",
+        "occurred_at": datetime(2025, 1, 1, tzinfo=UTC).isoformat(),
+        "event": {"type": "device.revoked"},
+    }
     with pytest.raises(codec.CodecError):
         codec.decode(json.dumps(doc).encode())

@@ -27,18 +27,38 @@ REHANDSHAKE_BOUND_S = 30.0
 
 
 async def test_over_quota_device_loses_its_tunnel_and_resume_restores_it(
-    site: Site, control: ControlPlane, admin_nc: NATS, device_nc: NATS  # noqa: F811
+    site: Site,  # noqa: F811 - the fixture imported above
+    control: ControlPlane,
+    admin_nc: NATS,
+    device_nc: NATS,
 ) -> None:
-    await call(admin_nc, "admin.tier.define",
-               p.DefineTier(tier="gold", regions=("eu",), byte_limit=LIMIT), p.Done)
+    await call(
+        admin_nc,
+        "admin.tier.define",
+        p.DefineTier(tier="gold", regions=("eu",), byte_limit=LIMIT),
+        p.Done,
+    )
     private, public = keypair()
     enrolled = await enroll(device_nc, site.token, public_key=public)
     await eventually(lambda: _has(site, public), 2, "peer on the gateway")
     await site.bring_up_device(enrolled, private)
     assert await netlab.ping(site.dev_ns, "10.44.0.1", count=3, wait=5)
     # ~2 x 1,028 bytes of tunnel payload per ping: 40 pings cross 30,000 bytes
-    await netlab.exec_in(site.dev_ns, "ping", "-q", "-c", "40", "-i", "0.02", "-s", "1000",
-                         "-W", "1", "10.44.0.1", check=False)
+    await netlab.exec_in(
+        site.dev_ns,
+        "ping",
+        "-q",
+        "-c",
+        "40",
+        "-i",
+        "0.02",
+        "-s",
+        "1000",
+        "-W",
+        "1",
+        "10.44.0.1",
+        check=False,
+    )
     state = control.ctx.state  # type: ignore[union-attr]
 
     async def suspended() -> bool:

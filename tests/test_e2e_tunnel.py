@@ -95,24 +95,56 @@ class Site:
         self.gw, self.dev = UapiBackend(gwd.ifname), UapiBackend(devd.ifname)
         await netlab.configure_interface(self.gw_ns, self.gw_if, "10.44.0.1/24")
         await call(admin, "admin.tier.define", p.DefineTier(tier="gold", regions=("eu",)), p.Done)
-        added = await call(admin, "admin.gateway.add", p.AddGateway(
-            gateway_id="gw1", region="eu", front_door=f"udp://{GW_ADDR}:{PORT}"), p.GatewayAdded)
+        added = await call(
+            admin,
+            "admin.gateway.add",
+            p.AddGateway(gateway_id="gw1", region="eu", front_door=f"udp://{GW_ADDR}:{PORT}"),
+            p.GatewayAdded,
+        )
         self.gw_token = added.token
-        created = await call(admin, "admin.token.create", p.CreateToken(tier="gold"),
-                             p.TokenCreated)
+        created = await call(
+            admin, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated
+        )
         self.token = created.token
 
     def start_agent(self) -> None:
-        env = dict(os.environ, DAMM_GATEWAY_PASSWORD=self.nats_server.passwords["gateway"],
-                   DAMM_GATEWAY_TOKEN=self.gw_token, PYTHONPATH=str(ROOT),
-                   DAMM_LOG_FORMAT="json", DAMM_LOG_LEVEL="info")
+        env = dict(
+            os.environ,
+            DAMM_GATEWAY_PASSWORD=self.nats_server.passwords["gateway"],
+            DAMM_GATEWAY_TOKEN=self.gw_token,
+            PYTHONPATH=str(ROOT),
+            DAMM_LOG_FORMAT="json",
+            DAMM_LOG_LEVEL="info",
+        )
         log = open(self.tmp / "agent.log", "ab")  # noqa: SIM115 - handed to the child
         self.agent = subprocess.Popen(
-            [sys.executable, "-m", "damm.cli.gateway", "run", "--id", "gw1", "--wg", "uapi",
-             "--interface", self.gw_if, "--listen-port", str(PORT),
-             "--state-dir", str(self.tmp / "gw-state"), "--nats", self.nats_server.url,
-             "--heartbeat-interval", "1", "--usage-interval", "0.5"],
-            env=env, stdout=log, stderr=log, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "damm.cli.gateway",
+                "run",
+                "--id",
+                "gw1",
+                "--wg",
+                "uapi",
+                "--interface",
+                self.gw_if,
+                "--listen-port",
+                str(PORT),
+                "--state-dir",
+                str(self.tmp / "gw-state"),
+                "--nats",
+                self.nats_server.url,
+                "--heartbeat-interval",
+                "1",
+                "--usage-interval",
+                "0.5",
+            ],
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
         log.close()
 
     def stop_agent(self, sig: int = signal.SIGTERM) -> None:
@@ -135,9 +167,15 @@ class Site:
 
     async def bring_up_device(self, enrolled: p.Enrolled, private: str) -> None:
         """Write the wg-quick file DAMM would write, read it back, and configure from it."""
-        text = render_wg_quick(private, enrolled.address, enrolled.address6, enrolled.dns,
-                               enrolled.gateway_public_key, enrolled.endpoint,
-                               enrolled.allowed_ips)
+        text = render_wg_quick(
+            private,
+            enrolled.address,
+            enrolled.address6,
+            enrolled.dns,
+            enrolled.gateway_public_key,
+            enrolled.endpoint,
+            enrolled.allowed_ips,
+        )
         path = self.tmp / "device.conf"
         write_atomic(path, text, 0o600)
         conf = parse_wg_quick(path.read_text())
@@ -155,8 +193,9 @@ class Site:
 
 
 @pytest.fixture
-async def site(control: ControlPlane, admin_nc: NATS, nats_server: NatsServer,
-               tmp_path: Path) -> AsyncIterator[Site]:
+async def site(
+    control: ControlPlane, admin_nc: NATS, nats_server: NatsServer, tmp_path: Path
+) -> AsyncIterator[Site]:
     assert control.leadership is not None
     await asyncio.wait_for(control.leadership.gained.wait(), 5)
     async with netlab.Lab() as lab:
@@ -182,15 +221,24 @@ async def site(control: ControlPlane, admin_nc: NATS, nats_server: NatsServer,
 async def usage_of(dsn: str, device_id: str) -> tuple[int, int]:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
     try:
-        row = await conn.fetchrow("SELECT coalesce(sum(rx_bytes),0) rx, coalesce(sum(tx_bytes),0)"
-                                  " tx FROM usage_totals WHERE device_id=$1", device_id)
+        row = await conn.fetchrow(
+            "SELECT coalesce(sum(rx_bytes),0) rx, coalesce(sum(tx_bytes),0)"
+            " tx FROM usage_totals WHERE device_id=$1",
+            device_id,
+        )
     finally:
         await conn.close()
     return int(row["rx"]), int(row["tx"])
 
 
-async def usage_matches_gateway(site: Site, control: ControlPlane, dsn: str, device_id: str,
-                                public_key: str, timeout: float = 15) -> tuple[int, int]:
+async def usage_matches_gateway(
+    site: Site,
+    control: ControlPlane,
+    dsn: str,
+    device_id: str,
+    public_key: str,
+    timeout: float = 15,
+) -> tuple[int, int]:
     """Wait until the read model holds exactly what the gateway counted for that peer."""
     seen: list[tuple[int, int]] = []
 
@@ -208,13 +256,15 @@ async def usage_matches_gateway(site: Site, control: ControlPlane, dsn: str, dev
     except AssertionError:
         applied = [pr.applied_seq for pr in control.projectors]
         applied += [repr(t.exception()) for t in control._tasks if t.done()]
-        raise AssertionError(f"usage vs gateway {seen}; projectors at {applied}\n"
-                             f"{site.agent_log()}") from None
+        raise AssertionError(
+            f"usage vs gateway {seen}; projectors at {applied}\n{site.agent_log()}"
+        ) from None
     return seen[0]
 
 
-async def test_enroll_ping_usage_revoke(site: Site, control: ControlPlane, admin_nc: NATS,
-                                        device_nc: NATS, dsn: str) -> None:
+async def test_enroll_ping_usage_revoke(
+    site: Site, control: ControlPlane, admin_nc: NATS, device_nc: NATS, dsn: str
+) -> None:
     private, public = keypair()
     enrolled = await enroll(device_nc, site.token, public_key=public)
     assert enrolled.endpoint == f"{GW_ADDR}:{PORT}"
@@ -233,12 +283,14 @@ async def test_enroll_ping_usage_revoke(site: Site, control: ControlPlane, admin
     sent_tx = (await site.dev.read()).peers[enrolled.gateway_public_key].tx_bytes
     rx, _ = await usage_matches_gateway(site, control, dsn, enrolled.device_id, public)
     assert rx >= sent_tx > 5 * 84  # every byte the device sent was metered
-    await call(admin_nc, "admin.device.revoke", p.DeviceAction(device_id=enrolled.device_id),
-               p.Done)
+    await call(
+        admin_nc, "admin.device.revoke", p.DeviceAction(device_id=enrolled.device_id), p.Done
+    )
     gone = await eventually(lambda: _gone(site, public), REVOKE_BOUND_S, "revoked peer removed")
     assert not await netlab.ping(site.dev_ns, "10.44.0.1", count=1, wait=1)
-    print(f"peer applied {took * 1000:.0f} ms after enroll; removed {gone * 1000:.0f} ms after"
-          " revoke")
+    print(
+        f"peer applied {took * 1000:.0f} ms after enroll; removed {gone * 1000:.0f} ms after revoke"
+    )
 
 
 async def _has(site: Site, key: str) -> bool:
@@ -253,8 +305,9 @@ def desired(control: ControlPlane) -> dict[str, tuple[str, ...]]:
     return dict(control.ctx.state.peer_set("gw1"))  # type: ignore[union-attr]
 
 
-async def test_sigkill_while_peers_change_converges(site: Site, control: ControlPlane,
-                                                    admin_nc: NATS, device_nc: NATS) -> None:
+async def test_sigkill_while_peers_change_converges(
+    site: Site, control: ControlPlane, admin_nc: NATS, device_nc: NATS
+) -> None:
     devices: list[str] = []
     stop = asyncio.Event()
 
@@ -265,11 +318,16 @@ async def test_sigkill_while_peers_change_converges(site: Site, control: Control
             dev = await enroll(device_nc, site.token, request_id=uuid.uuid4().hex)
             devices.append(dev.device_id)
             if n % 3 == 0:
-                await call(admin_nc, "admin.device.revoke",
-                           p.DeviceAction(device_id=devices[n // 3]), p.Done)
+                await call(
+                    admin_nc,
+                    "admin.device.revoke",
+                    p.DeviceAction(device_id=devices[n // 3]),
+                    p.Done,
+                )
             if n % 4 == 0:
-                await call(admin_nc, "admin.device.suspend",
-                           p.DeviceAction(device_id=devices[-2]), p.Done)
+                await call(
+                    admin_nc, "admin.device.suspend", p.DeviceAction(device_id=devices[-2]), p.Done
+                )
             await asyncio.sleep(0.02)
 
     task = asyncio.create_task(churn())
@@ -298,9 +356,9 @@ async def test_sigkill_while_peers_change_converges(site: Site, control: Control
     assert len(desired(control)) >= 10 and stranger not in await site.gw_keys()
 
 
-async def test_nats_outage_keeps_tunnel_and_usage(site: Site, control: ControlPlane,
-                                                  device_nc: NATS, nats_server: NatsServer,
-                                                  dsn: str) -> None:
+async def test_nats_outage_keeps_tunnel_and_usage(
+    site: Site, control: ControlPlane, device_nc: NATS, nats_server: NatsServer, dsn: str
+) -> None:
     private, public = keypair()
     enrolled = await enroll(device_nc, site.token, public_key=public)
     await eventually(lambda: _has(site, public), 2, "peer on the gateway")
@@ -310,8 +368,21 @@ async def test_nats_outage_keeps_tunnel_and_usage(site: Site, control: ControlPl
     nats_server.stop()
     try:
         # The packet path does not need the control plane: 20 pings across the outage.
-        result = await netlab.exec_in(site.dev_ns, "ping", "-n", "-q", "-c", "20", "-i", "0.1",
-                                      "-s", "1000", "10.44.0.1", check=False, time_limit=20)
+        result = await netlab.exec_in(
+            site.dev_ns,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            "20",
+            "-i",
+            "0.1",
+            "-s",
+            "1000",
+            "10.44.0.1",
+            check=False,
+            time_limit=20,
+        )
         assert result.ok, result.stdout
         await asyncio.sleep(1.5)  # several usage intervals pass with the bus down
     finally:

@@ -13,11 +13,19 @@ from damm.events.subjects import event_subject
 ADMIN = m.Actor("admin", "alice")
 
 
-def tier_append(name: str, expected: int | None = None, msg_id: str | None = None,
-                regions: tuple[str, ...] = ("eu",)) -> Append:
+def tier_append(
+    name: str,
+    expected: int | None = None,
+    msg_id: str | None = None,
+    regions: tuple[str, ...] = ("eu",),
+) -> Append:
     subject = event_subject("tier", name)
-    env = envelope(subject, m.TierDefined(tier=name, regions=regions), actor=ADMIN,
-                   correlation_id=msg_id or "c1")
+    env = envelope(
+        subject,
+        m.TierDefined(tier=name, regions=regions),
+        actor=ADMIN,
+        correlation_id=msg_id or "c1",
+    )
     return Append(subject, env, expected_seq=expected, msg_id=msg_id)
 
 
@@ -64,11 +72,13 @@ async def test_atomic_batch_all_or_nothing(store: EventStore) -> None:
     await store.append(tier_append("taken", expected=0))
     before = await store.stream_last_seq()
     with pytest.raises(ConflictError):
-        await store.append_batch([
-            tier_append("a", expected=0),
-            tier_append("taken", expected=0),
-            tier_append("b", expected=0),
-        ])
+        await store.append_batch(
+            [
+                tier_append("a", expected=0),
+                tier_append("taken", expected=0),
+                tier_append("b", expected=0),
+            ]
+        )
     assert await store.stream_last_seq() == before
     ok = await store.append_batch([tier_append("a", expected=0), tier_append("b", expected=0)])
     assert ok.seqs == (before + 1, before + 2)

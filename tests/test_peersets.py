@@ -39,8 +39,12 @@ async def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 async def snapshot(nc: NATS, gateway_id: str, token: str) -> p.PeerSnapshot:
-    return await call(nc, "gateway.peers", p.PeerSnapshotRequest(gateway_id=gateway_id,
-                                                                 token=token), p.PeerSnapshot)
+    return await call(
+        nc,
+        "gateway.peers",
+        p.PeerSnapshotRequest(gateway_id=gateway_id, token=token),
+        p.PeerSnapshot,
+    )
 
 
 @pytest.fixture
@@ -50,8 +54,9 @@ async def leader(control: ControlPlane) -> ControlPlane:
     return control
 
 
-async def test_snapshot_lists_active_devices_only(leader: ControlPlane, admin_nc: NATS,
-                                                  gateway_nc: NATS, device_nc: NATS) -> None:
+async def test_snapshot_lists_active_devices_only(
+    leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     empty = await snapshot(gateway_nc, "gw1", fleet["gw1_token"])
     assert empty.peers == () and empty.revision == 0
@@ -66,8 +71,9 @@ async def test_snapshot_lists_active_devices_only(leader: ControlPlane, admin_nc
     assert info.value.code is Code.UNAUTHORIZED
 
 
-async def test_changes_chain_revisions(leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                                       device_nc: NATS) -> None:
+async def test_changes_chain_revisions(
+    leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     got: list[p.PeerSetChange] = []
 
@@ -79,14 +85,24 @@ async def test_changes_chain_revisions(leader: ControlPlane, admin_nc: NATS, gat
     priv, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
     for action in ("suspend", "resume"):
-        await call(admin_nc, f"admin.device.{action}", p.DeviceAction(device_id=dev.device_id),
-                   p.Done)
+        await call(
+            admin_nc, f"admin.device.{action}", p.DeviceAction(device_id=dev.device_id), p.Done
+        )
     _, new_pub = keypair()
     request_id = uuid.uuid4().hex
     proof = sign_rotation(priv, dev.rotation_key, dev.device_id, new_pub, request_id)
-    await call(device_nc, "device.rotate_key", p.RotateKey(
-        device_id=dev.device_id, old_public_key=pub, new_public_key=new_pub, proof=proof,
-        request_id=request_id), p.KeyRotated)
+    await call(
+        device_nc,
+        "device.rotate_key",
+        p.RotateKey(
+            device_id=dev.device_id,
+            old_public_key=pub,
+            new_public_key=new_pub,
+            proof=proof,
+            request_id=request_id,
+        ),
+        p.KeyRotated,
+    )
     await call(admin_nc, "admin.device.revoke", p.DeviceAction(device_id=dev.device_id), p.Done)
     await wait_for(lambda: len(got) == 5)
     assert [c.prev_revision for c in got[1:]] == [c.revision for c in got[:-1]]
@@ -101,15 +117,26 @@ async def test_changes_chain_revisions(leader: ControlPlane, admin_nc: NATS, gat
 
 
 @pytest.fixture
-async def agent_env(leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS,
-                    nats_server: NatsServer, tmp_path: Path
-                    ) -> AsyncIterator[tuple[GatewayAgent, MemoryBackend, dict[str, str]]]:
+async def agent_env(
+    leader: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    nats_server: NatsServer,
+    tmp_path: Path,
+) -> AsyncIterator[tuple[GatewayAgent, MemoryBackend, dict[str, str]]]:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     backend = MemoryBackend()
-    config = AgentConfig(gateway_id="gw1", token=fleet["gw1_token"], nats_url=nats_server.url,
-                         state_dir=tmp_path / "agent",
-                         nats_password=nats_server.passwords["gateway"],
-                         heartbeat_s=0.3, usage_s=0.2, reconcile_s=5)
+    config = AgentConfig(
+        gateway_id="gw1",
+        token=fleet["gw1_token"],
+        nats_url=nats_server.url,
+        state_dir=tmp_path / "agent",
+        nats_password=nats_server.passwords["gateway"],
+        heartbeat_s=0.3,
+        usage_s=0.2,
+        reconcile_s=5,
+    )
     agent = GatewayAgent(config, backend)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -120,8 +147,8 @@ async def agent_env(leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, devi
 
 
 async def test_agent_follows_enroll_revoke_suspend_rotate(
-        agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], admin_nc: NATS,
-        device_nc: NATS) -> None:
+    agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], admin_nc: NATS, device_nc: NATS
+) -> None:
     agent, backend, fleet = agent_env
     assert backend.public_key == agent.public_key and backend.listen_port == 51820
     priv, pub = keypair()
@@ -134,10 +161,18 @@ async def test_agent_follows_enroll_revoke_suspend_rotate(
     await wait_for(lambda: pub in backend.peers, 2)
     _, new_pub = keypair()
     rid = uuid.uuid4().hex
-    await call(device_nc, "device.rotate_key", p.RotateKey(
-        device_id=dev.device_id, old_public_key=pub, new_public_key=new_pub,
-        proof=sign_rotation(priv, dev.rotation_key, dev.device_id, new_pub, rid),
-        request_id=rid), p.KeyRotated)
+    await call(
+        device_nc,
+        "device.rotate_key",
+        p.RotateKey(
+            device_id=dev.device_id,
+            old_public_key=pub,
+            new_public_key=new_pub,
+            proof=sign_rotation(priv, dev.rotation_key, dev.device_id, new_pub, rid),
+            request_id=rid,
+        ),
+        p.KeyRotated,
+    )
     await wait_for(lambda: new_pub in backend.peers and pub not in backend.peers, 2)
     await call(admin_nc, "admin.device.revoke", p.DeviceAction(device_id=dev.device_id), p.Done)
     await wait_for(lambda: not backend.peers, 2)
@@ -145,7 +180,8 @@ async def test_agent_follows_enroll_revoke_suspend_rotate(
 
 
 async def test_agent_resyncs_on_gap_and_removes_strangers(
-        agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], device_nc: NATS) -> None:
+    agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], device_nc: NATS
+) -> None:
     agent, backend, fleet = agent_env
     _, stranger = keypair()
     backend.peers[stranger] = PeerStats(stranger, ("10.9.9.9/32",))
@@ -158,8 +194,10 @@ async def test_agent_resyncs_on_gap_and_removes_strangers(
 
 
 async def test_heartbeat_reply_triggers_resync(
-        agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], leader: ControlPlane,
-        device_nc: NATS) -> None:
+    agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]],
+    leader: ControlPlane,
+    device_nc: NATS,
+) -> None:
     agent, backend, fleet = agent_env
     assert leader.leadership is not None
     leader.leadership.is_leader = False  # a lost publication: nothing is published
@@ -171,16 +209,24 @@ async def test_heartbeat_reply_triggers_resync(
 
 
 async def test_heartbeat_metrics_and_usage(
-        agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]], leader: ControlPlane,
-        device_nc: NATS, dsn: str) -> None:
+    agent_env: tuple[GatewayAgent, MemoryBackend, dict[str, str]],
+    leader: ControlPlane,
+    device_nc: NATS,
+    dsn: str,
+) -> None:
     agent, backend, fleet = agent_env
     _, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
     await wait_for(lambda: pub in backend.peers, 2)
     backend.set_counters(pub, 1000, 500)
     backend.set_handshake(pub, datetime.now(UTC).timestamp())
-    await wait_for(lambda: not agent.ledger.pending and agent.ledger.meter.export_state()[
-        "peers"].get(pub) == [1000, 500], 3)
+    await wait_for(
+        lambda: (
+            not agent.ledger.pending
+            and agent.ledger.meter.export_state()["peers"].get(pub) == [1000, 500]
+        ),
+        3,
+    )
     backend.set_counters(pub, 1500, 700)
     await asyncio.sleep(0.5)
     ack = await agent.heartbeat()
@@ -190,8 +236,10 @@ async def test_heartbeat_metrics_and_usage(
     await wait_for(lambda: not agent.ledger.pending, 3)
     await leader.wait_projected()
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
-    row = await conn.fetchrow("SELECT sum(rx_bytes) rx, sum(tx_bytes) tx FROM usage_totals"
-                              " WHERE device_id=$1", dev.device_id)
+    row = await conn.fetchrow(
+        "SELECT sum(rx_bytes) rx, sum(tx_bytes) tx FROM usage_totals WHERE device_id=$1",
+        dev.device_id,
+    )
     health = await conn.fetchrow("SELECT * FROM gateway_health WHERE gateway_id='gw1'")
     await conn.close()
     assert (row["rx"], row["tx"]) == (1500, 700)
@@ -199,14 +247,25 @@ async def test_heartbeat_metrics_and_usage(
 
 
 async def test_usage_survives_restart_without_double_count(
-        leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS,
-        nats_server: NatsServer, tmp_path: Path, dsn: str) -> None:
+    leader: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    dsn: str,
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     backend = MemoryBackend()
-    config = AgentConfig(gateway_id="gw1", token=fleet["gw1_token"], nats_url=nats_server.url,
-                         state_dir=tmp_path / "agent",
-                         nats_password=nats_server.passwords["gateway"],
-                         heartbeat_s=5, usage_s=0.2)
+    config = AgentConfig(
+        gateway_id="gw1",
+        token=fleet["gw1_token"],
+        nats_url=nats_server.url,
+        state_dir=tmp_path / "agent",
+        nats_password=nats_server.passwords["gateway"],
+        heartbeat_s=5,
+        usage_s=0.2,
+    )
     _, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
     for total in (100, 250):
@@ -215,22 +274,28 @@ async def test_usage_survives_restart_without_double_count(
         task = asyncio.create_task(agent.run(stop))
         await asyncio.wait_for(agent.synced.wait(), 5)
         backend.set_counters(pub, total, total)
-        await wait_for(lambda a=agent, t=total: a.ledger.meter.export_state()["peers"].get(pub)
-                       == [t, t] and not a.ledger.pending, 3)  # type: ignore[misc]
+        await wait_for(
+            lambda a=agent, t=total: (
+                a.ledger.meter.export_state()["peers"].get(pub) == [t, t] and not a.ledger.pending
+            ),
+            3,
+        )  # type: ignore[misc]
         stop.set()
         await asyncio.wait_for(task, 10)
     key_file = tmp_path / "agent" / "private.key"
     assert oct(key_file.stat().st_mode & 0o777) == "0o600"
     await leader.wait_projected()
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
-    rx = await conn.fetchval("SELECT sum(rx_bytes) FROM usage_totals WHERE device_id=$1",
-                             dev.device_id)
+    rx = await conn.fetchval(
+        "SELECT sum(rx_bytes) FROM usage_totals WHERE device_id=$1", dev.device_id
+    )
     await conn.close()
     assert rx == 250
 
 
 async def test_key_expiry_suspends_and_rotation_restores(
-        leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS, dsn: str) -> None:
+    leader: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS, dsn: str
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc, key_lifetime_s=3600)
     priv, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
@@ -243,17 +308,26 @@ async def test_key_expiry_suspends_and_rotation_restores(
     assert (state.status, state.reason) == ("suspended", "key_expired")
     _, new_pub = keypair()
     rid = uuid.uuid4().hex
-    await call(device_nc, "device.rotate_key", p.RotateKey(
-        device_id=dev.device_id, old_public_key=pub, new_public_key=new_pub,
-        proof=sign_rotation(priv, dev.rotation_key, dev.device_id, new_pub, rid),
-        request_id=rid), p.KeyRotated)
+    await call(
+        device_nc,
+        "device.rotate_key",
+        p.RotateKey(
+            device_id=dev.device_id,
+            old_public_key=pub,
+            new_public_key=new_pub,
+            proof=sign_rotation(priv, dev.rotation_key, dev.device_id, new_pub, rid),
+            request_id=rid,
+        ),
+        p.KeyRotated,
+    )
     assert ctx.state.devices[dev.device_id].status == "active"
     snap = await snapshot(gateway_nc, "gw1", fleet["gw1_token"])
     assert [e.public_key for e in snap.peers] == [new_pub]
     await leader.wait_projected()
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
-    row = await conn.fetchrow("SELECT status, status_reason FROM devices WHERE device_id=$1",
-                              dev.device_id)
+    row = await conn.fetchrow(
+        "SELECT status, status_reason FROM devices WHERE device_id=$1", dev.device_id
+    )
     await conn.close()
     assert tuple(row) == ("active", "key_rotated")
 

@@ -46,8 +46,9 @@ async def quota(control: ControlPlane, dsn: str) -> AsyncIterator[tuple[QuotaRea
         await reactor.stop()
 
 
-def attach_reactor(control: ControlPlane, dsn: str,
-                   clock: Callable[[], datetime] | None = None) -> tuple[QuotaReactor, bool]:
+def attach_reactor(
+    control: ControlPlane, dsn: str, clock: Callable[[], datetime] | None = None
+) -> tuple[QuotaReactor, bool]:
     """The control plane's own reactor when it runs one (with our clock), else a new one."""
     assert control.ctx is not None
     wired = getattr(control, "quota", None)
@@ -61,18 +62,28 @@ def attach_reactor(control: ControlPlane, dsn: str,
     return reactor, True
 
 
-async def report(gw_nc: NATS, fleet: dict[str, str], pub: str, rx: int, tx: int,
-                 report_id: str | None = None) -> p.Done:
-    return await call(gw_nc, "gateway.usage", p.ReportUsage(
-        gateway_id="gw1", token=fleet["gw1_token"], report_id=report_id or uuid.uuid4().hex,
-        entries=(p.UsageEntry(pub, rx, tx),)), p.Done)
+async def report(
+    gw_nc: NATS, fleet: dict[str, str], pub: str, rx: int, tx: int, report_id: str | None = None
+) -> p.Done:
+    return await call(
+        gw_nc,
+        "gateway.usage",
+        p.ReportUsage(
+            gateway_id="gw1",
+            token=fleet["gw1_token"],
+            report_id=report_id or uuid.uuid4().hex,
+            entries=(p.UsageEntry(pub, rx, tx),),
+        ),
+        p.Done,
+    )
 
 
 async def status(dsn: str, device_id: str) -> tuple[str, str]:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
     try:
         row = await conn.fetchrow(
-            "SELECT status, coalesce(status_reason, '') FROM devices WHERE device_id=$1", device_id)
+            "SELECT status, coalesce(status_reason, '') FROM devices WHERE device_id=$1", device_id
+        )
     finally:
         await conn.close()
     return (row[0], row[1]) if row is not None else ("", "")
@@ -103,15 +114,22 @@ async def settle(control: ControlPlane, reactor: QuotaReactor, sweeps: int = 3) 
 async def usage(dsn: str, device_id: str) -> int:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
     try:
-        return int(await conn.fetchval(
-            "SELECT coalesce(sum(rx_bytes + tx_bytes), 0) FROM usage_totals WHERE device_id=$1",
-            device_id))
+        return int(
+            await conn.fetchval(
+                "SELECT coalesce(sum(rx_bytes + tx_bytes), 0) FROM usage_totals WHERE device_id=$1",
+                device_id,
+            )
+        )
     finally:
         await conn.close()
 
 
-async def _device(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS,
-                  ) -> tuple[dict[str, str], str, str]:
+async def _device(
+    control: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+) -> tuple[dict[str, str], str, str]:
     fleet = await setup_fleet(admin_nc, gateway_nc, byte_limit=LIMIT)
     _, pub = keypair()
     dev = await enroll(device_nc, fleet["token"], public_key=pub)
@@ -137,13 +155,20 @@ def test_pure_policy() -> None:
         Candidate("f", "suspended", "admin", LIMIT, 0, now),
     ]
     got = {(a.device_id, type(a.event).__name__, a.event.reason) for a in decide(rows, "2026-11")}
-    assert got == {("a", "DeviceSuspended", OVER_QUOTA), ("c", "DeviceResumed", NEW_PERIOD),
-                   ("d", "DeviceResumed", UNDER_QUOTA)}
+    assert got == {
+        ("a", "DeviceSuspended", OVER_QUOTA),
+        ("c", "DeviceResumed", NEW_PERIOD),
+        ("d", "DeviceResumed", UNDER_QUOTA),
+    }
 
 
 async def test_exactly_at_limit_is_not_over_and_one_more_byte_is(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     reactor, _ = quota
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
@@ -169,8 +194,12 @@ async def suspensions(control: ControlPlane, device_id: str) -> list[m.Envelope]
 
 
 async def test_burst_crossing_in_one_report_suspends_once_by_policy(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     reactor, _ = quota
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
@@ -186,8 +215,12 @@ async def test_burst_crossing_in_one_report_suspends_once_by_policy(
 
 
 async def test_duplicate_reports_are_counted_once(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     reactor, _ = quota
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
@@ -200,8 +233,12 @@ async def test_duplicate_reports_are_counted_once(
 
 
 async def test_new_period_resumes_quota_suspended_devices_only(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     reactor, clock = quota
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
@@ -220,8 +257,12 @@ async def test_new_period_resumes_quota_suspended_devices_only(
 
 
 async def test_admin_resume_without_reset_does_not_stick_but_reset_does(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     reactor, _ = quota
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
@@ -249,8 +290,12 @@ async def test_admin_resume_without_reset_does_not_stick_but_reset_does(
 
 
 async def test_reset_then_admin_resume_order(
-    control: ControlPlane, quota: tuple[QuotaReactor, Clock], admin_nc: NATS, gateway_nc: NATS,
-    device_nc: NATS, dsn: str,
+    control: ControlPlane,
+    quota: tuple[QuotaReactor, Clock],
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    dsn: str,
 ) -> None:
     """Resume first, then reset at once: the reactor never judges the resume on stale totals."""
     reactor, _ = quota

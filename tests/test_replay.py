@@ -49,8 +49,13 @@ class History:
     def add(self, kind: str, ident: str, event: m.Event, actor: m.Actor = ADMIN) -> None:
         self.tick += 1
         subject = event_subject(kind, ident)
-        env = envelope(subject, event, actor=actor, correlation_id=f"req-{self.tick}",
-                       now=T0 + timedelta(minutes=7 * self.tick))
+        env = envelope(
+            subject,
+            event,
+            actor=actor,
+            correlation_id=f"req-{self.tick}",
+            now=T0 + timedelta(minutes=7 * self.tick),
+        )
         self.items.append(Append(subject, env))
 
     def drain(self) -> list[Append]:
@@ -59,35 +64,81 @@ class History:
 
     def fleet(self, gateways: int = 3, tokens: int = 6) -> None:
         for tier, limit in (("basic", 10 * 2**30), ("pro", None)):
-            self.add("tier", tier, m.TierDefined(tier=tier, regions=("eu", "us"),
-                                                  exit_countries=("DE", "NL"), session_limit=3,
-                                                  byte_limit=limit))
-        self.add("tier", "basic", m.TierDefined(tier="basic", regions=("eu",),
-                                                 exit_countries=("DE",), byte_limit=2**30))
+            self.add(
+                "tier",
+                tier,
+                m.TierDefined(
+                    tier=tier,
+                    regions=("eu", "us"),
+                    exit_countries=("DE", "NL"),
+                    session_limit=3,
+                    byte_limit=limit,
+                ),
+            )
+        self.add(
+            "tier",
+            "basic",
+            m.TierDefined(tier="basic", regions=("eu",), exit_countries=("DE",), byte_limit=2**30),
+        )
         self.add("catalog", "k1", m.SigningKeyAnnounced(key_id="k1", public_key="pk1"))
         for g in range(gateways):
             gw = f"gw-{g}"
             self.add("gateway", gw, m.GatewayAdded(gateway_id=gw, region="eu", token_hash=f"h{g}"))
             for d in range(2):
-                self.add("gateway", gw, m.FrontDoorSet(
-                    gateway_id=gw, front_door_id=f"fd{d}", endpoint=f"198.51.100.{g}:{51820 + d}",
-                    priority=10 * (2 - d)))
-            self.add("gateway", gw, m.GatewayRegistered(gateway_id=gw, public_key=f"gk{g}",
-                                                        listen_port=51820, agent_version="1.0"))
-        self.add("gateway", "gw-2", m.GatewayStatusChanged(gateway_id="gw-2", active=False,
-                                                           reason="maintenance"))
+                self.add(
+                    "gateway",
+                    gw,
+                    m.FrontDoorSet(
+                        gateway_id=gw,
+                        front_door_id=f"fd{d}",
+                        endpoint=f"198.51.100.{g}:{51820 + d}",
+                        priority=10 * (2 - d),
+                    ),
+                )
+            self.add(
+                "gateway",
+                gw,
+                m.GatewayRegistered(
+                    gateway_id=gw, public_key=f"gk{g}", listen_port=51820, agent_version="1.0"
+                ),
+            )
+        self.add(
+            "gateway",
+            "gw-2",
+            m.GatewayStatusChanged(gateway_id="gw-2", active=False, reason="maintenance"),
+        )
         for p, countries in (("pool-de", ("DE",)), ("pool-nl", ("NL", "BE"))):
-            self.add("pool", p, m.EgressPoolDefined(pool_id=p, provider="acme", region="eu",
-                                                    countries=countries, ips=("198.51.100.16",)))
+            self.add(
+                "pool",
+                p,
+                m.EgressPoolDefined(
+                    pool_id=p,
+                    provider="acme",
+                    region="eu",
+                    countries=countries,
+                    ips=("198.51.100.16",),
+                ),
+            )
         for t in range(tokens):
             tok = f"tok-{t}"
             self.tokens.append(tok)
-            self.add("token", tok, m.TokenIssued(token_id=tok, token_hash=f"th{t}",
-                                                 tier=("basic", "pro")[t % 2], max_uses=None,
-                                                 expires_at=T0 + timedelta(days=30)))
+            self.add(
+                "token",
+                tok,
+                m.TokenIssued(
+                    token_id=tok,
+                    token_hash=f"th{t}",
+                    tier=("basic", "pro")[t % 2],
+                    max_uses=None,
+                    expires_at=T0 + timedelta(days=30),
+                ),
+            )
         for version in range(1, 4):
-            self.add("catalog", "eu", m.CatalogPublished(region="eu", version=version,
-                                                         key_id="k1", digest=f"d{version}"))
+            self.add(
+                "catalog",
+                "eu",
+                m.CatalogPublished(region="eu", version=version, key_id="k1", digest=f"d{version}"),
+            )
 
     def enroll(self, count: int) -> None:
         for _ in range(count):
@@ -98,12 +149,27 @@ class History:
             self.add("token", tok, m.TokenUsed(token_id=tok, device_id=dev))
             self.token_uses[tok] += 1
             self.add("key", f"k{n}", m.KeyBound(public_key=f"pub{n}", device_id=dev))
-            self.add("ipam", "overlay", m.AddressAllocated(pool="overlay", index=10 + n,
-                                                           address=address, device_id=dev))
-            self.add("device", dev, m.DeviceEnrolled(
-                device_id=dev, public_key=f"pub{n}", token_id=tok, tier="basic",
-                gateway_id=f"gw-{n % 2}", front_door_id="fd0", egress_pool_id="pool-de",
-                address=address, region="eu", exit_country="DE"))
+            self.add(
+                "ipam",
+                "overlay",
+                m.AddressAllocated(pool="overlay", index=10 + n, address=address, device_id=dev),
+            )
+            self.add(
+                "device",
+                dev,
+                m.DeviceEnrolled(
+                    device_id=dev,
+                    public_key=f"pub{n}",
+                    token_id=tok,
+                    tier="basic",
+                    gateway_id=f"gw-{n % 2}",
+                    front_door_id="fd0",
+                    egress_pool_id="pool-de",
+                    address=address,
+                    region="eu",
+                    exit_country="DE",
+                ),
+            )
             self.status[dev] = "active"
 
     def churn(self, count: int) -> None:
@@ -113,11 +179,17 @@ class History:
             dev = self.rng.choice(self.devices)
             if roll < 0.55:
                 picked = self.rng.sample(self.devices, k=min(3, len(self.devices)))
-                deltas = tuple(m.UsageDelta(d, self.rng.randrange(1, 10**6),
-                                            self.rng.randrange(1, 10**5)) for d in picked)
+                deltas = tuple(
+                    m.UsageDelta(d, self.rng.randrange(1, 10**6), self.rng.randrange(1, 10**5))
+                    for d in picked
+                )
                 gw = f"gw-{self.rng.randrange(2)}"
-                self.add("gateway", gw, m.UsageReported(gateway_id=gw, report_id=f"u{self.tick}",
-                                                        deltas=deltas), m.Actor("gateway", gw))
+                self.add(
+                    "gateway",
+                    gw,
+                    m.UsageReported(gateway_id=gw, report_id=f"u{self.tick}", deltas=deltas),
+                    m.Actor("gateway", gw),
+                )
                 env = self.items[-1].envelope
                 period = f"{env.occurred_at.year:04d}-{env.occurred_at.month:02d}"
                 for d in deltas:
@@ -127,8 +199,11 @@ class History:
                 if self.status[dev] == "revoked":
                     continue
                 flip = "suspended" if self.status[dev] == "active" else "active"
-                event: m.Event = (m.DeviceSuspended(device_id=dev, reason="over quota")
-                                  if flip == "suspended" else m.DeviceResumed(device_id=dev))
+                event: m.Event = (
+                    m.DeviceSuspended(device_id=dev, reason="over quota")
+                    if flip == "suspended"
+                    else m.DeviceResumed(device_id=dev)
+                )
                 self.add("device", dev, event, POLICY)
                 self.status[dev] = flip
             elif roll < 0.95:
@@ -136,8 +211,13 @@ class History:
                 self.add("token", tok, m.TokenUsed(token_id=tok, device_id=dev))
                 self.token_uses[tok] += 1
             else:
-                self.add("device", dev, m.DeviceKeyRotated(
-                    device_id=dev, old_public_key="?", new_public_key=f"rot{self.tick}"))
+                self.add(
+                    "device",
+                    dev,
+                    m.DeviceKeyRotated(
+                        device_id=dev, old_public_key="?", new_public_key=f"rot{self.tick}"
+                    ),
+                )
 
     def retire(self, count: int) -> None:
         for dev in self.rng.sample(self.devices, k=count):
@@ -145,14 +225,18 @@ class History:
                 continue
             n = int(dev.split("-")[1])
             self.add("device", dev, m.DeviceRevoked(device_id=dev, reason="lost"))
-            self.add("ipam", "overlay", m.AddressReleased(pool="overlay", index=10 + n,
-                                                          device_id=dev))
+            self.add(
+                "ipam", "overlay", m.AddressReleased(pool="overlay", index=10 + n, device_id=dev)
+            )
             tok = self.tokens[n % len(self.tokens)]
             self.add("token", tok, m.TokenSessionReleased(token_id=tok, device_id=dev))
             self.status[dev] = "revoked"
         self.add("token", self.tokens[-1], m.TokenRevoked(token_id=self.tokens[-1], reason="leak"))
-        self.add("usage", self.devices[0], m.UsagePeriodReset(device_id=self.devices[0],
-                                                              period="2025-03"))
+        self.add(
+            "usage",
+            self.devices[0],
+            m.UsagePeriodReset(device_id=self.devices[0], period="2025-03"),
+        )
         self.usage.pop((self.devices[0], "2025-03"), None)
 
 
@@ -164,7 +248,8 @@ async def db_checkpoint(dsn: str, projector: str = "readmodels", schema: str = "
     conn = await asyncpg.connect(dsn)
     try:
         seq = await conn.fetchval(
-            f"SELECT last_seq FROM {schema}.checkpoint WHERE projector = $1", projector)
+            f"SELECT last_seq FROM {schema}.checkpoint WHERE projector = $1", projector
+        )
     except asyncpg.UndefinedTableError:  # mid-swap
         return -1
     finally:
@@ -185,8 +270,13 @@ async def wait_for(check: Callable[[], object], what: str, timeout: float = 30.0
         await asyncio.sleep(0.05)
 
 
-async def projected(nc: NATS, dsn: str, stream: str = EVENTS_STREAM,
-                    projector: str = "readmodels", timeout: float = 30.0) -> int:
+async def projected(
+    nc: NATS,
+    dsn: str,
+    stream: str = EVENTS_STREAM,
+    projector: str = "readmodels",
+    timeout: float = 30.0,
+) -> int:
     head = await stream_head(nc, stream)
 
     async def reached() -> bool:
@@ -199,8 +289,10 @@ async def projected(nc: NATS, dsn: str, stream: str = EVENTS_STREAM,
 @contextlib.asynccontextmanager
 async def projectors(nc: NATS, dsn: str) -> AsyncIterator[list[Projector]]:
     stop = asyncio.Event()
-    running = [Projector("readmodels", EVENTS_STREAM, dsn),
-               Projector("telemetry", TELEMETRY_STREAM, dsn)]
+    running = [
+        Projector("readmodels", EVENTS_STREAM, dsn),
+        Projector("telemetry", TELEMETRY_STREAM, dsn),
+    ]
     tasks = [asyncio.create_task(p.run(nc, stop)) for p in running]
     try:
         yield running
@@ -214,10 +306,16 @@ async def heartbeats(nc: NATS, count: int) -> None:
     for i in range(count):
         gw = f"gw-{i % 3}"
         subject = heartbeat_subject(gw)
-        env = envelope(subject, m.GatewayHeartbeat(gateway_id=gw, peer_count=i, active_peers=i,
-                                                   rx_bytes=i, tx_bytes=i, load=0.1 * i),
-                       actor=m.Actor("gateway", gw), correlation_id=f"hb{i}",
-                       now=T0 + timedelta(seconds=i), aggregate=f"gateway/{gw}")
+        env = envelope(
+            subject,
+            m.GatewayHeartbeat(
+                gateway_id=gw, peer_count=i, active_peers=i, rx_bytes=i, tx_bytes=i, load=0.1 * i
+            ),
+            actor=m.Actor("gateway", gw),
+            correlation_id=f"hb{i}",
+            now=T0 + timedelta(seconds=i),
+            aggregate=f"gateway/{gw}",
+        )
         items.append(Append(subject, env))
     await EventStore(nc, stream=TELEMETRY_STREAM).append_many(items)
 
@@ -225,8 +323,10 @@ async def heartbeats(nc: NATS, count: int) -> None:
 async def table_rows(dsn: str, schema: str = "damm") -> dict[str, list[tuple[object, ...]]]:
     conn = await asyncpg.connect(dsn)
     try:
-        return {t: sorted(tuple(r) for r in await conn.fetch(f"SELECT * FROM {schema}.{t}"))
-                for t in (*REPLAYED_TABLES, "gateway_health")}
+        return {
+            t: sorted(tuple(r) for r in await conn.fetch(f"SELECT * FROM {schema}.{t}"))
+            for t in (*REPLAYED_TABLES, "gateway_health")
+        }
     finally:
         await conn.close()
 
@@ -271,8 +371,10 @@ async def test_verify_detects_tampering_and_replace_live_repairs(nc: NATS, dsn: 
         busy = next(iter(history.usage))
         conn = await asyncpg.connect(dsn)
         await conn.execute("UPDATE damm.devices SET status='active' WHERE device_id=$1", revoked)
-        await conn.execute("UPDATE damm.usage_totals SET rx_bytes = rx_bytes + 1"
-                           " WHERE device_id=$1 AND period=$2", *busy)
+        await conn.execute(
+            "UPDATE damm.usage_totals SET rx_bytes = rx_bytes + 1 WHERE device_id=$1 AND period=$2",
+            *busy,
+        )
         await conn.close()
 
         report = await verify(nc, dsn)
@@ -288,8 +390,12 @@ async def test_verify_detects_tampering_and_replace_live_repairs(nc: NATS, dsn: 
         assert usage.samples[0][1]["device_id"] == busy[0]
         # The shadow schema is gone unless kept.
         conn = await asyncpg.connect(dsn)
-        assert await conn.fetchval("SELECT count(*) FROM pg_namespace WHERE nspname LIKE"
-                                   " 'damm_replay%'") == 0
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'damm_replay%'"
+            )
+            == 0
+        )
         await conn.close()
 
         # Replace while new events keep arriving: the swap must catch up under the lock.
@@ -360,8 +466,12 @@ async def test_rebuild_upto_and_empty_log(nc: NATS, dsn: str) -> None:
     await store.append_many(history.drain())
     assert await rebuild(nc, dsn, upto=5) == 5
     conn = await asyncpg.connect(dsn)
-    assert await conn.fetchval(
-        "SELECT last_seq FROM damm_replay.checkpoint WHERE projector='readmodels'") == 5
+    assert (
+        await conn.fetchval(
+            "SELECT last_seq FROM damm_replay.checkpoint WHERE projector='readmodels'"
+        )
+        == 5
+    )
     assert await conn.fetchval("SELECT count(*) FROM damm_replay.tiers") == 2
     await conn.close()
 
@@ -373,15 +483,27 @@ def spawn_projector(server: NatsServer, dsn: str, log: Path) -> subprocess.Popen
     root = Path(__file__).resolve().parent.parent
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "tests.projector_proc", server.url,
-             server.passwords["control"], dsn],
-            cwd=root, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "tests.projector_proc",
+                server.url,
+                server.passwords["control"],
+                dsn,
+            ],
+            cwd=root,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": str(root)},
         )
 
 
 async def test_exactly_once_when_projector_process_is_killed(
-    nc: NATS, dsn: str, nats_server: NatsServer, tmp_path: Path,
+    nc: NATS,
+    dsn: str,
+    nats_server: NatsServer,
+    tmp_path: Path,
 ) -> None:
     seed = int(os.environ.get("DAMM_KILL_SEED", str(random.randrange(10**6))))
     print(f"seed={seed}")
@@ -404,7 +526,7 @@ async def test_exactly_once_when_projector_process_is_killed(
         # Bursts faster than the projector folds them, with pauses: it is usually mid-backlog.
         try:
             for start in range(0, len(items), 1500):
-                await store.append_many(items[start:start + 1500])
+                await store.append_many(items[start : start + 1500])
                 await asyncio.sleep(0.4)
         finally:
             publishing.clear()

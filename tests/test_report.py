@@ -46,8 +46,14 @@ class Fleet:
 
 
 async def _usage(gw_nc: NATS, gw: str, token: str, pub: str, n: int, rid: str) -> None:
-    await call(gw_nc, "gateway.usage", p.ReportUsage(
-        gateway_id=gw, token=token, report_id=rid, entries=(p.UsageEntry(pub, n, 0),)), p.Done)
+    await call(
+        gw_nc,
+        "gateway.usage",
+        p.ReportUsage(
+            gateway_id=gw, token=token, report_id=rid, entries=(p.UsageEntry(pub, n, 0),)
+        ),
+        p.Done,
+    )
 
 
 async def _health_loads(dsn: str) -> dict[str, float]:
@@ -59,24 +65,65 @@ async def _health_loads(dsn: str) -> dict[str, float]:
 
 
 @pytest.fixture
-async def fleet(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS,
-                dsn: str) -> Fleet:
-    f = await setup_fleet(admin_nc, gateway_nc, regions=("eu", "us"), byte_limit=LIMIT,
-                          gateways=(("gw1", "eu"), ("gw2", "eu"), ("gw3", "us")))
+async def fleet(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS, dsn: str
+) -> Fleet:
+    f = await setup_fleet(
+        admin_nc,
+        gateway_nc,
+        regions=("eu", "us"),
+        byte_limit=LIMIT,
+        gateways=(("gw1", "eu"), ("gw2", "eu"), ("gw3", "us")),
+    )
     # gw4 registers but never heartbeats: stale.
-    added = await call(admin_nc, "admin.gateway.add", p.AddGateway(
-        gateway_id="gw4", region="us", front_door="192.0.2.4:51820"), p.GatewayAdded)
-    await call(gateway_nc, "gateway.register", p.RegisterGateway(
-        gateway_id="gw4", token=added.token, public_key=keypair()[1], listen_port=51820),
-        p.Registered)
-    await call(admin_nc, "admin.gateway.front_door", p.SetFrontDoor(
-        gateway_id="gw1", front_door_id="fd2", endpoint="198.51.100.9:443", priority=20), p.Done)
-    await call(admin_nc, "admin.egress.define", p.DefineEgress(
-        pool_id="pool-a", region="eu", countries=("DE",), ips=("203.0.113.0/30",), load=0.85,
-        headroom=0.1), p.Done)
-    await call(admin_nc, "admin.egress.define", p.DefineEgress(
-        pool_id="pool-b", region="us", countries=("US",), ips=("203.0.113.64/28",), load=0.3,
-        headroom=0.6), p.Done)
+    added = await call(
+        admin_nc,
+        "admin.gateway.add",
+        p.AddGateway(gateway_id="gw4", region="us", front_door="192.0.2.4:51820"),
+        p.GatewayAdded,
+    )
+    await call(
+        gateway_nc,
+        "gateway.register",
+        p.RegisterGateway(
+            gateway_id="gw4", token=added.token, public_key=keypair()[1], listen_port=51820
+        ),
+        p.Registered,
+    )
+    await call(
+        admin_nc,
+        "admin.gateway.front_door",
+        p.SetFrontDoor(
+            gateway_id="gw1", front_door_id="fd2", endpoint="198.51.100.9:443", priority=20
+        ),
+        p.Done,
+    )
+    await call(
+        admin_nc,
+        "admin.egress.define",
+        p.DefineEgress(
+            pool_id="pool-a",
+            region="eu",
+            countries=("DE",),
+            ips=("203.0.113.0/30",),
+            load=0.85,
+            headroom=0.1,
+        ),
+        p.Done,
+    )
+    await call(
+        admin_nc,
+        "admin.egress.define",
+        p.DefineEgress(
+            pool_id="pool-b",
+            region="us",
+            countries=("US",),
+            ips=("203.0.113.64/28",),
+            load=0.3,
+            headroom=0.6,
+        ),
+        p.Done,
+    )
     devices: dict[str, str] = {}
     keys: dict[str, str] = {}
     placed: dict[str, str] = {}
@@ -99,8 +146,9 @@ async def fleet(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_
         for _ in range(200):
             await control.wait_projected()
             conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
-            status = await conn.fetchval("SELECT status FROM devices WHERE device_id=$1",
-                                         devices["d1"])
+            status = await conn.fetchval(
+                "SELECT status FROM devices WHERE device_id=$1", devices["d1"]
+            )
             await conn.close()
             if status == "suspended":
                 break
@@ -134,7 +182,8 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
     gws = {g.gateway_id: g for g in rep.gateways}
     assert gws["gw4"].status == "stale" and gws["gw4"].heartbeat_age_s is None
     assert {g: gws[g].status for g in ("gw1", "gw2", "gw3")} == dict.fromkeys(
-        ("gw1", "gw2", "gw3"), "healthy")
+        ("gw1", "gw2", "gw3"), "healthy"
+    )
     assert sum(g.devices_total for g in rep.gateways) == 5
 
     tiers = {tr.tier: tr for tr in rep.tiers}
@@ -142,7 +191,10 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
     assert tiers["gold"].byte_limit == LIMIT
 
     assert [(u.device_id, u.used) for u in rep.top_usage] == [
-        (d["d1"], 1200), (d["d2"], 850), (d["d3"], 100)]
+        (d["d1"], 1200),
+        (d["d2"], 850),
+        (d["d3"], 100),
+    ]
     assert [(u.device_id, u.status) for u in rep.over_quota] == [(d["d1"], "suspended")]
     assert [(u.device_id, u.share) for u in rep.near_quota] == [(d["d2"], 0.85)]
 
@@ -152,12 +204,27 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
 
     used_doors = {(fleet.placed[dev], "fd1") for dev in d.values()}
     recs = {(r.kind, r.subject) for r in rep.recommendations}
-    expected_unused = {("front_door_unused", f"{gw}/{fd}")
-                       for gw, fd in {("gw1", "fd1"), ("gw1", "fd2"), ("gw2", "fd1"),
-                                      ("gw3", "fd1"), ("gw4", "fd1")} - used_doors}
-    assert recs == {("region_near_capacity", "eu"), ("gateway_stale", "gw4"),
-                    ("pool_low_headroom", "pool-a"), ("devices_over_quota", rep.period)
-                    } | expected_unused
+    expected_unused = {
+        ("front_door_unused", f"{gw}/{fd}")
+        for gw, fd in {
+            ("gw1", "fd1"),
+            ("gw1", "fd2"),
+            ("gw2", "fd1"),
+            ("gw3", "fd1"),
+            ("gw4", "fd1"),
+        }
+        - used_doors
+    }
+    assert (
+        recs
+        == {
+            ("region_near_capacity", "eu"),
+            ("gateway_stale", "gw4"),
+            ("pool_low_headroom", "pool-a"),
+            ("devices_over_quota", rep.period),
+        }
+        | expected_unused
+    )
     assert rep.recommendations[0].severity == "warning"  # nothing critical here
     text = render_text(rep)
     for needle in ("Recommendations", "gw4", "stale", "pool-a", d["d1"], "Near quota"):
@@ -166,12 +233,31 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
 
 def test_pure_build_region_without_capacity() -> None:
     now = datetime(2026, 11, 25, tzinfo=UTC)
-    rows = Rows(period="2026-11", gateways=[
-        {"gateway_id": "g", "region": "ap", "active": True, "registered": True,
-         "last_heartbeat": datetime(2026, 11, 24, tzinfo=UTC), "load": 0.2, "peer_count": 3,
-         "active_peers": 1},
-        {"gateway_id": "h", "region": "ap", "active": False, "registered": True,
-         "last_heartbeat": now, "load": 0.2, "peer_count": 0, "active_peers": 0}])
+    rows = Rows(
+        period="2026-11",
+        gateways=[
+            {
+                "gateway_id": "g",
+                "region": "ap",
+                "active": True,
+                "registered": True,
+                "last_heartbeat": datetime(2026, 11, 24, tzinfo=UTC),
+                "load": 0.2,
+                "peer_count": 3,
+                "active_peers": 1,
+            },
+            {
+                "gateway_id": "h",
+                "region": "ap",
+                "active": False,
+                "registered": True,
+                "last_heartbeat": now,
+                "load": 0.2,
+                "peer_count": 0,
+                "active_peers": 0,
+            },
+        ],
+    )
     rep = build(rows, now, 90)
     assert [g.status for g in rep.gateways] == ["stale", "disabled"]
     assert rep.recommendations[0].severity == "critical"
@@ -187,8 +273,10 @@ async def test_replayed_history_yields_the_same_report(
     await migrate(conn, "replay")
     await conn.close()
     stop = asyncio.Event()
-    projectors = [Projector("replay-readmodels", EVENTS_STREAM, dsn, "replay"),
-                  Projector("replay-telemetry", TELEMETRY_STREAM, dsn, "replay")]
+    projectors = [
+        Projector("replay-readmodels", EVENTS_STREAM, dsn, "replay"),
+        Projector("replay-telemetry", TELEMETRY_STREAM, dsn, "replay"),
+    ]
     tasks = [asyncio.create_task(pr.run(control.nc, stop)) for pr in projectors]
     try:
         last = (await control.nc.jetstream().stream_info(EVENTS_STREAM)).state.last_seq
@@ -204,13 +292,15 @@ async def test_replayed_history_yields_the_same_report(
     assert msgspec.to_builtins(replayed) == msgspec.to_builtins(live)
 
 
-async def test_cli_formats(control: ControlPlane, fleet: Fleet, nats_server: NatsServer,
-                           dsn: str, tmp_path: Path) -> None:
+async def test_cli_formats(
+    control: ControlPlane, fleet: Fleet, nats_server: NatsServer, dsn: str, tmp_path: Path
+) -> None:
     runner = CliRunner()
 
     def invoke(*args: str) -> str:
-        result = runner.invoke(report_cmd, list(args), obj=Target(nats_server.url, dsn),
-                               catch_exceptions=False)
+        result = runner.invoke(
+            report_cmd, list(args), obj=Target(nats_server.url, dsn), catch_exceptions=False
+        )
         assert result.exit_code == 0, result.output
         return result.output
 
@@ -226,8 +316,9 @@ async def test_cli_formats(control: ControlPlane, fleet: Fleet, nats_server: Nat
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium not installed at /usr/bin")
-async def test_html_renders_in_chromium(control: ControlPlane, fleet: Fleet, dsn: str,
-                                        tmp_path: Path) -> None:
+async def test_html_renders_in_chromium(
+    control: ControlPlane, fleet: Fleet, dsn: str, tmp_path: Path
+) -> None:
     from playwright.async_api import async_playwright
 
     rep: Report = await generate(dsn, ttl_s=90, now=fleet.now)
@@ -236,13 +327,20 @@ async def test_html_renders_in_chromium(control: ControlPlane, fleet: Fleet, dsn
     errors: list[str] = []
     requests: list[str] = []
     async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run"])
+        browser = await pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+            ],
+        )
         try:
             page = await browser.new_page(viewport={"width": 1280, "height": 900})
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error"
-                    else None)
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda req: requests.append(req.url))
             await page.goto(page_path.as_uri())

@@ -21,8 +21,9 @@ async def fetch(nc: NATS) -> bytes:
     return reply.signed
 
 
-async def test_announce_then_activate(control: ControlPlane, admin_nc: NATS, gateway_nc: NATS,
-                                      device_nc: NATS) -> None:
+async def test_announce_then_activate(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     dev = await enroll(device_nc, fleet["token"])
     assert dev.catalog is not None
@@ -54,7 +55,8 @@ async def test_announce_then_activate(control: ControlPlane, admin_nc: NATS, gat
 
 
 async def test_enrollment_pins_the_current_catalog_version(
-        control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS) -> None:
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
     assert control.catalogs is not None
     await control.catalogs.tick()

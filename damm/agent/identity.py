@@ -28,8 +28,9 @@ def load_or_create_key(state_dir: Path) -> tuple[str, str]:
         write_atomic(path, private + "\n", 0o600)
     mode = stat.S_IMODE(os.stat(path).st_mode)
     if mode & 0o077:
-        raise DammError(Code.STATE_MISSING,
-                        f"{path} has mode {mode:o}; it must be 0600 (chmod 600 it)")
+        raise DammError(
+            Code.STATE_MISSING, f"{path} has mode {mode:o}; it must be 0600 (chmod 600 it)"
+        )
     text = path.read_text().strip()
     try:
         raw = base64.b64decode(text, validate=True)

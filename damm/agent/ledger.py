@@ -56,9 +56,14 @@ class UsageLedger:
         when = now or datetime.now(UTC)
         items = sorted(deltas.items())
         for start in range(0, len(items), MAX_ENTRIES_PER_REPORT):
-            chunk = items[start:start + MAX_ENTRIES_PER_REPORT]
-            self.pending.append(PendingReport(uuid.uuid4().hex, when, tuple(
-                UsageEntry(key, rx, tx) for key, (rx, tx) in chunk)))
+            chunk = items[start : start + MAX_ENTRIES_PER_REPORT]
+            self.pending.append(
+                PendingReport(
+                    uuid.uuid4().hex,
+                    when,
+                    tuple(UsageEntry(key, rx, tx) for key, (rx, tx) in chunk),
+                )
+            )
         if deltas or before != set(readings):
             self.save()
         return sum(rx + tx for rx, tx in deltas.values())

@@ -26,8 +26,11 @@ def measure(state: InterfaceState, capacity: int, now: float | None = None) -> M
     so an overfull gateway still sorts after a full one.
     """
     now = time.time() if now is None else now
-    active = sum(1 for s in state.peers.values()
-                 if s.last_handshake and now - s.last_handshake < ACTIVE_HANDSHAKE_S)
+    active = sum(
+        1
+        for s in state.peers.values()
+        if s.last_handshake and now - s.last_handshake < ACTIVE_HANDSHAKE_S
+    )
     rx = sum(s.rx_bytes for s in state.peers.values())
     tx = sum(s.tx_bytes for s in state.peers.values())
     count = len(state.peers)

@@ -97,8 +97,12 @@ class GatewayAgent:
         async with self._wg:  # bytes that moved while no agent was watching
             self._observe(await self.backend.read())
         log_ctx = _log.bind(gateway_id=cfg.gateway_id)
-        log_ctx.info("agent starting", public_key=self.public_key, listen_port=cfg.listen_port,
-                     peers=len(state.peers))
+        log_ctx.info(
+            "agent starting",
+            public_key=self.public_key,
+            listen_port=cfg.listen_port,
+            peers=len(state.peers),
+        )
         self.nc = await self._connect(stop)
         if self.nc is None:
             return
@@ -106,8 +110,10 @@ class GatewayAgent:
             await self.nc.subscribe(peers_subject(cfg.gateway_id), cb=self._on_change)
             if not await self._register(stop):
                 return
-            tasks = [asyncio.create_task(t) for t in
-                     (self._peer_loop(), self._heartbeat_loop(), self._usage_loop())]
+            tasks = [
+                asyncio.create_task(t)
+                for t in (self._peer_loop(), self._heartbeat_loop(), self._usage_loop())
+            ]
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in [waiter, *tasks]:
@@ -128,8 +134,9 @@ class GatewayAgent:
         async def disconnected() -> None:
             if stop.is_set():  # our own close on shutdown, not an outage
                 return
-            _log.warning("nats disconnected; forwarding with the last peer set",
-                         revision=self.revision)
+            _log.warning(
+                "nats disconnected; forwarding with the last peer set", revision=self.revision
+            )
 
         async def reconnected() -> None:
             _log.info("nats reconnected; resyncing")
@@ -140,10 +147,16 @@ class GatewayAgent:
             _log.debug("nats error", error=repr(exc))
 
         options: dict[str, Any] = dict(
-            servers=[cfg.nats_url], name=f"damm-gateway-{cfg.gateway_id}",
-            connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5, disconnected_cb=disconnected,
-            reconnected_cb=reconnected, error_cb=error)
+            servers=[cfg.nats_url],
+            name=f"damm-gateway-{cfg.gateway_id}",
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+        )
         if cfg.nats_user:
             options.update(user=cfg.nats_user, password=cfg.nats_password or "")
         delay = 0.5
@@ -160,9 +173,13 @@ class GatewayAgent:
     async def _register(self, stop: asyncio.Event) -> bool:
         cfg = self.config
         assert self.public_key is not None
-        request = p.RegisterGateway(gateway_id=cfg.gateway_id, token=cfg.token,
-                                    public_key=self.public_key, listen_port=cfg.listen_port,
-                                    agent_version=AGENT_VERSION)
+        request = p.RegisterGateway(
+            gateway_id=cfg.gateway_id,
+            token=cfg.token,
+            public_key=self.public_key,
+            listen_port=cfg.listen_port,
+            agent_version=AGENT_VERSION,
+        )
         while not stop.is_set():
             try:
                 reply = await self._call("gateway.register", request, p.Registered)
@@ -172,8 +189,12 @@ class GatewayAgent:
                 _log.warning("registration failed; retrying", error=err.line())
                 await _sleep_or_stop(stop, 1.0)
                 continue
-            _log.info("registered", gateway_id=reply.gateway_id, region=reply.region,
-                      gateway_address=reply.gateway_address)
+            _log.info(
+                "registered",
+                gateway_id=reply.gateway_id,
+                region=reply.region,
+                gateway_address=reply.gateway_address,
+            )
             self.registration = reply
             self.registered.set()
             return True
@@ -184,8 +205,9 @@ class GatewayAgent:
         if not self.nc.is_connected:
             raise DammError(Code.UNAVAILABLE, "not connected to NATS")
         try:
-            return await call(self.nc, command, request, result,
-                              timeout=self.config.request_timeout)
+            return await call(
+                self.nc, command, request, result, timeout=self.config.request_timeout
+            )
         except nats.errors.Error as exc:
             raise DammError(Code.UNAVAILABLE, repr(exc)) from None
 
@@ -231,8 +253,10 @@ class GatewayAgent:
         cfg = self.config
         self._need_resync = False
         snap: p.PeerSnapshot = await self._call(
-            "gateway.peers", p.PeerSnapshotRequest(gateway_id=cfg.gateway_id, token=cfg.token),
-            p.PeerSnapshot)
+            "gateway.peers",
+            p.PeerSnapshotRequest(gateway_id=cfg.gateway_id, token=cfg.token),
+            p.PeerSnapshot,
+        )
         desired = {e.public_key: Peer.build(e.public_key, e.allowed_ips) for e in snap.peers}
         async with self._wg:
             change = await self._reconcile(desired)
@@ -240,8 +264,9 @@ class GatewayAgent:
         self.resyncs += 1
         while self._changes and self._changes[0].revision <= self.revision:
             self._changes.popleft()
-        _log.info("peer set resynced", revision=snap.revision, peers=len(desired),
-                  diff=change.summary())
+        _log.info(
+            "peer set resynced", revision=snap.revision, peers=len(desired), diff=change.summary()
+        )
         self.synced.set()
         if self._changes:
             self._wake.set()
@@ -268,8 +293,12 @@ class GatewayAgent:
             if ch.revision <= revision and ch.prev_revision < revision:
                 continue  # old news
             if ch.prev_revision != revision:
-                _log.info("peer set gap; resyncing", have=revision, prev=ch.prev_revision,
-                          revision=ch.revision)
+                _log.info(
+                    "peer set gap; resyncing",
+                    have=revision,
+                    prev=ch.prev_revision,
+                    revision=ch.revision,
+                )
                 self._changes.clear()
                 self.request_resync()
                 break
@@ -290,8 +319,9 @@ class GatewayAgent:
                 have = state.configured_peers()
             else:
                 have = self.desired
-            change = diff({k: have[k] for k in touched if k in have},
-                          {k: new[k] for k in touched if k in new})
+            change = diff(
+                {k: have[k] for k in touched if k in have}, {k: new[k] for k in touched if k in new}
+            )
             if not change.is_empty:
                 await self.backend.apply(change)
                 self._applied(change)
@@ -324,15 +354,28 @@ class GatewayAgent:
     async def heartbeat(self) -> p.HeartbeatAck:
         cfg = self.config
         m = measure(await self.backend.read(), cfg.capacity)
-        ack: p.HeartbeatAck = await self._call("gateway.heartbeat", p.Heartbeat(
-            gateway_id=cfg.gateway_id, token=cfg.token, peer_count=m.peer_count,
-            active_peers=m.active_peers, rx_bytes=m.rx_bytes, tx_bytes=m.tx_bytes, load=m.load,
-            peer_set_revision=self.revision), p.HeartbeatAck)
+        ack: p.HeartbeatAck = await self._call(
+            "gateway.heartbeat",
+            p.Heartbeat(
+                gateway_id=cfg.gateway_id,
+                token=cfg.token,
+                peer_count=m.peer_count,
+                active_peers=m.active_peers,
+                rx_bytes=m.rx_bytes,
+                tx_bytes=m.tx_bytes,
+                load=m.load,
+                peer_set_revision=self.revision,
+            ),
+            p.HeartbeatAck,
+        )
         if ack.peer_set_revision != self.revision:
             await asyncio.sleep(HEARTBEAT_GRACE_S)
             if ack.peer_set_revision != self.revision:
-                _log.info("heartbeat shows another peer-set revision; resyncing",
-                          have=self.revision, control=ack.peer_set_revision)
+                _log.info(
+                    "heartbeat shows another peer-set revision; resyncing",
+                    have=self.revision,
+                    control=ack.peer_set_revision,
+                )
                 self.request_resync()
         return ack
 
@@ -362,16 +405,28 @@ class GatewayAgent:
         sent = 0
         for report in list(self.ledger.pending):
             try:
-                await self._call("gateway.usage", p.ReportUsage(
-                    gateway_id=cfg.gateway_id, token=cfg.token, report_id=report.report_id,
-                    entries=report.entries, measured_at=report.measured_at), p.Done)
+                await self._call(
+                    "gateway.usage",
+                    p.ReportUsage(
+                        gateway_id=cfg.gateway_id,
+                        token=cfg.token,
+                        report_id=report.report_id,
+                        entries=report.entries,
+                        measured_at=report.measured_at,
+                    ),
+                    p.Done,
+                )
             except DammError as err:
                 if err.code.retryable or err.code is Code.GATEWAY_NOT_REGISTERED:
-                    _log.info("usage report kept for later", error=err.line(),
-                              pending=len(self.ledger.pending))
+                    _log.info(
+                        "usage report kept for later",
+                        error=err.line(),
+                        pending=len(self.ledger.pending),
+                    )
                     return sent
-                _log.error("usage report refused; dropped", report_id=report.report_id,
-                           error=err.line())
+                _log.error(
+                    "usage report refused; dropped", report_id=report.report_id, error=err.line()
+                )
             self.ledger.sent(report.report_id)
             sent += 1
         return sent

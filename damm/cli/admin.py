@@ -390,17 +390,23 @@ def _key_step(command: str, verb: str) -> Any:
 
 
 catalog_key.command("announce", help="Stage a next key and announce it in current catalogs.")(
-    _key_step("admin.catalog.announce", "announced"))
+    _key_step("admin.catalog.announce", "announced")
+)
 catalog_key.command("activate", help="Sign with the announced key; retire the current one.")(
-    _key_step("admin.catalog.activate", "activated"))
+    _key_step("admin.catalog.activate", "activated")
+)
 
 
 # --- replay ----------------------------------------------------------------------------------
 
 
 @admin.command()
-@click.option("--verify", "check", is_flag=True,
-              help="rebuild beside the live read models and compare, changing nothing")
+@click.option(
+    "--verify",
+    "check",
+    is_flag=True,
+    help="rebuild beside the live read models and compare, changing nothing",
+)
 @json_option
 @click.pass_context
 @run
@@ -412,8 +418,12 @@ async def replay(ctx: click.Context, check: bool, as_json: bool) -> None:
     from damm.projections import replay as rp
 
     t = target(ctx)
-    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-               TimeRemainingColumn())
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, disable=t.json, transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task("replaying events", total=None)
 
@@ -428,17 +438,31 @@ async def replay(ctx: click.Context, check: bool, as_json: bool) -> None:
 
         result = await with_nats(t, "admin", body)
     if not check:
-        emit(t, {"rebuilt_to": result},
-             lambda: click.echo(f"read models rebuilt from the log up to event {result}"))
+        emit(
+            t,
+            {"rebuilt_to": result},
+            lambda: click.echo(f"read models rebuilt from the log up to event {result}"),
+        )
         return
     report = result
-    summary = {"ok": report.ok, "seq": report.seq,
-               "differing": {name: {"missing_in_live": d.missing_in_live,
-                                    "extra_in_live": d.extra_in_live}
-                             for name, d in report.tables.items() if not d.ok}}
-    emit(t, summary, lambda: click.echo(
-        f"read models match the log up to event {report.seq}" if report.ok
-        else "\n".join(rp.describe(report))))
+    summary = {
+        "ok": report.ok,
+        "seq": report.seq,
+        "differing": {
+            name: {"missing_in_live": d.missing_in_live, "extra_in_live": d.extra_in_live}
+            for name, d in report.tables.items()
+            if not d.ok
+        },
+    }
+    emit(
+        t,
+        summary,
+        lambda: click.echo(
+            f"read models match the log up to event {report.seq}"
+            if report.ok
+            else "\n".join(rp.describe(report))
+        ),
+    )
     if not report.ok:
         raise SystemExit(1)
 

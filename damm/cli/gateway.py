@@ -43,37 +43,71 @@ def gateway() -> None:
 
 
 @gateway.command("run")
-@click.option("--id", "gateway_id", required=True,
-              help="Gateway id given to `damm admin gateway add`.")
-@click.option("--token", envvar="DAMM_GATEWAY_TOKEN", required=True,
-              help="Gateway-scoped token (or DAMM_GATEWAY_TOKEN).")
-@click.option("--wg", "wg_kind", type=click.Choice(["kernel", "uapi", "memory"]), default="kernel",
-              show_default=True, help="WireGuard backend.")
+@click.option(
+    "--id", "gateway_id", required=True, help="Gateway id given to `damm admin gateway add`."
+)
+@click.option(
+    "--token",
+    envvar="DAMM_GATEWAY_TOKEN",
+    required=True,
+    help="Gateway-scoped token (or DAMM_GATEWAY_TOKEN).",
+)
+@click.option(
+    "--wg",
+    "wg_kind",
+    type=click.Choice(["kernel", "uapi", "memory"]),
+    default="kernel",
+    show_default=True,
+    help="WireGuard backend.",
+)
 @click.option("--interface", default="wg0", show_default=True)
-@click.option("--uapi-socket", default=None,
-              help="UAPI socket path (default /var/run/wireguard/IF.sock).")
+@click.option(
+    "--uapi-socket", default=None, help="UAPI socket path (default /var/run/wireguard/IF.sock)."
+)
 @click.option("--listen-port", default=51820, show_default=True, type=int)
-@click.option("--state-dir", default="/var/lib/damm/gateway", show_default=True,
-              type=click.Path(path_type=Path), help="Private key and pending usage live here.")
+@click.option(
+    "--state-dir",
+    default="/var/lib/damm/gateway",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Private key and pending usage live here.",
+)
 @click.option("--nats", "nats_url", envvar="DAMM_NATS_URL", default=None)
 @click.option("--heartbeat-interval", default=10.0, show_default=True, type=float)
 @click.option("--usage-interval", default=30.0, show_default=True, type=float)
-@click.option("--capacity", default=1000, show_default=True, type=int,
-              help="Peers at which load reads 1.0.")
+@click.option(
+    "--capacity", default=1000, show_default=True, type=int, help="Peers at which load reads 1.0."
+)
 @run
-async def run_cmd(gateway_id: str, token: str, wg_kind: str, interface: str,
-                  uapi_socket: str | None, listen_port: int, state_dir: Path,
-                  nats_url: str | None, heartbeat_interval: float, usage_interval: float,
-                  capacity: int) -> None:
+async def run_cmd(
+    gateway_id: str,
+    token: str,
+    wg_kind: str,
+    interface: str,
+    uapi_socket: str | None,
+    listen_port: int,
+    state_dir: Path,
+    nats_url: str | None,
+    heartbeat_interval: float,
+    usage_interval: float,
+    capacity: int,
+) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure()
     target = Target(nats_url, None)
     user, password = target.credentials("gateway")
     config = AgentConfig(
-        gateway_id=gateway_id, token=token, nats_url=target.nats(), state_dir=state_dir,
-        listen_port=listen_port, nats_user=user or "gateway",
+        gateway_id=gateway_id,
+        token=token,
+        nats_url=target.nats(),
+        state_dir=state_dir,
+        listen_port=listen_port,
+        nats_user=user or "gateway",
         nats_password=password or os.environ.get("DAMM_GATEWAY_PASSWORD"),
-        heartbeat_s=heartbeat_interval, usage_s=usage_interval, capacity=capacity)
+        heartbeat_s=heartbeat_interval,
+        usage_s=usage_interval,
+        capacity=capacity,
+    )
     backend = make_backend(wg_kind, interface, uapi_socket)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -39,8 +39,10 @@ def _print_row(t: Target, env: m.Envelope, device: str | None) -> None:
     if t.json:
         click.echo(msgspec.json.encode(row).decode())
     else:
-        click.echo(f"{row.occurred_at:%Y-%m-%d %H:%M:%S}  {row.seq:>7}  {row.type:<24} "
-                   f"{row.aggregate:<32} {row.actor:<22} {row.summary}")
+        click.echo(
+            f"{row.occurred_at:%Y-%m-%d %H:%M:%S}  {row.seq:>7}  {row.type:<24} "
+            f"{row.aggregate:<32} {row.actor:<22} {row.summary}"
+        )
 
 
 @click.command("audit")
@@ -48,8 +50,12 @@ def _print_row(t: Target, env: m.Envelope, device: str | None) -> None:
 @click.option("--gateway", help="events about this gateway (incl. its usage reports, devices)")
 @click.option("--token", help="events about this enrollment token")
 @click.option("--actor", help="who caused it: KIND:ID (admin:alice, policy:quota) or KIND")
-@click.option("--type", "types", multiple=True,
-              help="event type (device.suspended) or prefix (device); repeatable")
+@click.option(
+    "--type",
+    "types",
+    multiple=True,
+    help="event type (device.suspended) or prefix (device); repeatable",
+)
 @click.option("--since", help="from this time: 1h, 30m, 7d ago, or ISO-8601")
 @click.option("--until", help="up to this time: 1h, 30m, 7d ago, or ISO-8601")
 @click.option("--as-of", "as_of", help="with --device: the device's state as of this time")
@@ -57,9 +63,19 @@ def _print_row(t: Target, env: m.Envelope, device: str | None) -> None:
 @json_option
 @click.pass_context
 @run
-async def audit(ctx: click.Context, device: str | None, gateway: str | None, token: str | None,
-                actor: str | None, types: tuple[str, ...], since: str | None, until: str | None,
-                as_of: str | None, follow: bool, as_json: bool) -> None:
+async def audit(
+    ctx: click.Context,
+    device: str | None,
+    gateway: str | None,
+    token: str | None,
+    actor: str | None,
+    types: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    as_of: str | None,
+    follow: bool,
+    as_json: bool,
+) -> None:
     """Read the event log itself: who did what to what, when (filters combine with AND)."""
     from damm.reports.audit import AuditFilter, AuditReader, device_as_of
 
@@ -84,17 +100,34 @@ async def audit(ctx: click.Context, device: str | None, gateway: str | None, tok
                 click.echo(f"device {device}: not enrolled as of {moment.isoformat()}")
                 return
             click.echo(f"device {device} as of {moment.isoformat()} ({state.events} events)")
-            for key in ("status", "reason", "tier", "gateway_id", "front_door_id",
-                        "egress_pool_id", "address", "public_key", "enrolled_at", "changed_at",
-                        "changed_by"):
+            for key in (
+                "status",
+                "reason",
+                "tier",
+                "gateway_id",
+                "front_door_id",
+                "egress_pool_id",
+                "address",
+                "public_key",
+                "enrolled_at",
+                "changed_at",
+                "changed_by",
+            ):
                 click.echo(f"  {key:<15} {getattr(state, key) or '-'}")
             for period, (rx, tx) in sorted(state.usage.items()):
                 click.echo(f"  usage {period:<9} rx={rx} tx={tx} total={rx + tx}")
 
         await with_nats(t, "admin", fold)
         return
-    flt = AuditFilter(device=device, gateway=gateway, token=token, actor=actor, types=types,
-                      since=_when(since, "--since"), until=_when(until, "--until"))
+    flt = AuditFilter(
+        device=device,
+        gateway=gateway,
+        token=token,
+        actor=actor,
+        types=types,
+        since=_when(since, "--since"),
+        until=_when(until, "--until"),
+    )
 
     async def body(nc: NATS) -> None:
         if not t.json:
@@ -106,17 +139,31 @@ async def audit(ctx: click.Context, device: str | None, gateway: str | None, tok
 
 
 @click.command("report")
-@click.option("--format", "fmt", type=click.Choice(["text", "json", "html"]), default=None,
-              help="text tables (default), json, or a self-contained html file")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="write to this file instead of stdout")
-@click.option("--heartbeat-ttl", type=float, default=90.0, show_default=True,
-              help="seconds after which a gateway heartbeat is stale")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "html"]),
+    default=None,
+    help="text tables (default), json, or a self-contained html file",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write to this file instead of stdout",
+)
+@click.option(
+    "--heartbeat-ttl",
+    type=float,
+    default=90.0,
+    show_default=True,
+    help="seconds after which a gateway heartbeat is stale",
+)
 @json_option
 @click.pass_context
 @run
-async def report(ctx: click.Context, fmt: str | None, out: Path | None, heartbeat_ttl: float,
-                 as_json: bool) -> None:
+async def report(
+    ctx: click.Context, fmt: str | None, out: Path | None, heartbeat_ttl: float, as_json: bool
+) -> None:
     """Fleet report from the read models: capacity, health, usage, quota, advice."""
     import asyncpg
 

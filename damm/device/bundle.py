@@ -116,5 +116,3 @@ def write_bundle(state_dir: Path, out: Path) -> Path:
     data = build_bundle(state_dir)
     write_atomic(out, data, 0o600)
     return out
-
-

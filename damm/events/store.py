@@ -149,7 +149,7 @@ class EventStore:
         waiting: dict[str, asyncio.Future[Any]] = {}
 
         async def on_ack(msg: Any) -> None:
-            future = waiting.pop(msg.subject[len(inbox) + 1:], None)
+            future = waiting.pop(msg.subject[len(inbox) + 1 :], None)
             if future is None or future.done():
                 return
             if msg.headers and msg.headers.get("Status") == "503":
@@ -161,14 +161,18 @@ class EventStore:
         results: list[Appended] = []
         try:
             for start in range(0, len(items), window):
-                chunk = items[start:start + window]
+                chunk = items[start : start + window]
                 futures: list[asyncio.Future[Any]] = []
                 for n, item in enumerate(chunk, start):
                     future = loop.create_future()
                     waiting[str(n)] = future
                     futures.append(future)
-                    await self.nc.publish(item.subject, codec.encode(item.envelope),
-                                          reply=f"{inbox}.{n}", headers=item.headers() or None)
+                    await self.nc.publish(
+                        item.subject,
+                        codec.encode(item.envelope),
+                        reply=f"{inbox}.{n}",
+                        headers=item.headers() or None,
+                    )
                 _, pending = await asyncio.wait(futures, timeout=self.timeout)
                 if pending:
                     raise AppendError(f"{len(pending)} append(s) not acknowledged in time")
@@ -176,11 +180,17 @@ class EventStore:
                     ack: dict[str, Any] = future.result()
                     error = ack.get("error")
                     if error:
-                        results.append(await self._explain(item, int(error.get("err_code", 0)),
-                                                           str(error.get("description", ""))))
+                        results.append(
+                            await self._explain(
+                                item,
+                                int(error.get("err_code", 0)),
+                                str(error.get("description", "")),
+                            )
+                        )
                     else:
-                        results.append(Appended((int(ack["seq"]),),
-                                                duplicate=bool(ack.get("duplicate"))))
+                        results.append(
+                            Appended((int(ack["seq"]),), duplicate=bool(ack.get("duplicate")))
+                        )
         finally:
             await sub.unsubscribe()
         return results
@@ -282,4 +292,3 @@ class _Refused(Exception):
         self.err_code = err_code
         self.description = description
         super().__init__(f"{err_code}: {description}")
-

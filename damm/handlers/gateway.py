@@ -10,6 +10,7 @@ import hmac
 
 from damm.agent.peers import validate_public_key
 from damm.errors import Code, DammError
+from damm.events import codec
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, envelope
@@ -102,8 +103,8 @@ class GatewayHandlers:
             correlation_id=call.correlation_id,
             aggregate=f"gateway/{gw.gateway_id}",
         )
-        ack = await self.ctx.store.js.publish(subject, _encode(env))
-        self.ctx.state._fold(env)
+        ack = await self.ctx.store.js.publish(subject, codec.encode(env))
+        self.ctx.state.fold_telemetry(env)
         return p.HeartbeatAck(
             seq=int(ack.seq), peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
         )
@@ -149,9 +150,3 @@ class GatewayHandlers:
             ]
         )
         return p.Done(seq=result.seqs[-1], duplicate=result.duplicate)
-
-
-def _encode(env: m.Envelope) -> bytes:
-    from damm.events import codec
-
-    return codec.encode(env)

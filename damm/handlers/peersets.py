@@ -66,9 +66,15 @@ class PeerSetHandlers:
 
 
 def encode_change(change: PeerChange) -> bytes:
-    return _encoder.encode(p.PeerSetChange(
-        change.gateway_id, change.prev_revision, change.revision,
-        entries(list(change.upserts)), change.removes))
+    return _encoder.encode(
+        p.PeerSetChange(
+            change.gateway_id,
+            change.prev_revision,
+            change.revision,
+            entries(list(change.upserts)),
+            change.removes,
+        )
+    )
 
 
 class Leadership:
@@ -140,8 +146,12 @@ class PeerPublisher:
                 await self.nc.publish(peers_subject(change.gateway_id), encode_change(change))
                 self.published += 1
             except Exception as exc:  # a lost change is repaired by the agents' resync
-                _log.warning("peer change not published", gateway_id=change.gateway_id,
-                             revision=change.revision, error=repr(exc))
+                _log.warning(
+                    "peer change not published",
+                    gateway_id=change.gateway_id,
+                    revision=change.revision,
+                    error=repr(exc),
+                )
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
@@ -157,8 +167,14 @@ class KeyExpiryReactor:
     A key rotation lifts the suspension (the fold turns ``key_expired`` back into active).
     """
 
-    def __init__(self, ctx: Context, leadership: Leadership, *, interval_s: float = 1.0,
-                 now: Callable[[], datetime] | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Context,
+        leadership: Leadership,
+        *,
+        interval_s: float = 1.0,
+        now: Callable[[], datetime] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.leadership = leadership
         self.interval_s = interval_s
@@ -175,9 +191,11 @@ class KeyExpiryReactor:
 
     def due(self) -> list[str]:
         now = self.now()
-        return [d.device_id for d in self.ctx.state.devices.values()
-                if d.status == "active" and d.key_expires_at is not None
-                and d.key_expires_at <= now]
+        return [
+            d.device_id
+            for d in self.ctx.state.devices.values()
+            if d.status == "active" and d.key_expires_at is not None and d.key_expires_at <= now
+        ]
 
     async def sweep(self) -> int:
         suspended = 0
@@ -185,15 +203,21 @@ class KeyExpiryReactor:
             subject = event_subject("device", device_id)
             call = Call(f"key-expiry-{device_id}", POLICY_ACTOR)
 
-            def decide(device_id: str = device_id, subject: str = subject,
-                       call: Call = call) -> list[Append]:
+            def decide(
+                device_id: str = device_id, subject: str = subject, call: Call = call
+            ) -> list[Append]:
                 dev = self.ctx.state.devices[device_id]
                 expires = dev.key_expires_at
                 if dev.status != "active" or expires is None or expires > self.now():
                     return []
-                return [self.ctx.append(subject, m.DeviceSuspended(
-                    device_id=device_id, reason=KEY_EXPIRED), call,
-                    expected=self.ctx.state.seq_of(subject))]
+                return [
+                    self.ctx.append(
+                        subject,
+                        m.DeviceSuspended(device_id=device_id, reason=KEY_EXPIRED),
+                        call,
+                        expected=self.ctx.state.seq_of(subject),
+                    )
+                ]
 
             try:
                 result = await self.ctx.commit(decide)
@@ -213,4 +237,3 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         return False
     return True
-

@@ -103,8 +103,9 @@ def decide(candidates: list[Candidate], period: str) -> list[Action]:
     for c in candidates:
         over = is_over(c.used, c.byte_limit)
         if c.status == "active" and over:
-            out.append(Action(c.device_id, m.DeviceSuspended(device_id=c.device_id,
-                                                             reason=OVER_QUOTA)))
+            out.append(
+                Action(c.device_id, m.DeviceSuspended(device_id=c.device_id, reason=OVER_QUOTA))
+            )
         elif c.status == "suspended" and c.reason == OVER_QUOTA and not over:
             reason = NEW_PERIOD if period_at(c.suspended_at) != period else UNDER_QUOTA
             out.append(Action(c.device_id, m.DeviceResumed(device_id=c.device_id, reason=reason)))
@@ -153,7 +154,8 @@ class QuotaReactor:
                     try:
                         if conn is None or conn.is_closed():
                             conn = await asyncpg.connect(
-                                self.dsn, server_settings={"search_path": self.schema})
+                                self.dsn, server_settings={"search_path": self.schema}
+                            )
                         await self.sweep(conn)
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                         _log.warning("quota sweep failed", error=repr(exc))
@@ -170,14 +172,24 @@ class QuotaReactor:
     async def sweep(self, conn: Any) -> list[Action]:
         """Read the model, decide, append; return what was appended."""
         period = period_at(self.now())
-        applied = int(await conn.fetchval(
-            "SELECT coalesce(max(last_seq), 0) FROM checkpoint WHERE projector = $1",
-            READMODELS) or 0)
+        applied = int(
+            await conn.fetchval(
+                "SELECT coalesce(max(last_seq), 0) FROM checkpoint WHERE projector = $1", READMODELS
+            )
+            or 0
+        )
         rows = await conn.fetch(_CANDIDATES, period)
         candidates = [
-            Candidate(r["device_id"], r["status"], r["reason"], r["byte_limit"], int(r["used"]),
-                      r["updated_at"])
-            for r in rows if self._settled(r["device_id"], applied)
+            Candidate(
+                r["device_id"],
+                r["status"],
+                r["reason"],
+                r["byte_limit"],
+                int(r["used"]),
+                r["updated_at"],
+            )
+            for r in rows
+            if self._settled(r["device_id"], applied)
         ]
         done: list[Action] = []
         for action in decide(candidates, period):
@@ -188,8 +200,10 @@ class QuotaReactor:
 
     def _settled(self, device_id: str, applied: int) -> bool:
         state = self.ctx.state
-        return (state.seq_of(event_subject("device", device_id)) <= applied
-                and state.seq_of(event_subject("usage", f"reset-{device_id}")) <= applied)
+        return (
+            state.seq_of(event_subject("device", device_id)) <= applied
+            and state.seq_of(event_subject("usage", f"reset-{device_id}")) <= applied
+        )
 
     async def _append(self, action: Action) -> bool:
         subject = event_subject("device", action.device_id)
@@ -203,18 +217,22 @@ class QuotaReactor:
                 return []
             if isinstance(event, m.DeviceResumed) and dev.reason != OVER_QUOTA:
                 return []
-            return [self.ctx.append(subject, event, call,
-                                    expected=self.ctx.state.seq_of(subject))]
+            return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
         try:
             result = await self.ctx.commit(decide_now)
         except DammError as err:
-            _log.warning("quota decision not recorded", device_id=action.device_id,
-                         error=err.line())
+            _log.warning(
+                "quota decision not recorded", device_id=action.device_id, error=err.line()
+            )
             return False
         if result.seqs and not result.duplicate:
-            _log.info("quota", device_id=action.device_id, decision=type(event).__name__,
-                      reason=event.reason)
+            _log.info(
+                "quota",
+                device_id=action.device_id,
+                decision=type(event).__name__,
+                reason=event.reason,
+            )
             return True
         return False
 

@@ -55,9 +55,22 @@ class SigningKeys:
         if signer.key_id == self.publisher.signer.key_id:
             raise DammError(Code.ALREADY_EXISTS, "the staged key is already the signing key")
         subject = event_subject("signing_key", signer.key_id)
-        await self.ctx.commit(lambda: [] if self.ctx.state.seq_of(subject) else [self.ctx.append(
-            subject, m.SigningKeyAnnounced(key_id=signer.key_id, public_key=signer.public_key_b64),
-            call, expected=0)])
+        await self.ctx.commit(
+            lambda: (
+                []
+                if self.ctx.state.seq_of(subject)
+                else [
+                    self.ctx.append(
+                        subject,
+                        m.SigningKeyAnnounced(
+                            key_id=signer.key_id, public_key=signer.public_key_b64
+                        ),
+                        call,
+                        expected=0,
+                    )
+                ]
+            )
+        )
         self.publisher.announce_next(signer)
         await self.publisher.tick()
         return SigningKeyChanged(signer.key_id, signer.public_key_b64)
@@ -71,9 +84,16 @@ class SigningKeys:
             raise DammError(Code.INVALID_ARGUMENT, "the next key was not announced in catalogs")
         old = self.publisher.signer
         subject = event_subject("signing_key", signer.key_id)
-        await self.ctx.commit(lambda: [self.ctx.append(
-            subject, m.SigningKeyActivated(key_id=signer.key_id, retired_key_id=old.key_id),
-            call, expected=self.ctx.state.seq_of(subject))])
+        await self.ctx.commit(
+            lambda: [
+                self.ctx.append(
+                    subject,
+                    m.SigningKeyActivated(key_id=signer.key_id, retired_key_id=old.key_id),
+                    call,
+                    expected=self.ctx.state.seq_of(subject),
+                )
+            ]
+        )
         retired = self.keys_dir / f"catalog.{old.key_id}.retired.key"
         os.replace(self.keys_dir / CURRENT, retired)
         os.replace(staged, self.keys_dir / CURRENT)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
@@ -180,6 +181,10 @@ class DecisionState:
         for listener in self.peer_listeners:
             listener(change)
 
+    def fold_telemetry(self, env: m.Envelope) -> None:
+        """Heartbeats live in another stream: fold them without touching subject sequences."""
+        self._fold(env)
+
     def _fold(self, env: m.Envelope) -> None:
         e = env.event
         match e:
@@ -315,9 +320,9 @@ class StateFollower:
             return
         if telemetry:
             # Telemetry sequences belong to another stream: fold without touching subject_seq.
-            self.state._fold(env)
+            self.state.fold_telemetry(env)
             return
-        self.state.apply(_with_seq(env, seq), msg.subject)  # type: ignore[attr-defined]
+        self.state.apply(msgspec.structs.replace(env, seq=seq), msg.subject)  # type: ignore[attr-defined]
         self.state.changed.set()
 
     async def sync(self, timeout: float = 10.0) -> None:
@@ -336,9 +341,3 @@ class StateFollower:
         for sub in self._subs:
             await sub.unsubscribe()  # type: ignore[attr-defined]
         self._subs.clear()
-
-
-def _with_seq(env: m.Envelope, seq: int) -> m.Envelope:
-    import msgspec
-
-    return msgspec.structs.replace(env, seq=seq)

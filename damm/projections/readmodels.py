@@ -40,7 +40,9 @@ _TOKEN = (
     "INSERT INTO tokens (token_id, token_hash, tier, max_uses, expires_at, issued_by, issued_at)"
     " VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT DO NOTHING"
 )
-_TOKEN_USED = "UPDATE tokens SET uses = uses + 1, active_sessions = active_sessions + 1 WHERE token_id = $1"
+_TOKEN_USED = (
+    "UPDATE tokens SET uses = uses + 1, active_sessions = active_sessions + 1 WHERE token_id = $1"
+)
 _TOKEN_RELEASED = (
     "UPDATE tokens SET active_sessions = GREATEST(active_sessions - 1, 0) WHERE token_id = $1"
 )
@@ -121,8 +123,16 @@ _HEALTH = (
 
 # Tables whose every row comes from the event log; replay --verify compares exactly these.
 REPLAYED_TABLES = (
-    "tiers", "tokens", "gateways", "front_doors", "egress_pools", "addresses", "devices",
-    "usage_totals", "catalogs", "signing_keys",
+    "tiers",
+    "tokens",
+    "gateways",
+    "front_doors",
+    "egress_pools",
+    "addresses",
+    "devices",
+    "usage_totals",
+    "catalogs",
+    "signing_keys",
 )
 
 
@@ -132,12 +142,27 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
     actor = str(env.actor)
     match e:
         case m.TierDefined():
-            yield Stmt("tiers", _TIER, (
-                e.tier, list(e.regions), list(e.exit_countries), e.session_limit, e.byte_limit,
-                e.key_lifetime_s, e.status, actor, at))
+            yield Stmt(
+                "tiers",
+                _TIER,
+                (
+                    e.tier,
+                    list(e.regions),
+                    list(e.exit_countries),
+                    e.session_limit,
+                    e.byte_limit,
+                    e.key_lifetime_s,
+                    e.status,
+                    actor,
+                    at,
+                ),
+            )
         case m.TokenIssued():
-            yield Stmt("tokens", _TOKEN, (
-                e.token_id, e.token_hash, e.tier, e.max_uses, e.expires_at, actor, at))
+            yield Stmt(
+                "tokens",
+                _TOKEN,
+                (e.token_id, e.token_hash, e.tier, e.max_uses, e.expires_at, actor, at),
+            )
         case m.TokenUsed():
             yield Stmt("tokens", _TOKEN_USED, (e.token_id,))
         case m.TokenSessionReleased():
@@ -147,26 +172,58 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
         case m.GatewayAdded():
             yield Stmt("gateways", _GATEWAY, (e.gateway_id, e.region, e.token_hash, at))
         case m.GatewayRegistered():
-            yield Stmt("gateways", _GATEWAY_REGISTERED, (
-                e.gateway_id, e.public_key, e.listen_port, e.agent_version, at))
+            yield Stmt(
+                "gateways",
+                _GATEWAY_REGISTERED,
+                (e.gateway_id, e.public_key, e.listen_port, e.agent_version, at),
+            )
         case m.GatewayStatusChanged():
             yield Stmt("gateways", _GATEWAY_STATUS, (e.gateway_id, e.active, e.reason))
         case m.FrontDoorSet():
-            yield Stmt("front_doors", _FRONT_DOOR, (
-                e.gateway_id, e.front_door_id, e.endpoint, e.transport, e.priority, e.active))
+            yield Stmt(
+                "front_doors",
+                _FRONT_DOOR,
+                (e.gateway_id, e.front_door_id, e.endpoint, e.transport, e.priority, e.active),
+            )
         case m.EgressPoolDefined():
-            yield Stmt("egress_pools", _EGRESS, (
-                e.pool_id, e.provider, e.region, list(e.countries), list(e.ips), e.load,
-                e.headroom, e.active))
+            yield Stmt(
+                "egress_pools",
+                _EGRESS,
+                (
+                    e.pool_id,
+                    e.provider,
+                    e.region,
+                    list(e.countries),
+                    list(e.ips),
+                    e.load,
+                    e.headroom,
+                    e.active,
+                ),
+            )
         case m.AddressAllocated():
             yield Stmt("addresses", _ADDRESS, (e.pool, e.index, e.address, e.address6, e.device_id))
         case m.AddressReleased():
             yield Stmt("addresses", _ADDRESS_RELEASED, (e.pool, e.index, e.device_id))
         case m.DeviceEnrolled():
-            yield Stmt("devices", _DEVICE, (
-                e.device_id, e.public_key, e.token_id, e.tier, e.gateway_id, e.front_door_id,
-                e.egress_pool_id, e.address, e.address6, e.region, e.exit_country,
-                e.key_expires_at, at))
+            yield Stmt(
+                "devices",
+                _DEVICE,
+                (
+                    e.device_id,
+                    e.public_key,
+                    e.token_id,
+                    e.tier,
+                    e.gateway_id,
+                    e.front_door_id,
+                    e.egress_pool_id,
+                    e.address,
+                    e.address6,
+                    e.region,
+                    e.exit_country,
+                    e.key_expires_at,
+                    at,
+                ),
+            )
         case m.DeviceRevoked():
             yield Stmt("devices", _DEVICE_STATUS, (e.device_id, "revoked", e.reason, at))
         case m.DeviceSuspended():
@@ -174,7 +231,9 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
         case m.DeviceResumed():
             yield Stmt("devices", _DEVICE_STATUS, (e.device_id, "active", e.reason, at))
         case m.DeviceKeyRotated():
-            yield Stmt("devices", _DEVICE_KEY, (e.device_id, e.new_public_key, e.key_expires_at, at))
+            yield Stmt(
+                "devices", _DEVICE_KEY, (e.device_id, e.new_public_key, e.key_expires_at, at)
+            )
         case m.UsageReported():
             period = period_of(env)
             for d in e.deltas:
@@ -182,15 +241,28 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
         case m.UsagePeriodReset():
             yield Stmt("usage_totals", _USAGE_RESET, (e.device_id, e.period))
         case m.CatalogPublished():
-            yield Stmt("catalogs", _CATALOG, (e.region, e.version, e.key_id, e.digest, e.expires_at))
+            yield Stmt(
+                "catalogs", _CATALOG, (e.region, e.version, e.key_id, e.digest, e.expires_at)
+            )
         case m.SigningKeyAnnounced():
             yield Stmt("signing_keys", _SIGNING_KEY, (e.key_id, e.public_key, at))
         case m.SigningKeyActivated():
             yield Stmt("signing_keys", _KEY_RETIRED, (e.retired_key_id, at))
             yield Stmt("signing_keys", _KEY_ACTIVATED, (e.key_id, at))
         case m.GatewayHeartbeat():
-            yield Stmt("gateway_health", _HEALTH, (
-                e.gateway_id, at, e.peer_count, e.active_peers, e.rx_bytes, e.tx_bytes, e.load,
-                e.peer_set_revision))
+            yield Stmt(
+                "gateway_health",
+                _HEALTH,
+                (
+                    e.gateway_id,
+                    at,
+                    e.peer_count,
+                    e.active_peers,
+                    e.rx_bytes,
+                    e.tx_bytes,
+                    e.load,
+                    e.peer_set_revision,
+                ),
+            )
         case _:
             return

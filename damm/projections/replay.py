@@ -164,8 +164,9 @@ async def replace_live(
             seq = await _fold(nc, conn, stream, 0, head, progress, projector)
             for attempt in range(1, SWAP_ATTEMPTS + 1):
                 try:
-                    return await _swap(nc, conn, stream, seq, live_schema, shadow_schema,
-                                       projector, progress)
+                    return await _swap(
+                        nc, conn, stream, seq, live_schema, shadow_schema, projector, progress
+                    )
                 except (asyncpg.DeadlockDetectedError, asyncpg.LockNotAvailableError) as exc:
                     # A reader held a live table while we held the checkpoint: nothing changed,
                     # the shadow is intact, try again.
@@ -192,7 +193,8 @@ async def _swap(
         # on no batch commits into the live schema until we are done.
         await conn.execute(f"LOCK TABLE {live}.checkpoint IN ACCESS EXCLUSIVE MODE")
         await conn.execute(
-            "LOCK TABLE " + ", ".join(f"{live}.{t}" for t in (*REPLAYED_TABLES, *CARRIED_TABLES))
+            "LOCK TABLE "
+            + ", ".join(f"{live}.{t}" for t in (*REPLAYED_TABLES, *CARRIED_TABLES))
             + " IN ACCESS EXCLUSIVE MODE"
         )
         live_seq = await _live_checkpoint(conn, live, projector)
@@ -217,7 +219,12 @@ async def _swap(
 
 
 async def _fold(
-    nc: NATS, conn: Any, stream: str, after: int, upto: int, progress: Progress | None,
+    nc: NATS,
+    conn: Any,
+    stream: str,
+    after: int,
+    upto: int,
+    progress: Progress | None,
     projector: str = PROJECTOR,
 ) -> int:
     """Apply stream messages ``after+1 .. upto`` to the schema on ``conn``'s search path.
@@ -348,7 +355,8 @@ async def _columns(conn: Any, schema: str, table: str) -> list[str]:
     rows = await conn.fetch(
         "SELECT column_name FROM information_schema.columns"
         " WHERE table_schema = $1 AND table_name = $2 ORDER BY ordinal_position",
-        schema, table,
+        schema,
+        table,
     )
     return [r["column_name"] for r in rows]
 

@@ -162,8 +162,9 @@ class Puller:
         self._requests[token] = (done, [int(ask["batch"])])
         self._current = token
         try:
-            await self.nc.publish(self._next_subject, json.dumps(ask).encode(),
-                                  reply=f"{self._inbox}.{token}")
+            await self.nc.publish(
+                self._next_subject, json.dumps(ask).encode(), reply=f"{self._inbox}.{token}"
+            )
             # The server ends every request itself (batch filled, 404, 408); the margin only
             # guards against a lost connection.
             await asyncio.wait([done], timeout=timeout + 2.0)
@@ -182,7 +183,7 @@ class Puller:
                 if request[1][0] <= 0:
                     self._finish(self._current)
             return
-        token = msg.subject[len(self._inbox) + 1:]
+        token = msg.subject[len(self._inbox) + 1 :]
         if status == "100":  # idle heartbeat
             return
         if status not in ("404", "408") and token in self._requests:
@@ -223,8 +224,12 @@ class Projector:
         while not stop.is_set():
             try:
                 await self._run_once(nc, stop)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                    nats.errors.Error) as exc:
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                nats.errors.Error,
+            ) as exc:
                 _log.warning("projector restarting", projector=self.name, error=repr(exc))
                 await _sleep_or_stop(stop, 1.0)
             except Exception:

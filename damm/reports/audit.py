@@ -43,7 +43,8 @@ def parse_when(value: str, now: datetime | None = None) -> datetime:
     match = _RELATIVE.fullmatch(text)
     if match:
         return (now or datetime.now(UTC)) - timedelta(
-            seconds=int(match.group(1)) * _SECONDS[match.group(2)])
+            seconds=int(match.group(1)) * _SECONDS[match.group(2)]
+        )
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -65,8 +66,13 @@ class AuditFilter:
         """Subjects that can hold a matching event (a superset); ``[]`` means all of them."""
         p = EVENT_PREFIX
         if self.device:
-            return [f"{p}.device.{self.device}", f"{p}.usage.>", f"{p}.token.>", f"{p}.ipam.>",
-                    f"{p}.key.>"]
+            return [
+                f"{p}.device.{self.device}",
+                f"{p}.usage.>",
+                f"{p}.token.>",
+                f"{p}.ipam.>",
+                f"{p}.key.>",
+            ]
         if self.gateway:
             return [f"{p}.gateway.{self.gateway}", f"{p}.usage.{self.gateway}", f"{p}.device.>"]
         if self.token:
@@ -78,8 +84,9 @@ class AuditFilter:
             return False
         if self.until is not None and env.occurred_at > self.until:
             return False
-        if self.types and not any(env.type == t or env.type.startswith(t + ".")
-                                  for t in self.types):
+        if self.types and not any(
+            env.type == t or env.type.startswith(t + ".") for t in self.types
+        ):
             return False
         if self.actor is not None:
             kind, _, ident = self.actor.partition(":")
@@ -104,8 +111,9 @@ def mentions_device(env: m.Envelope, device_id: str) -> bool:
     if _mentions(env, "device", device_id):
         return True
     event = env.event
-    return isinstance(event, m.UsageReported) and any(d.device_id == device_id
-                                                      for d in event.deltas)
+    return isinstance(event, m.UsageReported) and any(
+        d.device_id == device_id for d in event.deltas
+    )
 
 
 def summary(env: m.Envelope, device: str | None = None) -> str:
@@ -138,8 +146,10 @@ def summary(env: m.Envelope, device: str | None = None) -> str:
         case m.GatewayHeartbeat():
             return f"heartbeat peers={e.peer_count} load={e.load:.2f}"
         case m.EgressPoolDefined():
-            return (f"egress {e.pool_id} {e.region} {','.join(e.countries)} ips={len(e.ips)}"
-                    f" load={e.load:.2f} headroom={e.headroom:.2f}")
+            return (
+                f"egress {e.pool_id} {e.region} {','.join(e.countries)} ips={len(e.ips)}"
+                f" load={e.load:.2f} headroom={e.headroom:.2f}"
+            )
         case m.AddressAllocated():
             return f"address {e.address} to {e.device_id}"
         case m.AddressReleased():
@@ -147,8 +157,10 @@ def summary(env: m.Envelope, device: str | None = None) -> str:
         case m.KeyBound():
             return f"key {e.public_key[:10]}… bound to {e.device_id}"
         case m.DeviceEnrolled():
-            return (f"device {e.device_id} enrolled tier={e.tier} gateway={e.gateway_id}"
-                    f" address={e.address}")
+            return (
+                f"device {e.device_id} enrolled tier={e.tier} gateway={e.gateway_id}"
+                f" address={e.address}"
+            )
         case m.DeviceRevoked():
             return f"device {e.device_id} revoked {e.reason}".rstrip()
         case m.DeviceSuspended():
@@ -187,10 +199,16 @@ class AuditRow(msgspec.Struct, frozen=True, kw_only=True):
 def row_of(env: m.Envelope, device: str | None = None) -> AuditRow:
     event = msgspec.to_builtins(env.event)
     assert isinstance(event, dict)
-    return AuditRow(seq=env.seq, occurred_at=env.occurred_at, type=env.type,
-                    aggregate=env.aggregate, actor=str(env.actor),
-                    correlation_id=env.correlation_id, summary=summary(env, device),
-                    event=event)
+    return AuditRow(
+        seq=env.seq,
+        occurred_at=env.occurred_at,
+        type=env.type,
+        aggregate=env.aggregate,
+        actor=str(env.actor),
+        correlation_id=env.correlation_id,
+        summary=summary(env, device),
+        event=event,
+    )
 
 
 @dataclass
@@ -216,9 +234,15 @@ class AuditReader:
             deliver = DeliverPolicy.BY_START_TIME
             config.opt_start_time = flt.since - START_SLACK
         subject = subjects[0] if len(subjects) == 1 else f"{EVENT_PREFIX}.>"
-        sub = await js.subscribe(subject, stream=self.stream, ordered_consumer=True,
-                                 deliver_policy=deliver, config=config,
-                                 pending_msgs_limit=-1, pending_bytes_limit=-1)
+        sub = await js.subscribe(
+            subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            deliver_policy=deliver,
+            config=config,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
         try:
             while True:
                 try:
@@ -232,8 +256,12 @@ class AuditReader:
                     continue
                 self.scanned += 1
                 meta = msg.metadata
-                if (not follow and flt.until is not None and meta.timestamp is not None
-                        and meta.timestamp > flt.until + START_SLACK):
+                if (
+                    not follow
+                    and flt.until is not None
+                    and meta.timestamp is not None
+                    and meta.timestamp > flt.until + START_SLACK
+                ):
                     return
                 try:
                     env = codec.decode(msg.data, seq=int(meta.sequence.stream))
@@ -293,7 +321,10 @@ def fold_device(device_id: str, history: list[m.Envelope], as_of: datetime) -> D
                 out.status, out.reason = "active", ""
                 out.tier, out.gateway_id, out.front_door_id = e.tier, e.gateway_id, e.front_door_id
                 out.egress_pool_id, out.address, out.public_key = (
-                    e.egress_pool_id, e.address, e.public_key)
+                    e.egress_pool_id,
+                    e.address,
+                    e.public_key,
+                )
                 out.enrolled_at = env.occurred_at
             case m.DeviceSuspended() if out.status != "revoked":
                 out.status, out.reason = "suspended", e.reason

@@ -13,8 +13,15 @@ AMBER = "#d98e04"
 RED = "#d1453b"
 GREY = "#8a94a6"
 BLUE = "#3b6fd1"
-STATUS_COLOR = {"healthy": GREEN, "stale": AMBER, "unregistered": GREY, "disabled": GREY,
-                "active": GREEN, "suspended": AMBER, "revoked": RED}
+STATUS_COLOR = {
+    "healthy": GREEN,
+    "stale": AMBER,
+    "unregistered": GREY,
+    "disabled": GREY,
+    "active": GREEN,
+    "suspended": AMBER,
+    "revoked": RED,
+}
 SEVERITY_COLOR = {"critical": RED, "warning": AMBER, "info": BLUE}
 
 _CSS = """
@@ -51,94 +58,147 @@ def _pill(text: str, color: str) -> str:
     return f'<span class="pill" style="background:{color}">{escape(text)}</span>'
 
 
-def bar_chart(title: str, items: Sequence[tuple[str, float, str, str]], *, max_value: float,
-              threshold: float | None = None, width: int = 560) -> str:
+def bar_chart(
+    title: str,
+    items: Sequence[tuple[str, float, str, str]],
+    *,
+    max_value: float,
+    threshold: float | None = None,
+    width: int = 560,
+) -> str:
     """Horizontal bars. ``items``: (label, value, color, value label)."""
     label_w, value_w, row_h, top = 150, 80, 24, 8
     plot_w = width - label_w - value_w
     height = top * 2 + max(1, len(items)) * row_h
-    parts = [f'<svg class="chart" role="img" aria-label="{escape(title)}" '
-             f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}">', f"<title>{escape(title)}</title>"]
+    parts = [
+        f'<svg class="chart" role="img" aria-label="{escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f"<title>{escape(title)}</title>",
+    ]
     scale = plot_w / max_value if max_value > 0 else 0.0
     for n, (label, value, color, shown) in enumerate(items):
         y = top + n * row_h
         w = max(0.0, min(value, max_value)) * scale
-        parts.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
-                     f'fill="#1d2433">{escape(label[:22])}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 4}" width="{plot_w}" height="16" rx="3" '
-                     'fill="#eef1f6"/>')
-        parts.append(f'<rect class="bar" x="{label_w}" y="{y + 4}" width="{w:.1f}" height="16" '
-                     f'rx="3" fill="{color}"><title>{escape(label)}: {escape(shown)}'
-                     "</title></rect>")
-        parts.append(f'<text x="{label_w + plot_w + 8}" y="{y + 16}" font-size="12" '
-                     f'fill="#5b6478">{escape(shown)}</text>')
+        parts.append(
+            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
+            f'fill="#1d2433">{escape(label[:22])}</text>'
+        )
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 4}" width="{plot_w}" height="16" rx="3" fill="#eef1f6"/>'
+        )
+        parts.append(
+            f'<rect class="bar" x="{label_w}" y="{y + 4}" width="{w:.1f}" height="16" '
+            f'rx="3" fill="{color}"><title>{escape(label)}: {escape(shown)}'
+            "</title></rect>"
+        )
+        parts.append(
+            f'<text x="{label_w + plot_w + 8}" y="{y + 16}" font-size="12" '
+            f'fill="#5b6478">{escape(shown)}</text>'
+        )
     if not items:
-        parts.append(f'<text x="{label_w}" y="{top + 16}" font-size="12" fill="#8a94a6">'
-                     "no data</text>")
+        parts.append(
+            f'<text x="{label_w}" y="{top + 16}" font-size="12" fill="#8a94a6">no data</text>'
+        )
     if threshold is not None and max_value > 0:
         x = label_w + threshold * scale
-        parts.append(f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - top + 4}" '
-                     'stroke="#d1453b" stroke-dasharray="4 3" stroke-width="1.5"/>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - top + 4}" '
+            'stroke="#d1453b" stroke-dasharray="4 3" stroke-width="1.5"/>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def stacked_chart(title: str, items: Sequence[tuple[str, Sequence[tuple[str, int, str]]]],
-                  width: int = 560) -> str:
+def stacked_chart(
+    title: str, items: Sequence[tuple[str, Sequence[tuple[str, int, str]]]], width: int = 560
+) -> str:
     """Horizontal stacked bars: (label, [(part name, count, color)])."""
     label_w, value_w, row_h, top = 150, 80, 24, 8
     plot_w = width - label_w - value_w
     height = top * 2 + max(1, len(items)) * row_h + 22
     biggest = max((sum(c for _, c, _ in parts) for _, parts in items), default=0)
     scale = plot_w / biggest if biggest else 0.0
-    out = [f'<svg class="chart" role="img" aria-label="{escape(title)}" '
-           f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}">', f"<title>{escape(title)}</title>"]
+    out = [
+        f'<svg class="chart" role="img" aria-label="{escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}">',
+        f"<title>{escape(title)}</title>",
+    ]
     legend: dict[str, str] = {}
     for n, (label, parts) in enumerate(items):
         y = top + n * row_h
         x = float(label_w)
-        out.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
-                   f'fill="#1d2433">{escape(label[:22])}</text>')
+        out.append(
+            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
+            f'fill="#1d2433">{escape(label[:22])}</text>'
+        )
         for name, count, color in parts:
             legend[name] = color
             w = count * scale
             if w > 0:
-                out.append(f'<rect class="bar" x="{x:.1f}" y="{y + 4}" width="{w:.1f}" '
-                           f'height="16" fill="{color}"><title>{escape(label)} {escape(name)}: '
-                           f'{count}</title></rect>')
+                out.append(
+                    f'<rect class="bar" x="{x:.1f}" y="{y + 4}" width="{w:.1f}" '
+                    f'height="16" fill="{color}"><title>{escape(label)} {escape(name)}: '
+                    f"{count}</title></rect>"
+                )
             x += w
-        out.append(f'<text x="{x + 8:.1f}" y="{y + 16}" font-size="12" fill="#5b6478">'
-                   f'{sum(c for _, c, _ in parts)}</text>')
+        out.append(
+            f'<text x="{x + 8:.1f}" y="{y + 16}" font-size="12" fill="#5b6478">'
+            f"{sum(c for _, c, _ in parts)}</text>"
+        )
     ly = height - 10
     lx = label_w
     for name, color in legend.items():
-        out.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" rx="2" fill="{color}"/>'
-                   f'<text x="{lx + 14}" y="{ly}" font-size="11" fill="#5b6478">'
-                   f"{escape(name)}</text>")
+        out.append(
+            f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" rx="2" fill="{color}"/>'
+            f'<text x="{lx + 14}" y="{ly}" font-size="11" fill="#5b6478">'
+            f"{escape(name)}</text>"
+        )
         lx += 24 + 7 * len(name)
     out.append("</svg>")
     return "".join(out)
 
 
-def _table(columns: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()
-           ) -> str:
-    head = "".join(f'<th{" class=num" if i in numeric else ""}>{escape(c)}</th>'
-                   for i, c in enumerate(columns))
+def _table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()
+) -> str:
+    head = "".join(
+        f"<th{' class=num' if i in numeric else ''}>{escape(c)}</th>" for i, c in enumerate(columns)
+    )
     if not rows:
-        return (f"<table><thead><tr>{head}</tr></thead><tbody><tr>"
-                f'<td class="muted" colspan="{len(columns)}">none</td></tr></tbody></table>')
-    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{cell}</td>'
-                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+        return (
+            f"<table><thead><tr>{head}</tr></thead><tbody><tr>"
+            f'<td class="muted" colspan="{len(columns)}">none</td></tr></tbody></table>'
+        )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if i in numeric else ''}>{cell}</td>" for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _usage_table(rows: list[UsageRow]) -> str:
-    return _table(("device", "tier", "gateway", "status", "used", "limit", "share"),
-                  [[escape(u.device_id), escape(u.tier), escape(u.gateway_id),
-                    _pill(u.status, STATUS_COLOR.get(u.status, GREY)), human_bytes(u.used),
-                    human_bytes(u.byte_limit), pct(u.share)] for u in rows], numeric=(4, 5, 6))
+    return _table(
+        ("device", "tier", "gateway", "status", "used", "limit", "share"),
+        [
+            [
+                escape(u.device_id),
+                escape(u.tier),
+                escape(u.gateway_id),
+                _pill(u.status, STATUS_COLOR.get(u.status, GREY)),
+                human_bytes(u.used),
+                human_bytes(u.byte_limit),
+                pct(u.share),
+            ]
+            for u in rows
+        ],
+        numeric=(4, 5, 6),
+    )
 
 
 def _load_color(load: float) -> str:
@@ -156,69 +216,164 @@ def render_html(report: Report) -> str:
         ("over quota", str(t.over_quota)),
         ("near quota", str(t.near_quota)),
     ]
-    card_html = "".join(f'<div class="card"><div class="k">{escape(k)}</div>'
-                        f'<div class="v">{escape(v)}</div></div>' for k, v in cards)
-    recs = "".join(
-        f'<div class="rec">{_pill(r.severity, SEVERITY_COLOR.get(r.severity, GREY))}'
-        f"<div><b>{escape(r.kind.replace('_', ' '))}</b> · {escape(r.subject)}<br>"
-        f'<span class="muted">{escape(r.message)}</span></div></div>'
-        for r in report.recommendations) or '<p class="muted">Nothing to do.</p>'
+    card_html = "".join(
+        f'<div class="card"><div class="k">{escape(k)}</div><div class="v">{escape(v)}</div></div>'
+        for k, v in cards
+    )
+    recs = (
+        "".join(
+            f'<div class="rec">{_pill(r.severity, SEVERITY_COLOR.get(r.severity, GREY))}'
+            f"<div><b>{escape(r.kind.replace('_', ' '))}</b> · {escape(r.subject)}<br>"
+            f'<span class="muted">{escape(r.message)}</span></div></div>'
+            for r in report.recommendations
+        )
+        or '<p class="muted">Nothing to do.</p>'
+    )
 
     region_chart = bar_chart(
         "Region load (healthy gateways)",
-        [(r.region, r.load, _load_color(r.load),
-          f"{r.load:.0%} · {r.healthy}/{r.gateways}") for r in report.regions],
-        max_value=1.0, threshold=NEAR_CAPACITY_LOAD)
+        [
+            (r.region, r.load, _load_color(r.load), f"{r.load:.0%} · {r.healthy}/{r.gateways}")
+            for r in report.regions
+        ],
+        max_value=1.0,
+        threshold=NEAR_CAPACITY_LOAD,
+    )
     gw_chart = bar_chart(
         "Gateway load",
-        [(g.gateway_id, g.load, STATUS_COLOR.get(g.status, GREY) if g.status != "healthy"
-          else _load_color(g.load), f"{g.load:.0%} {g.status}") for g in report.gateways[:40]],
-        max_value=1.0, threshold=NEAR_CAPACITY_LOAD)
+        [
+            (
+                g.gateway_id,
+                g.load,
+                STATUS_COLOR.get(g.status, GREY) if g.status != "healthy" else _load_color(g.load),
+                f"{g.load:.0%} {g.status}",
+            )
+            for g in report.gateways[:40]
+        ],
+        max_value=1.0,
+        threshold=NEAR_CAPACITY_LOAD,
+    )
     pool_chart = bar_chart(
         "Egress pool headroom",
-        [(p.pool_id, p.headroom, RED if p.low_headroom else GREEN,
-          f"{p.headroom:.0%} free") for p in report.egress_pools],
-        max_value=1.0, threshold=0.2)
+        [
+            (p.pool_id, p.headroom, RED if p.low_headroom else GREEN, f"{p.headroom:.0%} free")
+            for p in report.egress_pools
+        ],
+        max_value=1.0,
+        threshold=0.2,
+    )
     tier_chart = stacked_chart(
         "Devices by tier and state",
-        [(tr.tier, [(s, tr.devices.get(s, 0), STATUS_COLOR[s])
-                    for s in ("active", "suspended", "revoked")]) for tr in report.tiers])
+        [
+            (
+                tr.tier,
+                [
+                    (s, tr.devices.get(s, 0), STATUS_COLOR[s])
+                    for s in ("active", "suspended", "revoked")
+                ],
+            )
+            for tr in report.tiers
+        ],
+    )
     top_max = max((u.used for u in report.top_usage), default=0)
     usage_chart = bar_chart(
         f"Top usage {report.period}",
-        [(u.device_id, float(u.used),
-          RED if u.share is not None and u.share > 1 else
-          AMBER if u.share is not None and u.share >= NEAR_QUOTA else BLUE,
-          human_bytes(u.used)) for u in report.top_usage[:15]],
-        max_value=float(top_max))
+        [
+            (
+                u.device_id,
+                float(u.used),
+                RED
+                if u.share is not None and u.share > 1
+                else AMBER
+                if u.share is not None and u.share >= NEAR_QUOTA
+                else BLUE,
+                human_bytes(u.used),
+            )
+            for u in report.top_usage[:15]
+        ],
+        max_value=float(top_max),
+    )
 
     gateways = _table(
         ("gateway", "region", "status", "heartbeat", "load", "peers", "active devices"),
-        [[escape(g.gateway_id), escape(g.region), _pill(g.status, STATUS_COLOR.get(g.status, GREY)),
-          "never" if g.heartbeat_age_s is None else f"{g.heartbeat_age_s:.0f}s ago", pct(g.load),
-          str(g.peer_count), str(g.devices_active)] for g in report.gateways], numeric=(4, 5, 6))
+        [
+            [
+                escape(g.gateway_id),
+                escape(g.region),
+                _pill(g.status, STATUS_COLOR.get(g.status, GREY)),
+                "never" if g.heartbeat_age_s is None else f"{g.heartbeat_age_s:.0f}s ago",
+                pct(g.load),
+                str(g.peer_count),
+                str(g.devices_active),
+            ]
+            for g in report.gateways
+        ],
+        numeric=(4, 5, 6),
+    )
     regions = _table(
         ("region", "gateways", "healthy", "stale", "load", "headroom", "active devices", "peers"),
-        [[escape(r.region), str(r.gateways), str(r.healthy), str(r.stale), pct(r.load),
-          pct(r.headroom), str(r.devices_active), str(r.peers)] for r in report.regions],
-        numeric=(1, 2, 3, 4, 5, 6, 7))
+        [
+            [
+                escape(r.region),
+                str(r.gateways),
+                str(r.healthy),
+                str(r.stale),
+                pct(r.load),
+                pct(r.headroom),
+                str(r.devices_active),
+                str(r.peers),
+            ]
+            for r in report.regions
+        ],
+        numeric=(1, 2, 3, 4, 5, 6, 7),
+    )
     doors = _table(
         ("gateway", "front door", "endpoint", "priority", "active", "devices"),
-        [[escape(d.gateway_id), escape(d.front_door_id), f"<code>{escape(d.endpoint)}</code>",
-          str(d.priority), "yes" if d.active else "no",
-          str(d.devices) if d.devices else '<span class="muted">never used</span>']
-         for d in report.front_doors], numeric=(3, 5))
+        [
+            [
+                escape(d.gateway_id),
+                escape(d.front_door_id),
+                f"<code>{escape(d.endpoint)}</code>",
+                str(d.priority),
+                "yes" if d.active else "no",
+                str(d.devices) if d.devices else '<span class="muted">never used</span>',
+            ]
+            for d in report.front_doors
+        ],
+        numeric=(3, 5),
+    )
     pools = _table(
         ("pool", "provider", "region", "countries", "IPs", "load", "headroom", "active devices"),
-        [[escape(p.pool_id), escape(p.provider), escape(p.region), escape(",".join(p.countries)),
-          escape(", ".join(p.ips)), pct(p.load),
-          pct(p.headroom) + (" " + _pill("low", RED) if p.low_headroom else ""),
-          str(p.devices_active)] for p in report.egress_pools], numeric=(5, 6, 7))
+        [
+            [
+                escape(p.pool_id),
+                escape(p.provider),
+                escape(p.region),
+                escape(",".join(p.countries)),
+                escape(", ".join(p.ips)),
+                pct(p.load),
+                pct(p.headroom) + (" " + _pill("low", RED) if p.low_headroom else ""),
+                str(p.devices_active),
+            ]
+            for p in report.egress_pools
+        ],
+        numeric=(5, 6, 7),
+    )
     tiers = _table(
         ("tier", "byte limit", "session limit", "active", "suspended", "revoked"),
-        [[escape(tr.tier), human_bytes(tr.byte_limit), str(tr.session_limit or "-"),
-          str(tr.devices.get("active", 0)), str(tr.devices.get("suspended", 0)),
-          str(tr.devices.get("revoked", 0))] for tr in report.tiers], numeric=(1, 2, 3, 4, 5))
+        [
+            [
+                escape(tr.tier),
+                human_bytes(tr.byte_limit),
+                str(tr.session_limit or "-"),
+                str(tr.devices.get("active", 0)),
+                str(tr.devices.get("suspended", 0)),
+                str(tr.devices.get("revoked", 0)),
+            ]
+            for tr in report.tiers
+        ],
+        numeric=(1, 2, 3, 4, 5),
+    )
 
     over, near = _usage_table(report.over_quota), _usage_table(report.near_quota)
     return f"""<!DOCTYPE html>

@@ -186,8 +186,10 @@ FROM usage_totals u JOIN devices d USING (device_id) LEFT JOIN tiers t ON t.tier
 WHERE u.period = $1
 """
 _TOP = _USAGE_COLUMNS + " ORDER BY used DESC, u.device_id LIMIT $2"
-_QUOTA_WHERE = (" AND t.byte_limit IS NOT NULL AND d.status <> 'revoked'"
-                " AND (u.rx_bytes + u.tx_bytes) >= $2::float8 * t.byte_limit")
+_QUOTA_WHERE = (
+    " AND t.byte_limit IS NOT NULL AND d.status <> 'revoked'"
+    " AND (u.rx_bytes + u.tx_bytes) >= $2::float8 * t.byte_limit"
+)
 _QUOTA = _USAGE_COLUMNS + _QUOTA_WHERE + " ORDER BY used DESC, u.device_id LIMIT $3"
 _QUOTA_COUNTS = """
 SELECT count(*) FILTER (WHERE u.rx_bytes + u.tx_bytes > t.byte_limit) AS over,
@@ -203,8 +205,9 @@ def period_at(when: datetime) -> str:
     return f"{when.year:04d}-{when.month:02d}"
 
 
-async def gather(conn: Any, period: str, *, top: int = TOP_USAGE,
-                 quota_limit: int = QUOTA_LIST_LIMIT) -> Rows:
+async def gather(
+    conn: Any, period: str, *, top: int = TOP_USAGE, quota_limit: int = QUOTA_LIST_LIMIT
+) -> Rows:
     """Read everything the report needs; ``conn`` is an asyncpg connection on the schema."""
 
     async def fetch(sql: str, *args: Any) -> list[dict[str, Any]]:
@@ -244,10 +247,17 @@ def gateway_status(row: dict[str, Any], now: datetime, ttl_s: float) -> tuple[st
 def _usage(row: dict[str, Any]) -> UsageRow:
     limit = row.get("byte_limit")
     used = int(row["used"])
-    return UsageRow(device_id=row["device_id"], tier=row["tier"], gateway_id=row["gateway_id"],
-                    status=row["status"], rx_bytes=int(row["rx_bytes"]),
-                    tx_bytes=int(row["tx_bytes"]), used=used, byte_limit=limit,
-                    share=(used / limit) if limit else None)
+    return UsageRow(
+        device_id=row["device_id"],
+        tier=row["tier"],
+        gateway_id=row["gateway_id"],
+        status=row["status"],
+        rx_bytes=int(row["rx_bytes"]),
+        tx_bytes=int(row["tx_bytes"]),
+        used=used,
+        byte_limit=limit,
+        share=(used / limit) if limit else None,
+    )
 
 
 def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
@@ -259,65 +269,114 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
     for r in rows.gateways:
         status, age = gateway_status(r, now, ttl_s)
         counts = per_gateway.get(r["gateway_id"], {})
-        gateways.append(GatewayRow(
-            gateway_id=r["gateway_id"], region=r["region"], status=status,
-            last_heartbeat=r.get("last_heartbeat"),
-            heartbeat_age_s=round(age, 1) if age is not None else None,
-            load=float(r.get("load") or 0.0), peer_count=int(r.get("peer_count") or 0),
-            active_peers=int(r.get("active_peers") or 0),
-            devices_active=counts.get("active", 0), devices_total=sum(counts.values())))
+        gateways.append(
+            GatewayRow(
+                gateway_id=r["gateway_id"],
+                region=r["region"],
+                status=status,
+                last_heartbeat=r.get("last_heartbeat"),
+                heartbeat_age_s=round(age, 1) if age is not None else None,
+                load=float(r.get("load") or 0.0),
+                peer_count=int(r.get("peer_count") or 0),
+                active_peers=int(r.get("active_peers") or 0),
+                devices_active=counts.get("active", 0),
+                devices_total=sum(counts.values()),
+            )
+        )
 
     regions: list[RegionRow] = []
     for region in sorted({g.region for g in gateways}):
         members = [g for g in gateways if g.region == region]
         healthy = [g for g in members if g.status == "healthy"]
         load = sum(g.load for g in healthy) / len(healthy) if healthy else 1.0
-        regions.append(RegionRow(
-            region=region, gateways=len(members), healthy=len(healthy),
-            stale=sum(1 for g in members if g.status == "stale"), load=round(load, 4),
-            headroom=round(max(0.0, 1.0 - load), 4),
-            devices_active=sum(g.devices_active for g in members),
-            peers=sum(g.peer_count for g in members),
-            near_capacity=load >= NEAR_CAPACITY_LOAD))
+        regions.append(
+            RegionRow(
+                region=region,
+                gateways=len(members),
+                healthy=len(healthy),
+                stale=sum(1 for g in members if g.status == "stale"),
+                load=round(load, 4),
+                headroom=round(max(0.0, 1.0 - load), 4),
+                devices_active=sum(g.devices_active for g in members),
+                peers=sum(g.peer_count for g in members),
+                near_capacity=load >= NEAR_CAPACITY_LOAD,
+            )
+        )
 
-    doors = [FrontDoorRow(gateway_id=r["gateway_id"], front_door_id=r["front_door_id"],
-                          endpoint=r["endpoint"], transport=r["transport"],
-                          priority=int(r["priority"]), active=bool(r["active"]),
-                          devices=int(r["devices"])) for r in rows.front_doors]
+    doors = [
+        FrontDoorRow(
+            gateway_id=r["gateway_id"],
+            front_door_id=r["front_door_id"],
+            endpoint=r["endpoint"],
+            transport=r["transport"],
+            priority=int(r["priority"]),
+            active=bool(r["active"]),
+            devices=int(r["devices"]),
+        )
+        for r in rows.front_doors
+    ]
 
-    pools = [PoolRow(pool_id=r["pool_id"], provider=r["provider"], region=r["region"],
-                     countries=list(r["countries"]), ips=list(r["ips"]), load=float(r["load"]),
-                     headroom=float(r["headroom"]), active=bool(r["active"]),
-                     devices_active=int(r["devices_active"]),
-                     low_headroom=bool(r["active"]) and float(r["headroom"]) < LOW_HEADROOM)
-             for r in rows.pools]
+    pools = [
+        PoolRow(
+            pool_id=r["pool_id"],
+            provider=r["provider"],
+            region=r["region"],
+            countries=list(r["countries"]),
+            ips=list(r["ips"]),
+            load=float(r["load"]),
+            headroom=float(r["headroom"]),
+            active=bool(r["active"]),
+            devices_active=int(r["devices_active"]),
+            low_headroom=bool(r["active"]) and float(r["headroom"]) < LOW_HEADROOM,
+        )
+        for r in rows.pools
+    ]
 
     by_tier: dict[str, dict[str, int]] = {}
     by_status: dict[str, int] = {}
     for r in rows.tier_devices:
         by_tier.setdefault(r["tier"], {})[r["status"]] = int(r["n"])
         by_status[r["status"]] = by_status.get(r["status"], 0) + int(r["n"])
-    tiers = [TierRow(tier=r["tier"], byte_limit=r.get("byte_limit"),
-                     session_limit=r.get("session_limit"), status=r.get("status", "active"),
-                     devices=dict(sorted(by_tier.get(r["tier"], {}).items())))
-             for r in rows.tiers]
+    tiers = [
+        TierRow(
+            tier=r["tier"],
+            byte_limit=r.get("byte_limit"),
+            session_limit=r.get("session_limit"),
+            status=r.get("status", "active"),
+            devices=dict(sorted(by_tier.get(r["tier"], {}).items())),
+        )
+        for r in rows.tiers
+    ]
 
     quota = [_usage(r) for r in rows.quota]
     over = [u for u in quota if u.byte_limit is not None and u.used > u.byte_limit]
     near = [u for u in quota if u.byte_limit is not None and u.used <= u.byte_limit]
 
     report = Report(
-        generated_at=now, period=rows.period, heartbeat_ttl_s=ttl_s,
-        totals=Totals(gateways=len(gateways),
-                      gateways_healthy=sum(1 for g in gateways if g.status == "healthy"),
-                      devices=sum(by_status.values()),
-                      devices_by_status=dict(sorted(by_status.items())),
-                      front_doors=len(doors), egress_pools=len(pools), used_bytes=rows.used_bytes,
-                      near_quota=rows.quota_counts.get("near", len(near)),
-                      over_quota=rows.quota_counts.get("over", len(over))),
-        regions=regions, gateways=gateways, front_doors=doors, egress_pools=pools, tiers=tiers,
-        top_usage=[_usage(r) for r in rows.top_usage], near_quota=near, over_quota=over,
-        recommendations=[])
+        generated_at=now,
+        period=rows.period,
+        heartbeat_ttl_s=ttl_s,
+        totals=Totals(
+            gateways=len(gateways),
+            gateways_healthy=sum(1 for g in gateways if g.status == "healthy"),
+            devices=sum(by_status.values()),
+            devices_by_status=dict(sorted(by_status.items())),
+            front_doors=len(doors),
+            egress_pools=len(pools),
+            used_bytes=rows.used_bytes,
+            near_quota=rows.quota_counts.get("near", len(near)),
+            over_quota=rows.quota_counts.get("over", len(over)),
+        ),
+        regions=regions,
+        gateways=gateways,
+        front_doors=doors,
+        egress_pools=pools,
+        tiers=tiers,
+        top_usage=[_usage(r) for r in rows.top_usage],
+        near_quota=near,
+        over_quota=over,
+        recommendations=[],
+    )
     report.recommendations = recommend(report)
     return report
 
@@ -330,49 +389,91 @@ def recommend(report: Report) -> list[Recommendation]:
     out: list[Recommendation] = []
     for region in report.regions:
         if region.healthy == 0:
-            out.append(Recommendation(
-                severity="critical", kind="region_without_capacity", subject=region.region,
-                message=(f"region {region.region} has no healthy gateway ({region.gateways} "
-                         f"registered, {region.stale} stale): enrollments there fail; "
-                         "restore a gateway or add one")))
+            out.append(
+                Recommendation(
+                    severity="critical",
+                    kind="region_without_capacity",
+                    subject=region.region,
+                    message=(
+                        f"region {region.region} has no healthy gateway ({region.gateways} "
+                        f"registered, {region.stale} stale): enrollments there fail; "
+                        "restore a gateway or add one"
+                    ),
+                )
+            )
         elif region.near_capacity:
-            out.append(Recommendation(
-                severity="warning", kind="region_near_capacity", subject=region.region,
-                message=(f"region {region.region} runs at {region.load:.0%} average load over "
-                         f"{region.healthy} healthy gateway(s): add a gateway")))
+            out.append(
+                Recommendation(
+                    severity="warning",
+                    kind="region_near_capacity",
+                    subject=region.region,
+                    message=(
+                        f"region {region.region} runs at {region.load:.0%} average load over "
+                        f"{region.healthy} healthy gateway(s): add a gateway"
+                    ),
+                )
+            )
     for g in report.gateways:
         if g.status == "stale":
             age = f"{g.heartbeat_age_s:.0f}s ago" if g.heartbeat_age_s is not None else "never"
-            out.append(Recommendation(
-                severity="warning", kind="gateway_stale", subject=g.gateway_id,
-                message=(f"gateway {g.gateway_id} ({g.region}) last heartbeat {age} "
-                         f"(ttl {report.heartbeat_ttl_s:.0f}s): new devices are not placed "
-                         f"there; {g.devices_active} active device(s) attached — check the agent")))
+            out.append(
+                Recommendation(
+                    severity="warning",
+                    kind="gateway_stale",
+                    subject=g.gateway_id,
+                    message=(
+                        f"gateway {g.gateway_id} ({g.region}) last heartbeat {age} "
+                        f"(ttl {report.heartbeat_ttl_s:.0f}s): new devices are not placed "
+                        f"there; {g.devices_active} active device(s) attached — check the agent"
+                    ),
+                )
+            )
     for p in report.egress_pools:
         if p.low_headroom:
-            out.append(Recommendation(
-                severity="warning", kind="pool_low_headroom", subject=p.pool_id,
-                message=(f"egress pool {p.pool_id} ({p.region}, {','.join(p.countries)}) has "
-                         f"{p.headroom:.0%} headroom at {p.load:.0%} load with {len(p.ips)} IP "
-                         "range(s): add IPs or another pool for these countries")))
+            out.append(
+                Recommendation(
+                    severity="warning",
+                    kind="pool_low_headroom",
+                    subject=p.pool_id,
+                    message=(
+                        f"egress pool {p.pool_id} ({p.region}, {','.join(p.countries)}) has "
+                        f"{p.headroom:.0%} headroom at {p.load:.0%} load with {len(p.ips)} IP "
+                        "range(s): add IPs or another pool for these countries"
+                    ),
+                )
+            )
     for d in report.front_doors:
         if d.active and d.devices == 0:
-            out.append(Recommendation(
-                severity="info", kind="front_door_unused",
-                subject=f"{d.gateway_id}/{d.front_door_id}",
-                message=(f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) never had "
-                         "a device attached: keep it only as a failover target, else retire it")))
+            out.append(
+                Recommendation(
+                    severity="info",
+                    kind="front_door_unused",
+                    subject=f"{d.gateway_id}/{d.front_door_id}",
+                    message=(
+                        f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) never had "
+                        "a device attached: keep it only as a failover target, else retire it"
+                    ),
+                )
+            )
     if report.totals.over_quota:
-        out.append(Recommendation(
-            severity="info", kind="devices_over_quota", subject=report.period,
-            message=(f"{report.totals.over_quota} device(s) over quota and "
-                     f"{report.totals.near_quota} near it in {report.period}: review tier limits")))
+        out.append(
+            Recommendation(
+                severity="info",
+                kind="devices_over_quota",
+                subject=report.period,
+                message=(
+                    f"{report.totals.over_quota} device(s) over quota and "
+                    f"{report.totals.near_quota} near it in {report.period}: review tier limits"
+                ),
+            )
+        )
     out.sort(key=lambda r: (_SEVERITY.get(r.severity, 9), r.kind, r.subject))
     return out
 
 
-async def generate(dsn: str, *, ttl_s: float = 90.0, now: datetime | None = None,
-                   schema: str = "damm") -> Report:
+async def generate(
+    dsn: str, *, ttl_s: float = 90.0, now: datetime | None = None, schema: str = "damm"
+) -> Report:
     import asyncpg
 
     now = now or datetime.now(UTC)
