@@ -113,7 +113,7 @@ async def main() -> None:
         nc = await connect(url, user="control", password=nats_server.passwords["control"])
         await ensure_streams(nc.jetstream())
         admin = await connect(url, user="admin", password=nats_server.passwords["admin"])
-        gw = await connect(url, user="gateway", password=nats_server.passwords["gateway"])
+        gw = await connect(url, user="control", password=nats_server.passwords["control"])
         device = await connect(url)
         for _ in range(100):
             try:

@@ -40,6 +40,7 @@ from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
 from damm.handlers import protocol as p
 from damm.rpc import call
+from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 
@@ -64,6 +65,9 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
     settings = ControlSettings(overlay=Overlay.parse("10.40.0.0/16"), keys_dir=root / "keys")
     plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
     await plane.start()
+    assert plane.ctx is not None
+    users_stop = asyncio.Event()
+    users = asyncio.create_task(follow_gateways(nats_server, plane.ctx.state, users_stop))
     lab = None
     try:
         assert plane.leadership is not None
@@ -99,7 +103,6 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
                 token=added.token,
                 nats_url=nats_server.url,
                 state_dir=root / "agent",
-                nats_password=nats_server.passwords["gateway"],
                 heartbeat_s=2.0,
                 usage_s=5.0,
             ),
@@ -200,6 +203,8 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
         await admin.close()
         await device.close()
     finally:
+        users_stop.set()
+        await users
         await plane.stop()
         if lab is not None:
             await lab.close()

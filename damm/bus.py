@@ -9,6 +9,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.stack.nats_config import inbox_prefix
 
 _log = log.get("damm.bus")
 
@@ -48,6 +49,7 @@ async def connect(
     if user:
         options["user"] = user
         options["password"] = password or ""
+        options["inbox_prefix"] = inbox_prefix(user)
     if reconnect:
         nc: NATS = await nats.connect(**options)
         return nc

@@ -166,12 +166,12 @@ def _ms(since: float) -> float:
 
 
 async def run_demo(
-    nats_url: str, gateway_password: str, admin_password: str, state_dir: Path
+    nats_url: str, admin_password: str, state_dir: Path
 ) -> DemoHandle:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
     handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
-        await _build(handle, nats_url, gateway_password, admin_password, state_dir)
+        await _build(handle, nats_url, admin_password, state_dir)
     except BaseException:
         await handle.close()
         raise
@@ -179,7 +179,7 @@ async def run_demo(
 
 
 async def _build(
-    h: DemoHandle, nats_url: str, gateway_password: str, admin_password: str, state_dir: Path
+    h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path
 ) -> None:
     lab = h.lab
     h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
@@ -220,7 +220,6 @@ async def _build(
                 token=added.token,
                 nats_url=nats_url,
                 state_dir=state_dir / f"gateway-{lab.tag}",
-                nats_password=gateway_password,
                 listen_port=PORT,
                 heartbeat_s=5,
                 usage_s=10,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import tempfile
 import uuid
@@ -19,6 +20,7 @@ from damm.bus import connect
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.projections.migrate import migrate
+from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 
@@ -92,7 +94,12 @@ async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIte
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
     plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
     await plane.start()
+    assert plane.ctx is not None
+    users_stop = asyncio.Event()
+    users = asyncio.create_task(follow_gateways(nats_server, plane.ctx.state, users_stop))
     yield plane
+    users_stop.set()
+    await users
     await plane.stop()
 
 
@@ -113,8 +120,10 @@ async def device_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 @pytest.fixture
 async def gateway_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
+    # Handler tests simulate many gateways over one connection; per-gateway NATS users are
+    # exercised by the agent tests and tests/test_stack.py.
     client = await connect(
-        nats_server.url, user="gateway", password=nats_server.passwords["gateway"]
+        nats_server.url, user="control", password=nats_server.passwords["control"]
     )
     yield client
     await client.close()

@@ -33,7 +33,6 @@ async def test_demo_fails_over_and_cleans_up(
     await asyncio.wait_for(control.leadership.gained.wait(), 5)
     handle = await demo.run_demo(
         nats_server.url,
-        nats_server.passwords["gateway"],
         nats_server.passwords["admin"],
         tmp_path / "demo",
     )
@@ -78,7 +77,6 @@ async def test_demo_fails_over_and_cleans_up(
     # place its device on the first demo's gateway, whose namespace is gone.
     again = await demo.run_demo(
         nats_server.url,
-        nats_server.passwords["gateway"],
         nats_server.passwords["admin"],
         tmp_path / "demo",
     )

@@ -110,7 +110,6 @@ class Site:
     def start_agent(self) -> None:
         env = dict(
             os.environ,
-            DAMM_GATEWAY_PASSWORD=self.nats_server.passwords["gateway"],
             DAMM_GATEWAY_TOKEN=self.gw_token,
             PYTHONPATH=str(ROOT),
             DAMM_LOG_FORMAT="json",

@@ -132,7 +132,6 @@ async def agent_env(
         token=fleet["gw1_token"],
         nats_url=nats_server.url,
         state_dir=tmp_path / "agent",
-        nats_password=nats_server.passwords["gateway"],
         heartbeat_s=0.3,
         usage_s=0.2,
         reconcile_s=5,
@@ -262,7 +261,6 @@ async def test_usage_survives_restart_without_double_count(
         token=fleet["gw1_token"],
         nats_url=nats_server.url,
         state_dir=tmp_path / "agent",
-        nats_password=nats_server.passwords["gateway"],
         heartbeat_s=5,
         usage_s=0.2,
     )

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats.errors
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from damm.bus import connect
-from damm.stack.nats_config import production
+from damm.control import ControlPlane
+from damm.handlers import protocol as p
+from damm.rpc import call
+from damm.stack.nats_config import gateway_password_hash, production
 from damm.stack.nats_server import NatsServer, binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,26 +51,98 @@ def test_ops_nats_conf_is_valid(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-async def test_devices_and_gateways_get_narrow_permissions(nats_server: NatsServer) -> None:
-    device = await connect(nats_server.url, reconnect=False)
-    gateway = await connect(
-        nats_server.url, user="gateway", password=nats_server.passwords["gateway"], reconnect=False
-    )
+async def _received(
+    client: NATS, subject: str, publish: Callable[[], Awaitable[None]], *, expect: bool = False
+) -> list[bytes]:
+    """What ``client`` receives on ``subject`` (a denied subscription receives nothing).
+
+    With ``expect`` it waits for the first message; otherwise it gives a denied message time to
+    arrive, so an empty result means the server withheld it.
+    """
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def keep(msg: Msg) -> None:
+        got.append(msg.data)
+        arrived.set()
+
+    sub = await client.subscribe(subject, cb=keep)
+    await client.flush()
+    await publish()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(arrived.wait(), 3.0 if expect else 0.3)
+    await sub.unsubscribe()
+    return got
+
+
+async def test_each_party_reads_only_its_own(nats_server: NatsServer) -> None:
+    tokens = {"gw1": "dmg_token-one", "gw2": "dmg_token-two"}
+    nats_server.set_gateways({g: gateway_password_hash(t) for g, t in tokens.items()})
+    await asyncio.sleep(0.5)  # SIGHUP reload
+    url = nats_server.url
+    control = await connect(url, user="control", password=nats_server.passwords["control"])
+    admin = await connect(url, user="admin", password=nats_server.passwords["admin"])
+
+    async def answer(msg: Msg) -> None:
+        await control.publish(msg.reply, b"dmt_freshly-issued-secret")
+
+    await control.subscribe("damm.req.admin.token.create", cb=answer)
+    await control.flush()
+
+    async def admin_asks() -> None:
+        await admin.request("damm.req.admin.token.create", b"{}", timeout=2)
+
+    def peers(gateway: str) -> Callable[[], Awaitable[None]]:
+        async def send() -> None:
+            await control.publish(f"damm.peers.{gateway}", gateway.encode())
+            await control.flush()
+
+        return send
+
+    async def as_party(
+        who: str, subject: str, publish: Callable[[], Awaitable[None]], *, expect: bool = False
+    ) -> list[bytes]:
+        # a fresh connection per check: nats-py may drop the next subscription's messages after
+        # a denied one, which would blur what the server itself allowed
+        if who == "device":
+            client = await connect(url, reconnect=False)
+        else:
+            client = await connect(url, user=f"gw-{who}", password=tokens[who], reconnect=False)
+        try:
+            return await _received(client, subject, publish, expect=expect)
+        finally:
+            await client.close()
+
     try:
-        for client, subject in (
-            (device, "damm.req.admin.tier.define"),
-            (device, "damm.req.gateway.register"),
-            (device, "$JS.API.STREAM.LIST"),
-            (gateway, "damm.req.admin.token.create"),
-            (gateway, "damm.evt.device.x"),
-        ):
-            with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
-                await client.request(subject, b"{}", timeout=0.5)
+        assert await as_party("gw1", "damm.peers.gw1", peers("gw1"), expect=True) == [b"gw1"]
+        # nobody who may read _INBOX.> sees an admin's reply (it holds a new token)
+        assert await as_party("device", "_INBOX.>", admin_asks) == []
+        assert await as_party("gw1", "_INBOX.>", admin_asks) == []
+        # a gateway reads its own peer set, not another's, not all of them
+        assert await as_party("gw1", "damm.peers.gw2", peers("gw2")) == []
+        assert await as_party("gw1", "damm.peers.>", peers("gw2")) == []
+        device = await connect(url, reconnect=False)
+        gw1 = await connect(url, user="gw-gw1", password=tokens["gw1"], reconnect=False)
+        try:
+            for client, subject in (
+                (device, "damm.req.admin.tier.define"),
+                (device, "damm.req.gateway.register"),
+                (device, "$JS.API.STREAM.LIST"),
+                (gw1, "damm.req.admin.token.create"),
+                (gw1, "damm.evt.device.x"),
+                (gw1, "$JS.API.STREAM.LIST"),
+            ):
+                with pytest.raises((nats.errors.Error, asyncio.TimeoutError)):
+                    await client.request(subject, b"{}", timeout=0.5)
+        finally:
+            await device.close()
+            await gw1.close()
     finally:
-        await device.close()
-        await gateway.close()
-    with pytest.raises(Exception):  # noqa: B017 - any auth failure type is fine
-        await connect(nats_server.url, user="control", password="wrong", reconnect=False)
+        await control.close()
+        await admin.close()
+    for user, password in (("control", "wrong"), ("gw-gw1", tokens["gw2"]), ("gateway", "x")):
+        with pytest.raises(Exception):  # noqa: B017 - any auth failure type is fine
+            await connect(url, user=user, password=password, reconnect=False)
 
 
 def _wait_for(path: Path, seconds: float) -> None:
@@ -119,3 +198,47 @@ def test_damm_up_starts_stops_and_reuses_data(tmp_path: Path) -> None:
         ["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout.strip() == "", "processes left behind"
+
+
+async def test_nats_config_renders_each_gateway(
+    control: ControlPlane, admin_nc: NATS, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    added = await call(
+        admin_nc, "admin.gateway.add", p.AddGateway(gateway_id="gw7", region="eu"), p.GatewayAdded
+    )
+    await control.wait_projected()
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": nats_server.url,
+        "DAMM_DATABASE_URL": control.database_url,
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
+    out = tmp_path / "damm.conf"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [DAMM, "admin", "nats-config", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    assert '{ user: "gw-gw7", password: "$2a$' in text
+    assert '"damm.peers.gw7", "_INBOX_gw-gw7.>"' in text
+    assert added.token not in text
+    conf = tmp_path / "check.conf"
+    conf.write_text(text.replace("/var/lib/damm", str(tmp_path)))
+    env.update({f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "SYS")})
+    checked = await asyncio.to_thread(
+        subprocess.run,
+        [binary(), "-t", "-c", str(conf)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr

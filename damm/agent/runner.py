@@ -36,6 +36,7 @@ from damm.errors import Code, DammError
 from damm.events.subjects import peers_subject
 from damm.handlers import protocol as p
 from damm.rpc import call
+from damm.stack.nats_config import gateway_user, inbox_prefix
 
 _log = log.get("damm.agent")
 
@@ -53,8 +54,8 @@ class AgentConfig:
     nats_url: str
     state_dir: Path
     listen_port: int = 51820
-    nats_user: str | None = "gateway"
-    nats_password: str | None = None
+    nats_user: str | None = None  # default: the gateway's own user, gw-<id>
+    nats_password: str | None = None  # default: the gateway token
     heartbeat_s: float = 10.0
     usage_s: float = 30.0
     reconcile_s: float = 60.0
@@ -157,8 +158,14 @@ class GatewayAgent:
             reconnected_cb=reconnected,
             error_cb=error,
         )
-        if cfg.nats_user:
-            options.update(user=cfg.nats_user, password=cfg.nats_password or "")
+        # Each gateway logs in as itself (gw-<id>, its token as password) and reads replies on
+        # its own inbox: the server lets it see its own peer set and nothing else.
+        user = cfg.nats_user or gateway_user(cfg.gateway_id)
+        options.update(
+            user=user,
+            password=cfg.nats_password if cfg.nats_password is not None else cfg.token,
+            inbox_prefix=inbox_prefix(user),
+        )
         delay = 0.5
         while not stop.is_set():
             try:

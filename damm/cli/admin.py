@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -395,6 +396,38 @@ catalog_key.command("announce", help="Stage a next key and announce it in curren
 catalog_key.command("activate", help="Sign with the announced key; retire the current one.")(
     _key_step("admin.catalog.activate", "activated")
 )
+
+
+# --- NATS configuration ------------------------------------------------------------------------
+
+
+@admin.command("nats-config")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="write here (mode 0600) instead of stdout",
+)
+@click.pass_context
+@run
+async def nats_config(ctx: click.Context, out: Path | None) -> None:
+    """Render the production nats-server config with one user per gateway; reload after."""
+    from damm.device.wgconfig import write_atomic
+    from damm.stack.nats_config import production
+
+    rows = await query(
+        target(ctx),
+        "SELECT gateway_id, nats_password_bcrypt FROM gateways"
+        " WHERE nats_password_bcrypt IS NOT NULL ORDER BY gateway_id",
+    )
+    text = production({r["gateway_id"]: r["nats_password_bcrypt"] for r in rows})
+    if out is None:
+        click.echo(text, nl=False)
+        return
+    write_atomic(out, text, mode=0o600)
+    click.echo(
+        f"wrote {out} with {len(rows)} gateway user(s); reload: nats-server --signal reload",
+        err=True,
+    )
 
 
 # --- replay ----------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 from pathlib import Path
 
@@ -95,15 +94,12 @@ async def run_cmd(
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure()
     target = Target(nats_url, None)
-    user, password = target.credentials("gateway")
     config = AgentConfig(
         gateway_id=gateway_id,
         token=token,
         nats_url=target.nats(),
         state_dir=state_dir,
         listen_port=listen_port,
-        nats_user=user or "gateway",
-        nats_password=password or os.environ.get("DAMM_GATEWAY_PASSWORD"),
         heartbeat_s=heartbeat_interval,
         usage_s=usage_interval,
         capacity=capacity,

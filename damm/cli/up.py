@@ -18,6 +18,7 @@ from damm.cli.common import run, target
 from damm.config import ControlSettings
 from damm.control import ControlPlane
 from damm.errors import Code, DammError
+from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 from damm.stack.stackfile import StackFile, home
@@ -65,6 +66,7 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
     async with AsyncExitStack() as stack:
         nats_url = t.nats_url
         passwords: dict[str, str] = {}
+        server: NatsServer | None = None
         if nats_url is None:
             prev = _previous(directory)
             server = NatsServer(directory / "nats", passwords=dict(prev.get("passwords", {})))
@@ -90,6 +92,16 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
         plane = ControlPlane(nats_url, database_url, settings, user=user, password=password)
         await plane.start()
         stack.push_async_callback(plane.stop)
+        if server is not None:
+            assert plane.ctx is not None
+            users_stop = asyncio.Event()
+            follower = asyncio.create_task(follow_gateways(server, plane.ctx.state, users_stop))
+
+            async def stop_follower() -> None:
+                users_stop.set()
+                await follower
+
+            stack.push_async_callback(stop_follower)
         stackfile = StackFile(
             nats_url=nats_url, database_url=database_url, passwords=passwords, pid=os.getpid()
         )
@@ -127,7 +139,7 @@ async def _demo(
         click.echo(f"  demo       skipped: {why}")
         return
     handle = await demo.run_demo(
-        nats_url, passwords.get("gateway", ""), passwords.get("admin", ""), directory / "demo"
+        nats_url, passwords.get("admin", ""), directory / "demo"
     )
     stack.push_async_callback(handle.close)
     for line in handle.summary():

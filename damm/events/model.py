@@ -76,6 +76,7 @@ class GatewayAdded(_Event, frozen=True, tag="gateway.added"):
     gateway_id: str
     region: str
     token_hash: str
+    nats_password_bcrypt: str | None = None  # the gateway's NATS login is its token
 
 
 class FrontDoorSet(_Event, frozen=True, tag="gateway.front_door_set"):

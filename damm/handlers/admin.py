@@ -5,6 +5,7 @@ Every one of them is an event carrying the admin as actor; none writes a read mo
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import secrets
 import uuid
@@ -20,6 +21,7 @@ from damm.handlers.context import Call, Context, token_hash
 from damm.handlers.placement_view import explain_for
 from damm.handlers.service import Route, route
 from damm.handlers.state import DEFAULT_POOL
+from damm.stack.nats_config import gateway_password_hash
 
 _COUNTRY_LEN = 2
 
@@ -151,6 +153,8 @@ class AdminHandlers:
         if req.gateway_id in self.ctx.state.gateways:
             raise DammError(Code.ALREADY_EXISTS, f"gateway {req.gateway_id!r}")
         token = "dmg_" + secrets.token_urlsafe(24)
+        # The only moment the plaintext exists here: hash it for the gateway's own NATS user.
+        nats_hash = await asyncio.to_thread(gateway_password_hash, token)
         subject = event_subject("gateway", req.gateway_id)
 
         def decide() -> list[Append]:
@@ -160,7 +164,10 @@ class AdminHandlers:
                 self.ctx.append(
                     subject,
                     m.GatewayAdded(
-                        gateway_id=req.gateway_id, region=region, token_hash=token_hash(token)
+                        gateway_id=req.gateway_id,
+                        region=region,
+                        token_hash=token_hash(token),
+                        nats_password_bcrypt=nats_hash,
                     ),
                     call,
                     expected=0,

@@ -64,6 +64,7 @@ class GatewayState:
     last_heartbeat: datetime | None = None
     load: float = 0.0
     peer_count: int = 0
+    nats_password_bcrypt: str | None = None
 
     @property
     def registered(self) -> bool:
@@ -205,7 +206,10 @@ class DecisionState:
                 if tok := self.tokens.get(e.token_id):
                     tok.revoked = True
             case m.GatewayAdded():
-                self.gateways[e.gateway_id] = GatewayState(e.gateway_id, e.region, e.token_hash)
+                self.gateways[e.gateway_id] = GatewayState(
+                    e.gateway_id, e.region, e.token_hash,
+                    nats_password_bcrypt=e.nats_password_bcrypt,
+                )
             case m.FrontDoorSet():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.front_doors[e.front_door_id] = FrontDoorState(

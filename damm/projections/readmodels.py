@@ -48,8 +48,9 @@ _TOKEN_RELEASED = (
 )
 _TOKEN_REVOKED = "UPDATE tokens SET revoked = true, revoked_reason = $2 WHERE token_id = $1"
 _GATEWAY = (
-    "INSERT INTO gateways (gateway_id, region, token_hash, added_at) VALUES ($1,$2,$3,$4)"
-    " ON CONFLICT (gateway_id) DO UPDATE SET region=EXCLUDED.region, token_hash=EXCLUDED.token_hash"
+    "INSERT INTO gateways (gateway_id, region, token_hash, nats_password_bcrypt, added_at)"
+    " VALUES ($1,$2,$3,$4,$5) ON CONFLICT (gateway_id) DO UPDATE SET region=EXCLUDED.region,"
+    " token_hash=EXCLUDED.token_hash, nats_password_bcrypt=EXCLUDED.nats_password_bcrypt"
 )
 _GATEWAY_REGISTERED = (
     "UPDATE gateways SET public_key=$2, listen_port=$3, agent_version=$4, registered_at=$5"
@@ -170,7 +171,11 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
         case m.TokenRevoked():
             yield Stmt("tokens", _TOKEN_REVOKED, (e.token_id, e.reason))
         case m.GatewayAdded():
-            yield Stmt("gateways", _GATEWAY, (e.gateway_id, e.region, e.token_hash, at))
+            yield Stmt(
+                "gateways",
+                _GATEWAY,
+                (e.gateway_id, e.region, e.token_hash, e.nats_password_bcrypt, at),
+            )
         case m.GatewayRegistered():
             yield Stmt(
                 "gateways",

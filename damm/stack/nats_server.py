@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,14 +35,31 @@ class NatsServer:
     port: int = -1
     url: str = ""
     proc: subprocess.Popen[bytes] | None = None
+    gateways: dict[str, str] = field(default_factory=dict)  # gateway id -> bcrypt hash
+
+    def _write_config(self) -> None:
+        settings = ServerSettings(str(self.data_dir / "jetstream"), self.passwords, self.gateways)
+        conf = self.data_dir / "nats.conf"
+        tmp = conf.with_suffix(".tmp")
+        tmp.write_text(render(settings))
+        tmp.chmod(0o600)
+        os.replace(tmp, conf)
+
+    def set_gateways(self, gateways: dict[str, str]) -> bool:
+        """Give each gateway its own user; reload the running server when that changed."""
+        if gateways == self.gateways:
+            return False
+        self.gateways = dict(gateways)
+        self._write_config()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGHUP)
+        return True
 
     def start(self, timeout: float = 10.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        for role in ("control", "admin", "gateway", "sys"):
+        for role in ("control", "admin", "sys"):
             self.passwords.setdefault(role, secrets.token_urlsafe(18))
-        conf = self.data_dir / "nats.conf"
-        conf.write_text(render(ServerSettings(str(self.data_dir / "jetstream"), self.passwords)))
-        conf.chmod(0o600)
+        self._write_config()
         ports_dir = self.data_dir / "ports"
         ports_dir.mkdir(exist_ok=True)
         for old in ports_dir.glob("*.ports"):
@@ -49,7 +68,7 @@ class NatsServer:
             [
                 binary(),
                 "-c",
-                str(conf),
+                str(self.data_dir / "nats.conf"),
                 "-a",
                 "127.0.0.1",
                 "-p",
