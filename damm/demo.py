@@ -165,9 +165,7 @@ def _ms(since: float) -> float:
     return (time.monotonic() - since) * 1000
 
 
-async def run_demo(
-    nats_url: str, admin_password: str, state_dir: Path
-) -> DemoHandle:
+async def run_demo(nats_url: str, admin_password: str, state_dir: Path) -> DemoHandle:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
     handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
@@ -178,9 +176,7 @@ async def run_demo(
     return handle
 
 
-async def _build(
-    h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path
-) -> None:
+async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path) -> None:
     lab = h.lab
     h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
     fd1_if, _ = await lab.veth(h.gw_ns, h.dev_ns, f"{FD1_ADDR}/24", f"{FD1_DEV}/24")

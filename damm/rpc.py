@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import TypeVar
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from damm.errors import Code, DammError
 from damm.events.subjects import request_subject
@@ -17,6 +19,34 @@ T = TypeVar("T")
 
 _reply = msgspec.json.Decoder(Reply)
 _encoder = msgspec.json.Encoder()
+
+
+NO_RESPONDERS_GRACE_S = 1.0
+
+
+async def _request(
+    nc: NATS, subject: str, payload: bytes, timeout: float, headers: dict[str, str]
+) -> Msg:
+    """A request, retried while nobody serves the subject for up to a second.
+
+    "No responders" means the request reached no handler, so sending it again cannot record
+    anything twice; it happens while handler processes restart and for a moment after one has
+    just subscribed.
+    """
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + min(NO_RESPONDERS_GRACE_S, timeout)
+    delay = 0.05
+    while True:
+        try:
+            msg: Msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
+            return msg
+        except nats.errors.NoRespondersError:
+            if loop.time() + delay > give_up:
+                raise DammError(Code.UNAVAILABLE, f"nothing serves {subject}") from None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise DammError(Code.UNAVAILABLE, f"no reply within {timeout:g}s") from None
 
 
 async def call(
@@ -36,14 +66,7 @@ async def call(
     headers = {"Damm-Correlation-Id": correlation_id or uuid.uuid4().hex}
     if actor:
         headers["Damm-Actor"] = actor
-    try:
-        msg = await nc.request(
-            request_subject(command), _encoder.encode(request), timeout=timeout, headers=headers
-        )
-    except nats.errors.NoRespondersError:
-        raise DammError(Code.UNAVAILABLE, f"nothing serves {request_subject(command)}") from None
-    except (TimeoutError, nats.errors.TimeoutError):
-        raise DammError(Code.UNAVAILABLE, f"no reply within {timeout:g}s") from None
+    msg = await _request(nc, request_subject(command), _encoder.encode(request), timeout, headers)
     try:
         reply = _reply.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:

@@ -23,6 +23,7 @@ COMMANDS = [
     "admin tokens",
     "admin tiers",
     "admin pools",
+    "admin device",
     "admin revoke",
     "admin suspend",
     "admin resume",

@@ -348,3 +348,58 @@ def test_cli_errors_are_one_line(tmp_path: Path, nats_server: object) -> None:
         "error: unavailable: the control plane is unavailable: nothing serves"
     )
     assert "Traceback" not in done.stderr
+
+
+async def test_suspended_device_gets_its_own_answer(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
+    fleet = await setup_fleet(admin_nc, gateway_nc)
+    _, pub = keypair()
+    dev = await enroll(device_nc, fleet["token"], public_key=pub)
+    await call(admin_nc, "admin.device.suspend", p.DeviceAction(device_id=dev.device_id), p.Done)
+    err = await refused(
+        control, Code.DEVICE_SUSPENDED, enroll(device_nc, fleet["token"], public_key=pub)
+    )
+    assert dev.device_id in err.detail
+
+
+async def test_admin_device_show(
+    control: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    nats_server: object,
+    tmp_path: Path,
+) -> None:
+    fleet = await setup_fleet(admin_nc, gateway_nc, byte_limit=10_000)
+    dev = await enroll(device_nc, fleet["token"])
+    await control.wait_projected()
+    env = {
+        **os.environ,
+        "DAMM_NATS_URL": nats_server.url,  # type: ignore[attr-defined]
+        "DAMM_DATABASE_URL": control.database_url,
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [DAMM, "admin", "device", dev.device_id, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    row = json.loads(shown.stdout)
+    assert (row["status"], row["address"], row["byte_limit"]) == ("active", "10.44.0.10", 10_000)
+    assert row["endpoint"] == "192.0.2.1:51820" and row["usage"] == []
+    missing = await asyncio.to_thread(
+        subprocess.run,
+        [DAMM, "admin", "device", "nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("error: not_found")

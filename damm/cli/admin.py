@@ -398,6 +398,61 @@ catalog_key.command("activate", help="Sign with the announced key; retire the cu
 )
 
 
+# --- one device -------------------------------------------------------------------------------
+
+
+@admin.command("device")
+@click.argument("device_id")
+@json_option
+@click.pass_context
+@run
+async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None:
+    """Show one device: state, placement, key, usage per period against its tier's limit."""
+    t = target(ctx)
+    rows = await query(
+        t,
+        "SELECT d.*, t.byte_limit, f.endpoint FROM devices d LEFT JOIN tiers t USING (tier)"
+        " LEFT JOIN front_doors f ON f.gateway_id = d.gateway_id"
+        " AND f.front_door_id = d.front_door_id WHERE d.device_id = $1",
+        device_id,
+    )
+    if not rows:
+        raise DammError(Code.NOT_FOUND, f"device {device_id!r}")
+    device = dict(rows[0])
+    usage = _records(
+        await query(
+            t,
+            "SELECT period, rx_bytes, tx_bytes FROM usage_totals WHERE device_id = $1"
+            " ORDER BY period DESC",
+            device_id,
+        )
+    )
+    device["usage"] = usage
+
+    def text() -> None:
+        for key in (
+            "device_id",
+            "status",
+            "status_reason",
+            "tier",
+            "gateway_id",
+            "front_door_id",
+            "endpoint",
+            "address",
+            "address6",
+            "public_key",
+            "key_expires_at",
+            "enrolled_at",
+            "updated_at",
+            "byte_limit",
+        ):
+            click.echo(f"{key:15} {'' if device[key] is None else device[key]}")
+        for u in usage:
+            click.echo(f"usage {u['period']:9} rx {u['rx_bytes']:>14,} tx {u['tx_bytes']:>14,}")
+
+    emit(t, device, text)
+
+
 # --- NATS configuration ------------------------------------------------------------------------
 
 

@@ -138,9 +138,7 @@ async def _demo(
     if not possible:
         click.echo(f"  demo       skipped: {why}")
         return
-    handle = await demo.run_demo(
-        nats_url, passwords.get("admin", ""), directory / "demo"
-    )
+    handle = await demo.run_demo(nats_url, passwords.get("admin", ""), directory / "demo")
     stack.push_async_callback(handle.close)
     for line in handle.summary():
         click.echo(f"  demo       {line}")

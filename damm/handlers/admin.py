@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
+from damm.domain.periods import period_at
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.store import Append
@@ -320,7 +321,7 @@ class AdminHandlers:
     async def reset_usage(self, req: p.ResetUsage, call: Call) -> p.Done:
         await self._device(req.device_id)
         now = self.ctx.now()
-        period = req.period or f"{now.year:04d}-{now.month:02d}"
+        period = req.period or period_at(now)
         subject = event_subject("usage", f"reset-{req.device_id}")
         event = m.UsagePeriodReset(device_id=req.device_id, period=period)
         return await self._done(lambda: [self.ctx.append(subject, event, call)])

@@ -140,6 +140,9 @@ def decide_enrollment(
         dev = state.devices.get(owner or "")
         if dev is not None and dev.status == "revoked":
             raise DammError(Code.DEVICE_REVOKED, f"key belongs to revoked device {dev.device_id}")
+        if dev is not None and dev.status == "suspended":
+            code = Code.OVER_QUOTA if dev.reason == "over_quota" else Code.DEVICE_SUSPENDED
+            raise DammError(code, f"device {dev.device_id} is suspended ({dev.reason})")
         raise DammError(Code.KEY_REUSED, "generate a new key for a new enrollment")
     placement = pl.place(
         pl.PlacementRequest(req.region, req.exit_country),

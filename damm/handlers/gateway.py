@@ -120,11 +120,7 @@ class GatewayHandlers:
             )
         if not req.report_id or len(req.report_id) > 64:
             raise DammError(Code.MALFORMED_REQUEST, "report_id must be 1-64 characters")
-        by_key = {
-            d.public_key: d.device_id
-            for d in self.ctx.state.devices.values()
-            if d.gateway_id == gw.gateway_id
-        }
+        by_key = {d.public_key: d.device_id for d in self.ctx.state.on_gateway(gw.gateway_id)}
         deltas = []
         for entry in req.entries:
             if entry.rx_bytes < 0 or entry.tx_bytes < 0:

@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import asyncpg
 
 from damm import log
+from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
 from damm.events.store import Append
@@ -54,12 +55,6 @@ READMODELS = "readmodels"
 
 class _Leader(Protocol):
     is_leader: bool
-
-
-def period_at(when: datetime) -> str:
-    """The usage period (calendar month, UTC) a moment falls in, like ``readmodels.period_of``."""
-    when = when.astimezone(UTC) if when.tzinfo else when
-    return f"{when.year:04d}-{when.month:02d}"
 
 
 def is_over(used: int, limit: int | None) -> bool:

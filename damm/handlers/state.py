@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -131,6 +131,7 @@ class DecisionState:
         self.gateways: dict[str, GatewayState] = {}
         self.pools: dict[str, m.EgressPoolDefined] = {}
         self.devices: dict[str, DeviceState] = {}
+        self.devices_by_gateway: dict[str, dict[str, DeviceState]] = {}
         self.bound_keys: dict[str, str] = {}
         self.requests: dict[str, str] = {}
         self.subject_seq: dict[str, int] = {}
@@ -142,12 +143,12 @@ class DecisionState:
         self.peer_revisions: dict[str, int] = {}
         self.peer_listeners: list[PeerListener] = []
 
+    def on_gateway(self, gateway_id: str) -> Iterable[DeviceState]:
+        """Devices attached to a gateway, without scanning the whole fleet."""
+        return self.devices_by_gateway.get(gateway_id, {}).values()
+
     def peer_set(self, gateway_id: str) -> list[tuple[str, tuple[str, ...]]]:
-        return [
-            peer
-            for dev in self.devices.values()
-            if dev.gateway_id == gateway_id and (peer := peer_of(dev)) is not None
-        ]
+        return [peer for dev in self.on_gateway(gateway_id) if (peer := peer_of(dev)) is not None]
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
@@ -207,7 +208,9 @@ class DecisionState:
                     tok.revoked = True
             case m.GatewayAdded():
                 self.gateways[e.gateway_id] = GatewayState(
-                    e.gateway_id, e.region, e.token_hash,
+                    e.gateway_id,
+                    e.region,
+                    e.token_hash,
                     nats_password_bcrypt=e.nats_password_bcrypt,
                 )
             case m.FrontDoorSet():
@@ -242,7 +245,7 @@ class DecisionState:
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
             case m.DeviceEnrolled():
-                self.devices[e.device_id] = DeviceState(
+                enrolled = self.devices[e.device_id] = DeviceState(
                     e.device_id,
                     e.public_key,
                     e.token_id,
@@ -255,6 +258,7 @@ class DecisionState:
                     key_expires_at=e.key_expires_at,
                     egress_pool_id=e.egress_pool_id,
                 )
+                self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
             case m.DeviceRevoked():
                 if dev := self.devices.get(e.device_id):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from damm.domain.periods import period_at
 from damm.events import model as m
 
 
@@ -21,11 +22,10 @@ class Stmt(NamedTuple):
 
 
 def period_of(env: m.Envelope) -> str:
-    """Calendar month of the measurement, the default usage period."""
+    """The usage period of the measurement (when the gateway measured, else when it was logged)."""
     event = env.event
     when = event.measured_at if isinstance(event, m.UsageReported) and event.measured_at else None
-    when = when or env.occurred_at
-    return f"{when.year:04d}-{when.month:02d}"
+    return period_at(when or env.occurred_at)
 
 
 _TIER = (

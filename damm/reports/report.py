@@ -19,6 +19,8 @@ from typing import Any
 
 import msgspec
 
+from damm.domain.periods import period_at
+
 NEAR_CAPACITY_LOAD = 0.8  # a region whose healthy gateways average this load is near capacity
 LOW_HEADROOM = 0.2  # an egress pool with less headroom than this needs more IPs
 NEAR_QUOTA = 0.8  # a device at or above this share of its byte limit is near quota
@@ -199,10 +201,6 @@ WHERE u.period = $1 AND t.byte_limit IS NOT NULL AND d.status <> 'revoked'
   AND (u.rx_bytes + u.tx_bytes) >= $2::float8 * t.byte_limit
 """
 _USED = "SELECT coalesce(sum(rx_bytes + tx_bytes), 0) FROM usage_totals WHERE period = $1"
-
-
-def period_at(when: datetime) -> str:
-    return f"{when.year:04d}-{when.month:02d}"
 
 
 async def gather(
