@@ -403,3 +403,62 @@ async def test_admin_device_show(
         check=False,
     )
     assert missing.returncode == 1 and missing.stderr.startswith("error: not_found")
+
+
+async def test_usage_under_a_rotated_away_key_still_counts(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
+    """The gateway's last counters for the old peer arrive after the rotation, under the old key."""
+    fleet = await setup_fleet(admin_nc, gateway_nc)
+    old_priv, old_pub = keypair()
+    dev = await enroll(device_nc, fleet["token"], public_key=old_pub)
+    _, new_pub = keypair()
+    rid = uuid.uuid4().hex
+    proof = prove(old_priv, dev.rotation_key, dev.device_id, new_pub, rid)
+    await call(
+        device_nc,
+        "device.rotate_key",
+        p.RotateKey(
+            device_id=dev.device_id,
+            old_public_key=old_pub,
+            new_public_key=new_pub,
+            proof=proof,
+            request_id=rid,
+        ),
+        p.KeyRotated,
+    )
+    done = await call(
+        gateway_nc,
+        "gateway.usage",
+        p.ReportUsage(
+            gateway_id="gw1",
+            token=fleet["gw1_token"],
+            report_id="r-old-key",
+            entries=(p.UsageEntry(old_pub, 100, 200), p.UsageEntry(new_pub, 1, 2)),
+        ),
+        p.Done,
+    )
+    assert done.seq > 0
+    await control.wait_projected()
+    conn = await asyncpg.connect(control.database_url, server_settings={"search_path": "damm"})
+    row = await conn.fetchrow(
+        "SELECT sum(rx_bytes) rx, sum(tx_bytes) tx FROM usage_totals WHERE device_id = $1",
+        dev.device_id,
+    )
+    await conn.close()
+    assert (row["rx"], row["tx"]) == (101, 202)
+
+
+async def test_a_replayed_request_id_is_checked(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+) -> None:
+    fleet = await setup_fleet(admin_nc, gateway_nc)
+    _, pub = keypair()
+    dev = await enroll(device_nc, fleet["token"], public_key=pub, request_id="same")
+    await refused(control, Code.CONFLICT, enroll(device_nc, fleet["token"], request_id="same"))
+    await call(admin_nc, "admin.device.revoke", p.DeviceAction(device_id=dev.device_id), p.Done)
+    await refused(
+        control,
+        Code.DEVICE_REVOKED,
+        enroll(device_nc, fleet["token"], public_key=pub, request_id="same"),
+    )

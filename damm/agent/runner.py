@@ -43,6 +43,8 @@ _log = log.get("damm.agent")
 AGENT_VERSION = "damm-agent/0.1"
 HEARTBEAT_GRACE_S = 1.0  # a change may be in flight when a heartbeat reply shows a newer revision
 FATAL = (Code.UNAUTHORIZED, Code.INVALID_ARGUMENT, Code.MALFORMED_KEY, Code.MALFORMED_REQUEST)
+# Refusals about one usage report's content, never about the gateway: only these drop a report.
+REPORT_REFUSALS = (Code.INVALID_ARGUMENT, Code.MALFORMED_REQUEST, Code.REQUEST_TOO_LARGE)
 
 _change_decoder = msgspec.json.Decoder(p.PeerSetChange)
 
@@ -424,8 +426,10 @@ class GatewayAgent:
                     p.Done,
                 )
             except DammError as err:
-                if err.code.retryable or err.code is Code.GATEWAY_NOT_REGISTERED:
-                    _log.info(
+                if err.code not in REPORT_REFUSALS:
+                    # Retryable, or about the gateway itself (a bad token): the bytes are real,
+                    # keep every report until the gateway can be heard again.
+                    _log.warning(
                         "usage report kept for later",
                         error=err.line(),
                         pending=len(self.ledger.pending),

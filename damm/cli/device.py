@@ -87,6 +87,9 @@ async def rotate_key(ctx: click.Context, state_dir: Path) -> None:
     t = target(ctx)
     dev = files.load(state_dir)
     old_private = files.private_key(state_dir)
+    # The key file, not device.json, says which key is current: a crash between the steps below
+    # then heals on the next run instead of leaving a key the control plane does not know.
+    old_public = files.public_key(state_dir)
     pending = state_dir / "private.key.next"
     if not pending.exists():
         files.generate_key(state_dir / "next", replace=True)
@@ -102,7 +105,7 @@ async def rotate_key(ctx: click.Context, state_dir: Path) -> None:
             "device.rotate_key",
             p.RotateKey(
                 device_id=dev.device_id,
-                old_public_key=dev.public_key,
+                old_public_key=old_public,
                 new_public_key=new_public,
                 proof=proof,
                 request_id=request_id,

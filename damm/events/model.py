@@ -170,8 +170,11 @@ class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
 
 
 class DeviceRevoked(_Event, frozen=True, tag="device.revoked"):
+    """Also frees the device's session on its enrollment token (``token_id``)."""
+
     device_id: str
     reason: str = ""
+    token_id: str = ""
 
 
 class DeviceSuspended(_Event, frozen=True, tag="device.suspended"):

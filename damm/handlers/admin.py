@@ -268,21 +268,17 @@ class AdminHandlers:
             if dev.status == "revoked":
                 return []
             subject = event_subject("device", dev.device_id)
-            token_subject = event_subject("token", dev.token_id)
             ipam_subject = event_subject("ipam", f"{DEFAULT_POOL}-{dev.index}")
             return [
                 self.ctx.append(
                     subject,
-                    m.DeviceRevoked(device_id=dev.device_id, reason=req.reason),
+                    # The revoke itself releases the token's session: the token's subject is
+                    # left to enrollments, so a revoke never races them for its sequence.
+                    m.DeviceRevoked(
+                        device_id=dev.device_id, reason=req.reason, token_id=dev.token_id
+                    ),
                     call,
                     expected=self.ctx.state.seq_of(subject),
-                ),
-                # No expectation on the token: releasing this device's session does not
-                # depend on the token's state, and enrollments keep moving its sequence.
-                self.ctx.append(
-                    token_subject,
-                    m.TokenSessionReleased(token_id=dev.token_id, device_id=dev.device_id),
-                    call,
                 ),
                 self.ctx.append(
                     ipam_subject,

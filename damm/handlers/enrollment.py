@@ -28,7 +28,7 @@ from damm.events.subjects import event_subject
 from damm.handlers import protocol as p
 from damm.handlers.context import Call, Context, token_hash
 from damm.handlers.placement_view import candidates, pools, tier_policy
-from damm.handlers.service import Route, route
+from damm.handlers.service import BUS_TROUBLE, Route, route
 from damm.handlers.state import DEFAULT_POOL, DecisionState, DeviceState
 
 _log = log.get("damm.enrollment")
@@ -88,6 +88,19 @@ def enrolled_reply(ctx: Context, dev: DeviceState) -> p.Enrolled:
             gw.region,
         ),
     )
+
+
+def replayed(ctx: Context, req: p.Enroll, device_id: str) -> p.Enrolled:
+    """The answer to a retried enrollment: the original one, if it still holds."""
+    dev = ctx.state.devices[device_id]
+    if dev.public_key != req.public_key:
+        raise DammError(Code.CONFLICT, "that request id enrolled another key")
+    if dev.status == "revoked":
+        raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
+    if dev.status == "suspended":
+        code = Code.OVER_QUOTA if dev.reason == "over_quota" else Code.DEVICE_SUSPENDED
+        raise DammError(code, f"device {dev.device_id} is suspended ({dev.reason})")
+    return enrolled_reply(ctx, dev)
 
 
 def check_token(
@@ -217,6 +230,16 @@ def decide_enrollment(
     return items
 
 
+def _settle(future: asyncio.Future[p.Enrolled], outcome: p.Enrolled | DammError) -> None:
+    """Resolve a waiting request once; a caller that gave up (cancelled) is simply skipped."""
+    if future.done():
+        return
+    if isinstance(outcome, DammError):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 @dataclass
 class _Waiting:
     req: p.Enroll
@@ -246,14 +269,14 @@ class EnrollmentCommitter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for waiting in self._queue:
-            waiting.future.set_exception(DammError(Code.UNAVAILABLE, "control plane stopping"))
+            _settle(waiting.future, DammError(Code.UNAVAILABLE, "control plane stopping"))
 
     async def enroll(self, req: p.Enroll, call: Call) -> p.Enrolled:
         if len(req.request_id) > 64 or not req.request_id:
             raise DammError(Code.MALFORMED_REQUEST, "request_id must be 1-64 characters")
         known = self.ctx.state.requests.get(req.request_id)
         if known is not None:
-            return enrolled_reply(self.ctx, self.ctx.state.devices[known])
+            return replayed(self.ctx, req, known)
         future: asyncio.Future[p.Enrolled] = asyncio.get_running_loop().create_future()
         self._queue.append(_Waiting(req, call, future))
         self._wake.set()
@@ -267,11 +290,17 @@ class EnrollmentCommitter:
                 group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
                 try:
                     await self._commit(group)
-                except Exception as exc:  # never let one bad group stop enrollment
+                except BUS_TROUBLE as exc:
+                    _log.warning("enrollment group failed on the bus", error=repr(exc))
+                    self._fail(group, DammError(Code.UNAVAILABLE, "event log did not answer"))
+                except Exception:  # never let one bad group stop enrollment
                     _log.exception("enrollment group failed")
-                    for w in group:
-                        if not w.future.done():
-                            w.future.set_exception(DammError(Code.INTERNAL, repr(exc)))
+                    self._fail(group, DammError(Code.INTERNAL, "enrollment failed; see logs"))
+
+    @staticmethod
+    def _fail(group: list[_Waiting], err: DammError) -> None:
+        for w in group:
+            _settle(w.future, err)
 
     async def _commit(self, group: list[_Waiting]) -> None:
         ctx = self.ctx
@@ -281,14 +310,17 @@ class EnrollmentCommitter:
         for w in group:
             known = ctx.state.requests.get(w.req.request_id)
             if known is not None:
-                w.future.set_result(enrolled_reply(ctx, ctx.state.devices[known]))
+                try:
+                    _settle(w.future, replayed(ctx, w.req, known))
+                except DammError as err:
+                    _settle(w.future, err)
                 continue
             device_id = uuid.uuid4().hex[:20]
             try:
                 index = next(indices, None)
                 items = decide_enrollment(w.req, ctx, w.call, tentative, index, device_id)
             except DammError as err:
-                w.future.set_exception(err)
+                _settle(w.future, err)
                 continue
             decided.append((w, items, device_id))
         if not decided:
@@ -307,14 +339,14 @@ class EnrollmentCommitter:
             return
         ctx.absorb(batch, result)
         for w, _, device_id in decided:
-            w.future.set_result(enrolled_reply(ctx, ctx.state.devices[device_id]))
+            _settle(w.future, enrolled_reply(ctx, ctx.state.devices[device_id]))
 
     async def _retry(self, waiting: list[_Waiting]) -> None:
         """After a lost race, decide each request alone so one conflict cannot sink the rest."""
         for w in waiting:
             w.attempts += 1
             if w.attempts > MAX_ATTEMPTS:
-                w.future.set_exception(DammError(Code.CONFLICT, "too many concurrent changes"))
+                _settle(w.future, DammError(Code.CONFLICT, "too many concurrent changes"))
                 continue
             await self._commit([w])
 
@@ -344,6 +376,12 @@ class EnrollmentCommitter:
         key_sub = key_subject(new_key)
 
         def decide() -> list[Append]:
+            # Re-checked on every attempt: a concurrent rotation may have won meanwhile.
+            current = ctx.state.devices[dev.device_id]
+            if current.public_key == new_key:
+                return []
+            if current.public_key != old_key or current.status == "revoked":
+                raise DammError(Code.UNAUTHORIZED, "the old key is no longer this device's key")
             if new_key in ctx.state.bound_keys:
                 raise DammError(Code.KEY_REUSED, "the new key is already bound")
             return [

@@ -7,7 +7,9 @@ against the stored hash on every call, so a gateway can speak only for itself.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Sequence
 
+from damm import log
 from damm.agent.peers import validate_public_key
 from damm.errors import Code, DammError
 from damm.events import codec
@@ -19,6 +21,8 @@ from damm.handlers import protocol as p
 from damm.handlers.context import Call, Context, token_hash
 from damm.handlers.service import Route, route
 from damm.handlers.state import GatewayState
+
+_log = log.get("damm.gateway")
 
 MAX_USAGE_ENTRIES = 2000
 MAX_USAGE_BYTES = 256 * 1024
@@ -109,6 +113,18 @@ class GatewayHandlers:
             seq=int(ack.seq), peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
         )
 
+    def _owners(self, gateway_id: str, entries: Sequence[p.UsageEntry]) -> dict[str, str]:
+        """Device of each reported key, old keys included: a peer's last counters before a key
+        rotation arrive under the key it had."""
+        state = self.ctx.state
+        owners = {}
+        for entry in entries:
+            device_id = state.bound_keys.get(entry.public_key)
+            dev = state.devices.get(device_id or "")
+            if dev is not None and dev.gateway_id == gateway_id:
+                owners[entry.public_key] = dev.device_id
+        return owners
+
     async def report_usage(self, req: p.ReportUsage, call: Call) -> p.Done:
         gw = await self.authenticate(req.gateway_id, req.token)
         if not gw.registered:
@@ -120,14 +136,20 @@ class GatewayHandlers:
             )
         if not req.report_id or len(req.report_id) > 64:
             raise DammError(Code.MALFORMED_REQUEST, "report_id must be 1-64 characters")
-        by_key = {d.public_key: d.device_id for d in self.ctx.state.on_gateway(gw.gateway_id)}
+        if any(e.rx_bytes < 0 or e.tx_bytes < 0 for e in req.entries):
+            raise DammError(Code.INVALID_ARGUMENT, "usage deltas must not be negative")
+        owners = self._owners(gw.gateway_id, req.entries)
+        if len(owners) < len({e.public_key for e in req.entries}):
+            # A device enrolled through another control-plane process may not be folded yet.
+            await self.ctx.follower.sync()
+            owners = self._owners(gw.gateway_id, req.entries)
         deltas = []
         for entry in req.entries:
-            if entry.rx_bytes < 0 or entry.tx_bytes < 0:
-                raise DammError(Code.INVALID_ARGUMENT, "usage deltas must not be negative")
-            device_id = by_key.get(entry.public_key)
+            device_id = owners.get(entry.public_key)
             if device_id is not None and (entry.rx_bytes or entry.tx_bytes):
                 deltas.append(m.UsageDelta(device_id, entry.rx_bytes, entry.tx_bytes))
+        if dropped := len(req.entries) - len(deltas):
+            _log.info("usage entries without a device on this gateway", dropped=dropped)
         if not deltas:
             return p.Done(seq=0)
         subject = event_subject("usage", gw.gateway_id)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+import nats.errors
+import nats.js.errors
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -30,6 +32,14 @@ _log = log.get("damm.handlers")
 _encoder = msgspec.json.Encoder()
 
 QUEUE_GROUP = "damm-control"
+
+BUS_TROUBLE = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.NoStreamResponseError,
+)
 
 Handler = Callable[[Any, Call], Awaitable[msgspec.Struct]]
 
@@ -138,6 +148,12 @@ class Service:
         except DammError as err:
             _log.info("request refused", code=err.code.slug, detail=err.detail)
             return error_reply(err)
+        except BUS_TROUBLE as exc:
+            # The log or the bus did not answer in time: nothing was decided, try again.
+            _log.warning("request failed on the bus", error=repr(exc))
+            return error_reply(
+                DammError(Code.UNAVAILABLE, f"event log did not answer ({correlation_id})")
+            )
         except Exception:
             _log.exception("handler failed")
             return error_reply(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))

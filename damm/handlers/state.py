@@ -263,6 +263,8 @@ class DecisionState:
             case m.DeviceRevoked():
                 if dev := self.devices.get(e.device_id):
                     dev.status, dev.reason = "revoked", e.reason
+                    if tok := self.tokens.get(dev.token_id):
+                        tok.sessions.discard(dev.device_id)
             case m.DeviceSuspended():
                 if (dev := self.devices.get(e.device_id)) and dev.status != "revoked":
                     dev.status, dev.reason = "suspended", e.reason
@@ -287,6 +289,9 @@ class StateFollower:
         self.state = state
         self.js = nc.jetstream(timeout=10)
         self._subs: list[object] = []
+        # The last stream sequence this follower has folded, in order. Own appends folded early
+        # (Context.absorb) do not move it, so sync() really waits for everything before them.
+        self.followed_seq = 0
 
     async def start(self) -> None:
         async def on_event(msg: object) -> None:
@@ -306,6 +311,9 @@ class StateFollower:
                 pending_bytes_limit=-1,
             )
         )
+        await self.sync()
+        # Heartbeats only after the gateways they speak of are folded, or they would be dropped
+        # and every gateway would look stale until its next heartbeat.
         self._subs.append(
             await self.js.subscribe(
                 f"{TELEMETRY_PREFIX}.heartbeat.*",
@@ -315,7 +323,6 @@ class StateFollower:
                 cb=on_heartbeat,
             )
         )
-        await self.sync()
 
     def _apply(self, msg: object, *, telemetry: bool) -> None:
         seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
@@ -324,13 +331,14 @@ class StateFollower:
         except codec.CodecError as exc:
             _log.error("undecodable event ignored by decision state", seq=seq, error=str(exc))
             if not telemetry:
-                self.state.applied_seq = max(self.state.applied_seq, seq)
+                self.followed_seq = max(self.followed_seq, seq)
             return
         if telemetry:
             # Telemetry sequences belong to another stream: fold without touching subject_seq.
             self.state.fold_telemetry(env)
             return
         self.state.apply(msgspec.structs.replace(env, seq=seq), msg.subject)  # type: ignore[attr-defined]
+        self.followed_seq = max(self.followed_seq, seq)
         self.state.changed.set()
 
     async def sync(self, timeout: float = 10.0) -> None:
@@ -338,7 +346,7 @@ class StateFollower:
         info = await self.js.stream_info(EVENTS_STREAM)
         target = int(info.state.last_seq)
         deadline = asyncio.get_running_loop().time() + timeout
-        while self.state.applied_seq < target:
+        while self.followed_seq < target:
             if asyncio.get_running_loop().time() > deadline:
                 raise nats.errors.TimeoutError
             self.state.changed.clear()

@@ -8,6 +8,7 @@ plane's rotation key; only the holder of the old private key (or the control pla
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -54,16 +55,26 @@ class RotationKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> RotationKey:
+        """Create the key whole or not at all (temp file, fsync, link into place), so a crash
+        or a second process starting at the same moment never leaves a short key behind."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            if path.stat().st_mode & 0o077:
-                raise DammError(Code.INVALID_ARGUMENT, f"{path} is readable by others") from None
-            return cls(path.read_bytes())
-        private = os.urandom(32)
-        with os.fdopen(fd, "wb") as f:
-            f.write(private)
+        if not path.exists():
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(32))
+                    f.flush()
+                    os.fsync(f.fileno())
+                with contextlib.suppress(FileExistsError):  # another process won: use its key
+                    os.link(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        if path.stat().st_mode & 0o077:
+            raise DammError(Code.SIGNING_KEY_INSECURE, f"{path} is readable by others: chmod 600")
+        private = path.read_bytes()
+        if len(private) != 32:
+            raise DammError(Code.SIGNING_KEY_INSECURE, f"{path} holds {len(private)} bytes, not 32")
         return cls(private)
 
     def verify(

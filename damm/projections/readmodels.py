@@ -231,6 +231,8 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
             )
         case m.DeviceRevoked():
             yield Stmt("devices", _DEVICE_STATUS, (e.device_id, "revoked", e.reason, at))
+            if e.token_id:
+                yield Stmt("tokens", _TOKEN_RELEASED, (e.token_id,))
         case m.DeviceSuspended():
             yield Stmt("devices", _DEVICE_STATUS, (e.device_id, "suspended", e.reason, at))
         case m.DeviceResumed():
