@@ -357,3 +357,17 @@ async def test_html_renders_in_chromium(
     assert errors == []
     assert all(url.startswith("file://") for url in requests), requests
     assert to_json(rep)
+
+
+def test_tokens_at_their_session_limit_are_reported() -> None:
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+    rows = Rows(
+        period="2026-11",
+        sessions_at_limit=[
+            {"token_id": "t1", "tier": "gold", "active_sessions": 3, "session_limit": 3}
+        ],
+    )
+    rep = build(rows, now, 90)
+    assert [(s.token_id, s.active_sessions) for s in rep.tokens_at_session_limit] == [("t1", 3)]
+    [rec] = [r for r in rep.recommendations if r.kind == "token_at_session_limit"]
+    assert rec.subject == "t1" and "refused" in rec.message

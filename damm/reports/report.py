@@ -99,10 +99,19 @@ class UsageRow(msgspec.Struct, kw_only=True):
     share: float | None  # used / byte_limit
 
 
+class SessionRow(msgspec.Struct, kw_only=True):
+    """An enrollment token whose active devices reached its tier's session limit."""
+
+    token_id: str
+    tier: str
+    active_sessions: int
+    session_limit: int
+
+
 class Recommendation(msgspec.Struct, kw_only=True):
     severity: str  # critical | warning | info
     # region_near_capacity | region_without_capacity | pool_low_headroom | gateway_stale |
-    # front_door_unused | devices_over_quota
+    # front_door_unused | devices_over_quota | token_at_session_limit
     kind: str
     subject: str
     message: str
@@ -133,6 +142,7 @@ class Report(msgspec.Struct, kw_only=True):
     top_usage: list[UsageRow]
     near_quota: list[UsageRow]
     over_quota: list[UsageRow]
+    tokens_at_session_limit: list[SessionRow]
     recommendations: list[Recommendation]
 
 
@@ -154,6 +164,8 @@ class Rows:
     quota: list[dict[str, Any]] = field(default_factory=list)  # near or over, most used first
     quota_counts: dict[str, int] = field(default_factory=dict)  # near, over
     used_bytes: int = 0
+    # token_id, tier, active_sessions, session_limit
+    sessions_at_limit: list[dict[str, Any]] = field(default_factory=list)
 
 
 _GATEWAYS = """
@@ -201,6 +213,12 @@ WHERE u.period = $1 AND t.byte_limit IS NOT NULL AND d.status <> 'revoked'
   AND (u.rx_bytes + u.tx_bytes) >= $2::float8 * t.byte_limit
 """
 _USED = "SELECT coalesce(sum(rx_bytes + tx_bytes), 0) FROM usage_totals WHERE period = $1"
+_SESSIONS_AT_LIMIT = """
+SELECT k.token_id, k.tier, k.active_sessions, t.session_limit
+FROM tokens k JOIN tiers t USING (tier)
+WHERE t.session_limit IS NOT NULL AND NOT k.revoked AND k.active_sessions >= t.session_limit
+ORDER BY k.tier, k.token_id
+"""
 
 
 async def gather(
@@ -224,6 +242,7 @@ async def gather(
         counts = await conn.fetchrow(_QUOTA_COUNTS, period, NEAR_QUOTA)
         rows.quota_counts = {"near": int(counts["near"]), "over": int(counts["over"])}
         rows.used_bytes = int(await conn.fetchval(_USED, period))
+        rows.sessions_at_limit = await fetch(_SESSIONS_AT_LIMIT)
     return rows
 
 
@@ -373,6 +392,15 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
         top_usage=[_usage(r) for r in rows.top_usage],
         near_quota=near,
         over_quota=over,
+        tokens_at_session_limit=[
+            SessionRow(
+                token_id=r["token_id"],
+                tier=r["tier"],
+                active_sessions=int(r["active_sessions"]),
+                session_limit=int(r["session_limit"]),
+            )
+            for r in rows.sessions_at_limit
+        ],
         recommendations=[],
     )
     report.recommendations = recommend(report)
@@ -462,6 +490,19 @@ def recommend(report: Report) -> list[Recommendation]:
                 message=(
                     f"{report.totals.over_quota} device(s) over quota and "
                     f"{report.totals.near_quota} near it in {report.period}: review tier limits"
+                ),
+            )
+        )
+    for s in report.tokens_at_session_limit:
+        out.append(
+            Recommendation(
+                severity="info",
+                kind="token_at_session_limit",
+                subject=s.token_id,
+                message=(
+                    f"token {s.token_id} (tier {s.tier}) has {s.active_sessions} active devices, "
+                    f"its limit of {s.session_limit}: enrollments with it are refused until one "
+                    "is revoked, or the tier's session limit is raised"
                 ),
             )
         )
