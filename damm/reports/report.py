@@ -422,7 +422,7 @@ def recommend(report: Report) -> list[Recommendation]:
                     subject=region.region,
                     message=(
                         f"region {region.region} has no healthy gateway ({region.gateways} "
-                        f"registered, {region.stale} stale): enrollments there fail; "
+                        f"known, {region.stale} stale): enrollments there fail; "
                         "restore a gateway or add one"
                     ),
                 )
