@@ -55,7 +55,6 @@ class Code(enum.Enum):
     CATALOG_UNKNOWN_KEY = ErrorSpec("the catalog is signed by an unknown key")
     CATALOG_ROLLBACK = ErrorSpec("the catalog is older than one already accepted")
     CATALOG_WRONG_REGION = ErrorSpec("the catalog is for another region")
-    SIGNING_KEY_INSECURE = ErrorSpec("the signing key file is not private to its owner")
     CATALOG_NO_GATEWAY = ErrorSpec("the device's gateway is missing from the catalog")
     NO_ALTERNATE_FRONT_DOOR = ErrorSpec("the gateway has no other active front door")
     # local state

@@ -28,8 +28,9 @@ from damm import netlab
 from damm.agent.peers import Peer, PeerDiff
 from damm.agent.wg.uapi import UapiBackend
 from damm.control import ControlPlane
-from damm.device.wgconfig import render_wg_quick, write_atomic
+from damm.device.wgconfig import render_wg_quick
 from damm.handlers import protocol as p
+from damm.private_files import write_atomic
 from damm.rpc import call
 from damm.stack.nats_server import NatsServer
 from tests.fleet import enroll, keypair

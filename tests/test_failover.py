@@ -22,11 +22,12 @@ from damm.catalog.signing import CatalogSigner, build_catalog
 from damm.catalog.verify import initial_trust
 from damm.device import state as files
 from damm.device.failover import failover
-from damm.device.wgconfig import parse_endpoint, render_wg_quick, write_atomic
+from damm.device.wgconfig import parse_endpoint, render_wg_quick
 from damm.errors import Code, DammError
 from damm.events.subjects import request_subject
 from damm.handlers import protocol as p
 from damm.handlers.service import ok_reply
+from damm.private_files import write_atomic
 
 NOW = 1_800_000_000
 KEY1 = CatalogSigner.generate()

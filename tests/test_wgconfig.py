@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from damm.device.wgconfig import parse_endpoint, render_wg_quick, replace_endpoint, write_atomic
+from damm.device.wgconfig import parse_endpoint, render_wg_quick, replace_endpoint
 from damm.errors import Code, DammError
+from damm.private_files import write_atomic
 
 PRIVATE = base64.b64encode(bytes(range(1, 33))).decode()
 PEER = base64.b64encode(bytes(range(101, 133))).decode()

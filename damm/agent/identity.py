@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import os
-import stat
 from pathlib import Path
 
-from nacl.public import PrivateKey
-
-from damm.device.wgconfig import write_atomic
-from damm.errors import Code, DammError
+from damm import private_files
 
 KEY_FILE = "private.key"
 
@@ -24,19 +18,6 @@ def load_or_create_key(state_dir: Path) -> tuple[str, str]:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = state_dir / KEY_FILE
     if not path.exists():
-        private = base64.b64encode(bytes(PrivateKey.generate())).decode("ascii")
-        write_atomic(path, private + "\n", 0o600)
-    mode = stat.S_IMODE(os.stat(path).st_mode)
-    if mode & 0o077:
-        raise DammError(
-            Code.STATE_MISSING, f"{path} has mode {mode:o}; it must be 0600 (chmod 600 it)"
-        )
-    text = path.read_text().strip()
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:  # never echo the content: it is (meant to be) a private key
-        raise DammError(Code.STATE_MISSING, f"{path} does not hold a base64 WireGuard key")
-    public = base64.b64encode(bytes(PrivateKey(raw).public_key)).decode("ascii")
-    return text, public
+        private_files.create_wg_key(path)
+    private = private_files.read_wg_key(path)
+    return private, private_files.wg_public_key(private)

@@ -8,10 +8,8 @@ loaded from a file others can read, never printed.
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import os
-import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,8 +18,7 @@ import nacl.signing
 from damm.catalog.codec import canonical, canonical_encode, check_catalog, decode, key_id_for
 from damm.catalog.model import Catalog, CatalogGateway, KeyAnnouncement, SignedCatalog
 from damm.errors import Code, DammError
-
-SEED_BYTES = 32
+from damm.private_files import SEED_BYTES, load_or_create_seed
 
 # The key signs SIGNING_CONTEXT || SHA-512(payload), not the payload itself.
 # - The context means a catalog signature can never pass as a signature over anything else the
@@ -68,22 +65,8 @@ class CatalogSigner:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike[str]) -> CatalogSigner:
-        """Load the seed at `path`, or create one there if there is none.
-
-        Two processes racing to create both end up with the same key: the seed is written to a
-        private temporary file and linked into place, which fails if another process won.
-        """
-        path = Path(path)
-        try:
-            return cls.from_seed(_read_private_seed(path))
-        except FileNotFoundError:
-            pass
-        signer = cls.generate()
-        try:
-            _create_private_file(path, bytes(signer._key))
-        except FileExistsError:
-            return cls.from_seed(_read_private_seed(path))
-        return signer
+        """Load the seed at `path`, or create one there if there is none (race-safe)."""
+        return cls.from_seed(load_or_create_seed(Path(path), "signing key"))
 
     def announcement(self, not_before: int = 0) -> KeyAnnouncement:
         """How another (current) key vouches for this one in a catalog's `next_keys`."""
@@ -128,66 +111,3 @@ def build_catalog(
             next_keys=tuple(next_keys),
         )
     )
-
-
-def _read_private_seed(path: Path) -> bytes:
-    # O_NOFOLLOW: a symlink planted at the key path must not redirect us to another file.
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        reason = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
-        raise DammError(
-            Code.INVALID_ARGUMENT, f"cannot open signing key {path}: {reason}"
-        ) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise DammError(Code.INVALID_ARGUMENT, f"signing key {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise DammError(
-                Code.INVALID_ARGUMENT,
-                f"signing key {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable beyond its "
-                f"owner; refusing to use it (fix with: chmod 600 {path}, then rotate the key)",
-            )
-        seed = os.read(fd, SEED_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(seed) != SEED_BYTES:
-        raise DammError(
-            Code.INVALID_ARGUMENT,
-            f"signing key {path} holds {len(seed)} bytes, expected a {SEED_BYTES}-byte seed",
-        )
-    return seed
-
-
-def _create_private_file(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(tmp, flags, 0o600)
-    except OSError as exc:
-        raise DammError(
-            Code.INVALID_ARGUMENT, f"cannot create signing key {path}: {exc.strerror}"
-        ) from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)  # the umask can only narrow the mode, but be explicit
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)  # atomic, and refuses to replace a key that appeared meanwhile
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

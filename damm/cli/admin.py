@@ -466,7 +466,7 @@ async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None
 @run
 async def nats_config(ctx: click.Context, out: Path | None) -> None:
     """Render the production nats-server config with one user per gateway; reload after."""
-    from damm.device.wgconfig import write_atomic
+    from damm.private_files import write_atomic
     from damm.stack.nats_config import production
 
     rows = await query(

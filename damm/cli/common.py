@@ -59,9 +59,8 @@ class Target:
         if env:
             return role, env
         stack = self.stack()
-        if stack and role in stack.passwords and not self.nats_url:
-            return role, stack.passwords[role]
-        if stack and role in stack.passwords and self.nats_url == stack.nats_url:
+        # The stack's passwords are only good for the stack's own server.
+        if stack and role in stack.passwords and self.nats_url in (None, stack.nats_url):
             return role, stack.passwords[role]
         return None, None
 

@@ -18,6 +18,7 @@ from damm.cli.common import run, target
 from damm.config import ControlSettings
 from damm.control import ControlPlane
 from damm.errors import Code, DammError
+from damm.private_files import write_atomic
 from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
@@ -75,11 +76,12 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
             nats_url = await asyncio.to_thread(server.start)
             stack.callback(server.stop)
             passwords = server.passwords
-            ident = directory / "nats" / "identity.json"
-            ident.write_text(
-                json.dumps({"port": int(nats_url.rsplit(":", 1)[1]), "passwords": passwords})
+            port_now = int(nats_url.rsplit(":", 1)[1])
+            write_atomic(
+                directory / "nats" / "identity.json",
+                json.dumps({"port": port_now, "passwords": passwords}),
+                mode=0o600,
             )
-            ident.chmod(0o600)
         database_url = t.database_url
         if database_url is None:
             pg = Postgres(directory / "pgdata")

@@ -15,8 +15,9 @@ from pathlib import Path
 import msgspec
 
 from damm.device import state as files
-from damm.device.wgconfig import parse_endpoint, write_atomic
+from damm.device.wgconfig import parse_endpoint
 from damm.errors import Code, DammError
+from damm.private_files import write_atomic
 
 CONFIG_NAME = "damm-wg0.conf"
 README_NAME = "README.txt"

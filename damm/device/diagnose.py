@@ -263,6 +263,6 @@ def render_lines(report: Report) -> list[str]:
 
 
 def export(report: Report, path: Path) -> None:
-    from damm.device.wgconfig import write_atomic
+    from damm.private_files import write_atomic
 
     write_atomic(path, msgspec.json.format(msgspec.json.encode(report)).decode() + "\n", 0o600)

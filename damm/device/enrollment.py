@@ -11,8 +11,9 @@ from pathlib import Path
 
 from damm.catalog.verify import initial_trust
 from damm.device import state as files
-from damm.device.wgconfig import render_wg_quick, write_atomic
+from damm.device.wgconfig import render_wg_quick
 from damm.handlers import protocol as p
+from damm.private_files import write_atomic
 
 
 def device_file(res: p.Enrolled, public_key: str, nats_url: str) -> files.DeviceFile:

@@ -23,9 +23,10 @@ from nats.aio.client import Client as NATS
 from damm.catalog.model import Catalog, decode_signed
 from damm.catalog.verify import TrustState, choose_failover, verify
 from damm.device import state as files
-from damm.device.wgconfig import parse_endpoint, replace_endpoint, write_atomic
+from damm.device.wgconfig import parse_endpoint, replace_endpoint
 from damm.errors import Code, DammError
 from damm.handlers import protocol as p
+from damm.private_files import write_atomic
 from damm.rpc import call
 
 CLOCK_SKEW_S = 60

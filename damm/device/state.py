@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 import msgspec
-from nacl.public import PrivateKey
 
+from damm import private_files
 from damm.catalog.verify import TrustState
-from damm.device.wgconfig import write_atomic
 from damm.errors import Code, DammError
+from damm.private_files import write_atomic
 
 PRIVATE_KEY = "private.key"
 STATE = "device.json"
@@ -39,14 +38,12 @@ def _private_path(state_dir: Path) -> Path:
 
 
 def generate_key(state_dir: Path, *, replace: bool = False) -> str:
-    """Create a private key file with mode 0600 from the first byte; return the public key."""
+    """Create the device key (mode 0600 from the first byte); return the public key."""
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     path = _private_path(state_dir)
     if path.exists() and not replace:
         return public_key(state_dir)
-    key = PrivateKey.generate()
-    write_atomic(path, base64.b64encode(bytes(key)).decode() + "\n", mode=0o600)
-    return base64.b64encode(bytes(key.public_key)).decode()
+    return private_files.create_wg_key(path)
 
 
 def private_key(state_dir: Path) -> str:
@@ -54,20 +51,7 @@ def private_key(state_dir: Path) -> str:
 
 
 def read_private(path: Path) -> str:
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise DammError(Code.STATE_MISSING, f"no key at {path}: run `damm device keygen`") from None
-    if mode & 0o077:
-        raise DammError(Code.STATE_MISSING, f"{path} is readable by others: chmod 600 it")
-    value = path.read_text().strip()
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except ValueError:
-        raise DammError(Code.MALFORMED_KEY, f"{path} is not a base64 key") from None
-    if len(raw) != 32:
-        raise DammError(Code.MALFORMED_KEY, f"{path} does not hold a 32-byte key")
-    return value
+    return private_files.read_wg_key(path, ": run `damm device keygen`")
 
 
 def public_key(state_dir: Path) -> str:
@@ -75,8 +59,7 @@ def public_key(state_dir: Path) -> str:
 
 
 def public_key_of_file(path: Path) -> str:
-    raw = base64.b64decode(read_private(path))
-    return base64.b64encode(bytes(PrivateKey(raw).public_key)).decode()
+    return private_files.wg_public_key(read_private(path))
 
 
 def load(state_dir: Path) -> DeviceFile:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import ipaddress
-import os
 import re
-from pathlib import Path
 
 from damm.catalog.model import ENDPOINT_PATTERN
 from damm.errors import Code, DammError
@@ -89,33 +87,6 @@ def check_endpoint(endpoint: str) -> str:
     if _endpoint.fullmatch(endpoint) is None:
         raise DammError(Code.INVALID_ARGUMENT, f"endpoint {endpoint[:80]!r} is not host:port")
     return endpoint
-
-
-def write_atomic(path: str | os.PathLike[str], text: str | bytes, mode: int = 0o600) -> None:
-    """Readers see the old file or the new one, never a mix, even across a crash; and the new
-    file never exists with a wider mode than `mode`, even for an instant."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        try:
-            os.fchmod(fd, mode)  # the umask may have narrowed it; the caller asked for exactly this
-            data = text.encode("utf-8") if isinstance(text, str) else text
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _find_endpoint(config_text: str) -> tuple[int, re.Match[str]]:

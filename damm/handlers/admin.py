@@ -70,6 +70,17 @@ class AdminHandlers:
             route("admin.explain_placement", p.ExplainPlacement, self.explain_placement),
         ]
 
+    async def _record(self, subject: str, event: m.Event, call: Call) -> p.Done:
+        """One event on its aggregate, expecting the sequence this process last saw there."""
+        return await self._done(
+            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+        )
+
+    async def _gateway(self, gateway_id: str) -> None:
+        await self.ctx.fresh(lambda: gateway_id in self.ctx.state.gateways)
+        if gateway_id not in self.ctx.state.gateways:
+            raise DammError(Code.NOT_FOUND, f"gateway {gateway_id!r}")
+
     async def _done(self, decide: object) -> p.Done:
         result = await self.ctx.commit(decide)  # type: ignore[arg-type]
         return p.Done(seq=result.seqs[-1] if result.seqs else 0, duplicate=result.duplicate)
@@ -97,9 +108,7 @@ class AdminHandlers:
             status=req.status,
         )
         subject = event_subject("tier", req.tier)
-        return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
-        )
+        return await self._record(subject, event, call)
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -140,9 +149,7 @@ class AdminHandlers:
             raise DammError(Code.NOT_FOUND, f"token {req.token_id!r}")
         subject = event_subject("token", req.token_id)
         event = m.TokenRevoked(token_id=req.token_id, reason=req.reason)
-        return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
-        )
+        return await self._record(subject, event, call)
 
     # --- gateways ----------------------------------------------------------------------------
 
@@ -197,9 +204,7 @@ class AdminHandlers:
         endpoint = _endpoint(req.endpoint)
         if req.transport != "udp":
             raise DammError(Code.INVALID_ARGUMENT, f"transport {req.transport!r}: only udp")
-        await self.ctx.fresh(lambda: req.gateway_id in self.ctx.state.gateways)
-        if req.gateway_id not in self.ctx.state.gateways:
-            raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
+        await self._gateway(req.gateway_id)
         subject = event_subject("gateway", req.gateway_id)
         event = m.FrontDoorSet(
             gateway_id=req.gateway_id,
@@ -209,21 +214,15 @@ class AdminHandlers:
             priority=req.priority,
             active=req.active,
         )
-        return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
-        )
+        return await self._record(subject, event, call)
 
     async def set_gateway_status(self, req: p.SetGatewayStatus, call: Call) -> p.Done:
-        await self.ctx.fresh(lambda: req.gateway_id in self.ctx.state.gateways)
-        if req.gateway_id not in self.ctx.state.gateways:
-            raise DammError(Code.NOT_FOUND, f"gateway {req.gateway_id!r}")
+        await self._gateway(req.gateway_id)
         subject = event_subject("gateway", req.gateway_id)
         event = m.GatewayStatusChanged(
             gateway_id=req.gateway_id, active=req.active, reason=req.reason
         )
-        return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
-        )
+        return await self._record(subject, event, call)
 
     async def define_egress(self, req: p.DefineEgress, call: Call) -> p.Done:
         check_id(req.pool_id, "egress pool id")
@@ -249,9 +248,7 @@ class AdminHandlers:
             active=req.active,
         )
         subject = event_subject("egress", req.pool_id)
-        return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
-        )
+        return await self._record(subject, event, call)
 
     # --- device lifecycle --------------------------------------------------------------------
 

@@ -122,6 +122,7 @@ class QuotaReactor:
         self.dsn = dsn
         self.schema = schema
         self.interval_s = interval_s
+        self._swept: tuple[int, str] | None = None  # (checkpoint, period) of the last full pass
         self.now = now or ctx.now
         self.leadership = leadership
         self.sweeps = 0
@@ -173,6 +174,11 @@ class QuotaReactor:
             )
             or 0
         )
+        if (applied, period) == self._swept:
+            # Nothing projected and no new period since the last full pass: every input of the
+            # decision is unchanged, so skip the scan over all devices.
+            self.sweeps += 1
+            return []
         rows = await conn.fetch(_CANDIDATES, period)
         candidates = [
             Candidate(
@@ -190,6 +196,7 @@ class QuotaReactor:
         for action in decide(candidates, period):
             if await self._append(action):
                 done.append(action)
+        self._swept = (applied, period)
         self.sweeps += 1
         return done
 

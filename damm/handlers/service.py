@@ -124,8 +124,7 @@ class Service:
         with structlog.contextvars.bound_contextvars(
             correlation_id=correlation_id, command=route.command
         ):
-            data = self._answer(route, decoder, msg, correlation_id)
-            body = await data
+            body = await self._answer(route, decoder, msg, correlation_id)
             if msg.reply:
                 await self.nc.publish(msg.reply, body)
 

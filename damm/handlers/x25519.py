@@ -8,15 +8,14 @@ plane's rotation key; only the holder of the old private key (or the control pla
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import hmac
-import os
 from pathlib import Path
 
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from damm.errors import Code, DammError
+from damm.private_files import load_or_create_seed
 
 
 def _message(device_id: str, new_public_key: str, request_id: str) -> bytes:
@@ -55,27 +54,8 @@ class RotationKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> RotationKey:
-        """Create the key whole or not at all (temp file, fsync, link into place), so a crash
-        or a second process starting at the same moment never leaves a short key behind."""
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(os.urandom(32))
-                    f.flush()
-                    os.fsync(f.fileno())
-                with contextlib.suppress(FileExistsError):  # another process won: use its key
-                    os.link(tmp, path)
-            finally:
-                tmp.unlink(missing_ok=True)
-        if path.stat().st_mode & 0o077:
-            raise DammError(Code.SIGNING_KEY_INSECURE, f"{path} is readable by others: chmod 600")
-        private = path.read_bytes()
-        if len(private) != 32:
-            raise DammError(Code.SIGNING_KEY_INSECURE, f"{path} holds {len(private)} bytes, not 32")
-        return cls(private)
+        return cls(load_or_create_seed(path, "rotation key"))
 
     def verify(
         self,

@@ -13,7 +13,6 @@ it, and anything the device itself did (actor ``device:<id>``). The same shape h
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import re
 from collections.abc import AsyncIterator
@@ -356,10 +355,3 @@ def fold_device(device_id: str, history: list[m.Envelope], as_of: datetime) -> D
 async def device_as_of(nc: NATS, device_id: str, as_of: datetime) -> DeviceAsOf:
     history = await collect(nc, AuditFilter(device=device_id, until=as_of))
     return fold_device(device_id, history, as_of)
-
-
-async def follow_forever(nc: NATS, flt: AuditFilter) -> AsyncIterator[m.Envelope]:
-    """``--follow``: every matching event from the filter's start, then new ones as they land."""
-    async for env in AuditReader(nc).read(flt, follow=True):
-        yield env
-        await asyncio.sleep(0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import signal
@@ -13,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from damm.private_files import write_atomic
 from damm.stack import processes
 from damm.stack.nats_config import ServerSettings, render
 
@@ -39,11 +39,7 @@ class NatsServer:
 
     def _write_config(self) -> None:
         settings = ServerSettings(str(self.data_dir / "jetstream"), self.passwords, self.gateways)
-        conf = self.data_dir / "nats.conf"
-        tmp = conf.with_suffix(".tmp")
-        tmp.write_text(render(settings))
-        tmp.chmod(0o600)
-        os.replace(tmp, conf)
+        write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
 
     def set_gateways(self, gateways: dict[str, str]) -> bool:
         """Give each gateway its own user; reload the running server when that changed."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from damm.private_files import write_atomic
 
 
 def home() -> Path:
@@ -22,16 +24,11 @@ class StackFile:
     database_url: str
     passwords: dict[str, str] = field(default_factory=dict)
     pid: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
 
     def write(self, directory: Path | None = None) -> Path:
         path = (directory or home()) / "stack.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2), mode=0o600)
         return path
 
     @classmethod
@@ -41,7 +38,8 @@ class StackFile:
             data = json.loads(path.read_text())
         except (FileNotFoundError, ValueError):
             return None
-        return cls(**data)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
     def alive(self) -> bool:
         if not self.pid:
