@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -29,12 +31,12 @@ from damm.handlers import protocol as p
 from damm.handlers.context import Call, Context, token_hash
 from damm.handlers.placement_view import candidates, pools, tier_policy
 from damm.handlers.service import BUS_TROUBLE, Route, route
-from damm.handlers.state import DEFAULT_POOL, DecisionState, DeviceState
+from damm.handlers.state import DEFAULT_POOL, DecisionState, DeviceState, TokenState
 
 _log = log.get("damm.enrollment")
 
 MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
-MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 10
 
 
 def key_subject(public_key: str) -> str:
@@ -104,8 +106,10 @@ def replayed(ctx: Context, req: p.Enroll, device_id: str) -> p.Enrolled:
 
 
 def check_token(
-    state: DecisionState, token: str, now: datetime, pending_uses: int = 0
-) -> tuple[m.TierDefined, str]:
+    state: DecisionState, token: str, now: datetime, pending: Mapping[str, int] | None = None
+) -> tuple[m.TierDefined, TokenState]:
+    """The token's tier and state, or the catalogued reason it cannot enroll; ``pending`` counts
+    uses already decided in this group but not yet in the state."""
     if not token.startswith("dmt_") or len(token) > 100:
         raise DammError(Code.TOKEN_UNKNOWN, "not an enrollment token")
     tok = state.tokens_by_hash.get(token_hash(token))
@@ -117,12 +121,12 @@ def check_token(
         raise DammError(
             Code.TOKEN_EXPIRED, f"token {tok.token_id} expired {tok.expires_at:%Y-%m-%d %H:%M}Z"
         )
-    if tok.max_uses is not None and tok.uses + pending_uses >= tok.max_uses:
+    if tok.max_uses is not None and tok.uses + (pending or {}).get(tok.token_id, 0) >= tok.max_uses:
         raise DammError(Code.TOKEN_USED_UP, f"token {tok.token_id} allowed {tok.max_uses} uses")
     tier = state.tiers.get(tok.tier)
     if tier is None or tier.status != "active":
         raise DammError(Code.OUT_OF_POLICY, f"tier {tok.tier} is not active")
-    return tier, tok.token_id
+    return tier, tok
 
 
 def decide_enrollment(
@@ -139,9 +143,8 @@ def decide_enrollment(
     public_key = validate_public_key(req.public_key)
     if req.request_id in tentative.requests:
         raise DammError(Code.CONFLICT, "the same request is already in flight")
-    tok = state.tokens_by_hash.get(token_hash(req.token)) if req.token.startswith("dmt_") else None
-    tier, token_id = check_token(state, req.token, now, tentative.uses[tok.token_id] if tok else 0)
-    assert tok is not None
+    tier, tok = check_token(state, req.token, now, tentative.uses)
+    token_id = tok.token_id
     if tier.session_limit is not None and (
         len(tok.sessions) + tentative.uses[token_id] >= tier.session_limit
     ):
@@ -331,24 +334,41 @@ class EnrollmentCommitter:
         except ConflictError as exc:
             _log.info("enrollment group lost a race", size=len(decided), subject=exc.subject)
             await ctx.follower.sync()
-            await self._retry([w for w, _, _ in decided])
+            await self._requeue([w for w, _, _ in decided])
             return
         if result.duplicate:
+            # One of them was a retry of a request already recorded: decide each alone so the
+            # others are not mistaken for it.
             await ctx.follower.sync()
-            await self._retry([w for w, _, _ in decided])
+            for w, _, _ in decided:
+                if self._attempt(w):
+                    await self._commit([w])
             return
         ctx.absorb(batch, result)
         for w, _, device_id in decided:
             _settle(w.future, enrolled_reply(ctx, ctx.state.devices[device_id]))
 
-    async def _retry(self, waiting: list[_Waiting]) -> None:
-        """After a lost race, decide each request alone so one conflict cannot sink the rest."""
-        for w in waiting:
-            w.attempts += 1
-            if w.attempts > MAX_ATTEMPTS:
-                _settle(w.future, DammError(Code.CONFLICT, "too many concurrent changes"))
-                continue
-            await self._commit([w])
+    @staticmethod
+    def _attempt(w: _Waiting) -> bool:
+        """Count one more try; past the limit the request gets its conflict answer."""
+        w.attempts += 1
+        if w.attempts > MAX_ATTEMPTS:
+            _settle(w.future, DammError(Code.CONFLICT, "too many concurrent changes"))
+            return False
+        return True
+
+    async def _requeue(self, waiting: list[_Waiting]) -> None:
+        """After a lost race, decide the group again, first in line, after a jittered pause.
+
+        Another control-plane process is appending to the same token; retrying at once would
+        collide with its next group in lockstep. The pause grows with the attempts.
+        """
+        again = [w for w in waiting if self._attempt(w)]
+        if not again:
+            return
+        attempts = max(w.attempts for w in again)
+        await asyncio.sleep(random.uniform(0, 0.002 * attempts))
+        self._queue[:0] = again
 
     # --- key rotation ------------------------------------------------------------------------
 
