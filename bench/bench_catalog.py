@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-from damm.catalog.model import CatalogFrontDoor, CatalogGateway, decode_signed, encode_signed
+from damm.catalog.document import CatalogFrontDoor, CatalogGateway, decode_signed, encode_signed
 from damm.catalog.signing import CatalogSigner, build_catalog
 from damm.catalog.verify import initial_trust, verify
 

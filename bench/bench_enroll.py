@@ -27,10 +27,10 @@ from nacl.public import PrivateKey
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from damm import log
-from damm.bus import connect
 from damm.events.streams import ensure_streams
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.bus import connect
+from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 from tests.fleet import setup_fleet

@@ -27,16 +27,16 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
 from damm import log
-from damm.bus import connect
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
 from damm.events.streams import ensure_streams
-from damm.events.subjects import EVENTS_STREAM, event_subject
 from damm.projections.migrate import migrate
 from damm.projections.replay import rebuild
 from damm.projections.runner import Projector
+from damm.protocol.bus import connect
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
+from damm.subjects import EVENTS_STREAM, event_subject
 
 APPEND_RATIO_TARGET = 0.5
 PROJECT_TARGET = 20_000.0

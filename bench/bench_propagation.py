@@ -29,20 +29,20 @@ from pathlib import Path
 
 import structlog
 
-from damm.agent.peers import PeerDiff
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.agent.wg.base import WireGuardBackend
-from damm.agent.wg.memory import MemoryBackend
-from damm.bus import connect
-from damm.config import ControlSettings
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.bus import connect
+from damm.protocol.client import call
+from damm.settings import ControlSettings
 from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
+from damm.wireguard.base import WireGuardBackend
+from damm.wireguard.memory import MemoryBackend
+from damm.wireguard.peer_diff import PeerDiff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.fleet import keypair
@@ -88,8 +88,8 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
         ).token
         backend: WireGuardBackend
         if backend_kind == "uapi":
-            from damm.agent.wg.uapi import UapiBackend
-            from damm.netlab import Lab
+            from damm.dev.netlab import Lab
+            from damm.wireguard.uapi import UapiBackend
 
             lab = Lab()
             ns = await lab.netns("gw")

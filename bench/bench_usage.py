@@ -28,16 +28,16 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.bus import connect
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
 from damm.events.streams import ensure_streams
-from damm.events.subjects import EVENTS_STREAM, event_subject
 from damm.projections.migrate import migrate
 from damm.projections.runner import Projector
+from damm.protocol.bus import connect
 from damm.reports.render_html import render_html
 from damm.reports.render_text import render_text
 from damm.reports.report import generate, period_at, to_json
+from damm.subjects import EVENTS_STREAM, event_subject
 
 DELTAS_TARGET = 20_000.0
 REPORT_TARGET_S = 2.0

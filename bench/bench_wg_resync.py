@@ -24,10 +24,10 @@ from pathlib import Path
 
 import structlog
 
-from damm.agent.peers import Peer, diff
-from damm.agent.wg import reconcile
-from damm.agent.wg.uapi import UapiBackend, build_set_request, parse_get_reply
-from damm.netlab import Lab, can_run_netns, run
+from damm.dev.netlab import Lab, can_run_netns, run
+from damm.wireguard import reconcile
+from damm.wireguard.peer_diff import Peer, diff
+from damm.wireguard.uapi import UapiBackend, build_set_request, parse_get_reply
 
 
 def make_peers(count: int) -> dict[str, Peer]:

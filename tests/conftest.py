@@ -16,16 +16,16 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.bus import connect
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.projections.migrate import migrate
+from damm.protocol.bus import connect
 from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 
 if TYPE_CHECKING:
-    from damm.control import ControlPlane
+    from damm.control.process import ControlPlane
 
 log.configure("warning", json=False)
 
@@ -87,9 +87,9 @@ async def dsn(pg_uri: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    from damm.config import ControlSettings
-    from damm.control import ControlPlane
+    from damm.control.process import ControlPlane
     from damm.domain.ipam import Overlay
+    from damm.settings import ControlSettings
 
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
     plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])

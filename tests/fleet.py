@@ -8,8 +8,8 @@ import uuid
 from nacl.public import PrivateKey
 from nats.aio.client import Client as NATS
 
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 
 
 def keypair() -> tuple[str, str]:

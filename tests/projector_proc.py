@@ -9,9 +9,9 @@ import asyncio
 import sys
 
 from damm import log
-from damm.bus import connect
-from damm.events.subjects import EVENTS_STREAM
 from damm.projections.runner import Projector
+from damm.protocol.bus import connect
+from damm.subjects import EVENTS_STREAM
 
 
 async def main(url: str, password: str, dsn: str) -> None:

@@ -14,11 +14,11 @@ from nats.aio.client import Client as NATS
 
 from damm.cli.common import Target
 from damm.cli.ops import audit
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
 from damm.events import model as m
-from damm.handlers import protocol as p
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from damm.reports.audit import AuditFilter, AuditReader, collect, device_as_of, parse_when
-from damm.rpc import call
 from damm.stack.nats_server import NatsServer
 from tests.fleet import enroll, keypair, setup_fleet
 

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from damm.catalog.codec import canonical_encode, decode, key_id_for
-from damm.catalog.model import (
+from damm.catalog.canonical import canonical_encode, decode, key_id_for
+from damm.catalog.document import (
     Catalog,
     CatalogFrontDoor,
     CatalogGateway,

@@ -9,18 +9,18 @@ from collections.abc import AsyncIterator
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.catalog.codec import decode
-from damm.catalog.model import Catalog, decode_signed
+from damm.catalog.canonical import decode
+from damm.catalog.document import Catalog, decode_signed
 from damm.catalog.signing import CatalogSigner
 from damm.catalog.verify import initial_trust, verify
-from damm.control import ControlPlane
+from damm.control.context import Context
+from damm.control.process import ControlPlane
+from damm.control.publishers.catalogs import CatalogPublisher, catalog_subject, digest_of
 from damm.errors import Code, DammError
 from damm.events.store import EventStore
-from damm.handlers import protocol as p
-from damm.handlers.catalogs import CatalogPublisher, catalog_subject, digest_of
-from damm.handlers.context import Context
-from damm.handlers.service import Service
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
+from damm.protocol.router import Service
 from tests.fleet import enroll, setup_fleet
 
 

@@ -13,13 +13,13 @@ import pytest
 from click.testing import CliRunner
 from nats.aio.client import Client as NATS
 
-from damm.bus import connect
 from damm.cli.main import cli
-from damm.device import state as files
+from damm.device import files
 from damm.device.bundle import CONFIG_NAME, build_bundle
 from damm.device.diagnose import FAIL, PASS, SKIP, diagnose, export
-from damm.events.subjects import request_subject
+from damm.protocol.bus import connect
 from damm.stack.nats_server import NatsServer
+from damm.subjects import request_subject
 from tests.test_failover import NOW, Server, make_device, signed_catalog
 
 

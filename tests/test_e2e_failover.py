@@ -18,22 +18,22 @@ import pytest
 from nacl.bindings import crypto_scalarmult_base
 from nats.aio.client import Client as NATS
 
-from damm.agent.peers import Peer
-from damm.agent.wg import reconcile
-from damm.agent.wg.uapi import UapiBackend
-from damm.catalog.codec import decode
+from damm.catalog.canonical import decode
 from damm.catalog.verify import initial_trust
 from damm.cli.device import write_config
-from damm.control import ControlPlane
-from damm.device import state as files
+from damm.control.process import ControlPlane
+from damm.control.publishers.catalogs import CatalogPublisher
+from damm.dev.netlab import Lab, can_run_netns, configure_interface, run
+from damm.dev.netlab import ping as lab_ping
+from damm.device import files
 from damm.device.failover import failover
 from damm.device.wgconfig import parse_endpoint
-from damm.handlers import protocol as p
-from damm.handlers.catalogs import CatalogPublisher
-from damm.handlers.service import Service
-from damm.netlab import Lab, can_run_netns, configure_interface, run
-from damm.netlab import ping as lab_ping
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
+from damm.protocol.router import Service
+from damm.wireguard import reconcile
+from damm.wireguard.peer_diff import Peer
+from damm.wireguard.uapi import UapiBackend
 from tests.fleet import heartbeat
 
 CAN_RUN, WHY_NOT = can_run_netns()

@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm import netlab
-from damm.control import ControlPlane
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.control.process import ControlPlane
+from damm.dev import netlab
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from tests.fleet import enroll, keypair
 from tests.test_e2e_tunnel import Site, _gone, _has, eventually, site  # noqa: F401 - fixture
 

@@ -24,15 +24,15 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm import netlab
-from damm.agent.peers import Peer, PeerDiff
-from damm.agent.wg.uapi import UapiBackend
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
+from damm.dev import netlab
 from damm.device.wgconfig import render_wg_quick
-from damm.handlers import protocol as p
 from damm.private_files import write_atomic
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer
+from damm.wireguard.peer_diff import Peer, PeerDiff
+from damm.wireguard.uapi import UapiBackend
 from tests.fleet import enroll, keypair
 
 pytestmark = pytest.mark.netns

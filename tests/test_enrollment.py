@@ -8,10 +8,10 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from tests.fleet import enroll, keypair, setup_fleet
 
 

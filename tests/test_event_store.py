@@ -8,7 +8,7 @@ import pytest
 
 from damm.events import model as m
 from damm.events.store import Append, ConflictError, EventStore, envelope
-from damm.events.subjects import event_subject
+from damm.subjects import event_subject
 
 ADMIN = m.Actor("admin", "alice")
 

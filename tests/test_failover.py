@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from damm.catalog.model import (
+from damm.catalog.document import (
     CatalogFrontDoor,
     CatalogGateway,
     SignedCatalog,
@@ -20,14 +20,14 @@ from damm.catalog.model import (
 )
 from damm.catalog.signing import CatalogSigner, build_catalog
 from damm.catalog.verify import initial_trust
-from damm.device import state as files
+from damm.device import files
 from damm.device.failover import failover
 from damm.device.wgconfig import parse_endpoint, render_wg_quick
 from damm.errors import Code, DammError
-from damm.events.subjects import request_subject
-from damm.handlers import protocol as p
-from damm.handlers.service import ok_reply
 from damm.private_files import write_atomic
+from damm.protocol import messages as p
+from damm.protocol.router import ok_reply
+from damm.subjects import request_subject
 
 NOW = 1_800_000_000
 KEY1 = CatalogSigner.generate()

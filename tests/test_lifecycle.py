@@ -19,14 +19,14 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events.model import Envelope
-from damm.events.subjects import EVENTS_STREAM
-from damm.handlers import protocol as p
-from damm.handlers.x25519 import prove
-from damm.rpc import call
+from damm.keys.rotation import prove
+from damm.protocol import messages as p
+from damm.protocol.client import call
+from damm.subjects import EVENTS_STREAM
 from tests.fleet import enroll, heartbeat, keypair, setup_fleet
 
 DAMM = str(Path(sys.executable).parent / "damm")
@@ -129,8 +129,8 @@ async def test_suspend_resume_and_revoked_actions(
 async def test_pool_exhausted(
     nats_server: object, dsn: str, tmp_path: Path, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
 ) -> None:
-    from damm.config import ControlSettings
     from damm.domain.ipam import Overlay
+    from damm.settings import ControlSettings
 
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/28"), keys_dir=tmp_path / "k")
     plane = ControlPlane(
@@ -201,8 +201,8 @@ async def test_500_concurrent_enrollments(
     dsn: str,
     tmp_path: Path,
 ) -> None:
-    from damm.config import ControlSettings
     from damm.domain.ipam import Overlay
+    from damm.settings import ControlSettings
 
     # a second control-plane process shares the queue group: the decisions race for real
     assert control.nc is not None

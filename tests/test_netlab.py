@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from damm.agent.peers import Peer
-from damm.agent.wg import reconcile
-from damm.agent.wg.uapi import UapiBackend
-from damm.netlab import Lab, LabError, can_run_netns, configure_interface, exec_in, ping, run
+from damm.dev.netlab import Lab, LabError, can_run_netns, configure_interface, exec_in, ping, run
+from damm.wireguard import reconcile
+from damm.wireguard.peer_diff import Peer
+from damm.wireguard.uapi import UapiBackend
 
 CAN_RUN, WHY_NOT = can_run_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)]

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from damm.agent.peers import (
+from damm.errors import Code, DammError
+from damm.wireguard.peer_diff import (
     Peer,
     PeerDiff,
     apply,
@@ -19,7 +20,6 @@ from damm.agent.peers import (
     normalise_allowed_ips,
     validate_public_key,
 )
-from damm.errors import Code, DammError
 
 KEYS = [base64.b64encode(bytes([i]) * 32).decode() for i in range(8)]
 CIDRS = ["10.44.0.10/32", "10.44.0.11/32", "0.0.0.0/0", "::/0", "fd00::/64", "10.0.0.0/8"]

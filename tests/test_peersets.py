@@ -16,16 +16,16 @@ from nacl.public import PrivateKey
 from nats.aio.client import Client as NATS
 
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.agent.wg.base import PeerStats
-from damm.agent.wg.memory import MemoryBackend
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
+from damm.control.publishers.peersets import KeyExpiryReactor
 from damm.errors import Code, DammError
-from damm.events.subjects import peers_subject
-from damm.handlers import protocol as p
-from damm.handlers.peersets import KeyExpiryReactor
-from damm.handlers.x25519 import prove as sign_rotation
-from damm.rpc import call
+from damm.keys.rotation import prove as sign_rotation
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer
+from damm.subjects import peers_subject
+from damm.wireguard.base import PeerStats
+from damm.wireguard.memory import MemoryBackend
 from tests.fleet import enroll, keypair, setup_fleet
 
 

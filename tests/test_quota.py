@@ -11,10 +11,8 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.control import ControlPlane
-from damm.events import model as m
-from damm.handlers import protocol as p
-from damm.handlers.quota import (
+from damm.control.process import ControlPlane
+from damm.control.reactors.quota import (
     NEW_PERIOD,
     OVER_QUOTA,
     UNDER_QUOTA,
@@ -23,7 +21,9 @@ from damm.handlers.quota import (
     decide,
     is_over,
 )
-from damm.rpc import call
+from damm.events import model as m
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from tests.fleet import enroll, keypair, setup_fleet
 
 LIMIT = 1000

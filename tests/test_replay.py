@@ -22,11 +22,11 @@ from nats.aio.client import Client as NATS
 
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
-from damm.events.subjects import EVENTS_STREAM, TELEMETRY_STREAM, event_subject, heartbeat_subject
 from damm.projections.readmodels import REPLAYED_TABLES
 from damm.projections.replay import rebuild, replace_live, verify
 from damm.projections.runner import Projector
 from damm.stack.nats_server import NatsServer
+from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM, event_subject, heartbeat_subject
 
 ADMIN = m.Actor("admin", "ops")
 POLICY = m.Actor("policy", "quota")

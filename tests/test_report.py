@@ -21,16 +21,16 @@ from nats.aio.client import Client as NATS
 
 from damm.cli.common import Target
 from damm.cli.ops import report as report_cmd
-from damm.control import ControlPlane
-from damm.events.subjects import EVENTS_STREAM, TELEMETRY_STREAM
-from damm.handlers import protocol as p
+from damm.control.process import ControlPlane
 from damm.projections.migrate import migrate
 from damm.projections.runner import Projector
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from damm.reports.render_html import render_html
 from damm.reports.render_text import render_text
 from damm.reports.report import Report, Rows, build, generate, to_json
-from damm.rpc import call
 from damm.stack.nats_server import NatsServer
+from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
 from tests.fleet import enroll, heartbeat, keypair, setup_fleet
 from tests.test_quota import attach_reactor
 

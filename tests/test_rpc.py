@@ -10,9 +10,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.handlers.service import error_reply, ok_reply
-from damm.rpc import NO_RESPONDERS_GRACE_S, call
+from damm.protocol import messages as p
+from damm.protocol.client import NO_RESPONDERS_GRACE_S, call
+from damm.protocol.router import error_reply, ok_reply
 
 
 async def test_unserved_command_is_unavailable_after_a_short_grace(nc: NATS) -> None:

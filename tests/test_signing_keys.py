@@ -8,11 +8,11 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from damm.catalog.verify import initial_trust, verify
-from damm.control import ControlPlane
+from damm.control.handlers.signing_keys import SigningKeyChanged
+from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.handlers.signing_keys import SigningKeyChanged
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from tests.fleet import enroll, setup_fleet
 
 

@@ -17,10 +17,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from damm.bus import connect
-from damm.control import ControlPlane
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.control.process import ControlPlane
+from damm.protocol import messages as p
+from damm.protocol.bus import connect
+from damm.protocol.client import call
 from damm.stack.nats_config import gateway_password_hash, production
 from damm.stack.nats_server import NatsServer, binary
 

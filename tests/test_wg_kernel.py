@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from damm.agent.peers import Peer
-from damm.agent.wg import WireGuardError, reconcile
-from damm.agent.wg.kernel import (
+from damm.dev.netlab import can_run_netns, run, unique_tag
+from damm.wireguard import WireGuardError, reconcile
+from damm.wireguard.kernel import (
     NLM_F_DUMP_INTR,
     DumpPart,
     KernelBackend,
@@ -20,7 +20,7 @@ from damm.agent.wg.kernel import (
     part_from_message,
     split_endpoint,
 )
-from damm.netlab import can_run_netns, run, unique_tag
+from damm.wireguard.peer_diff import Peer
 
 K1, K2, K3 = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2, 3))
 

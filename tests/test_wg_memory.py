@@ -7,9 +7,9 @@ import base64
 
 import pytest
 
-from damm.agent.peers import Peer
-from damm.agent.wg import WireGuardError, reconcile
-from damm.agent.wg.memory import MemoryBackend
+from damm.wireguard import WireGuardError, reconcile
+from damm.wireguard.memory import MemoryBackend
+from damm.wireguard.peer_diff import Peer
 
 KEYS = [base64.b64encode(bytes([i + 1]) * 32).decode() for i in range(5)]
 

@@ -10,10 +10,10 @@ import pytest
 import pytest_asyncio
 from nacl.bindings import crypto_scalarmult_base
 
-from damm.agent.peers import Peer, PeerDiff
-from damm.agent.wg import WireGuardError, reconcile
-from damm.agent.wg.uapi import UapiBackend, build_set_request, parse_get_reply
-from damm.netlab import Lab, WireGuardGo, can_run_netns, run
+from damm.dev.netlab import Lab, WireGuardGo, can_run_netns, run
+from damm.wireguard import WireGuardError, reconcile
+from damm.wireguard.peer_diff import Peer, PeerDiff
+from damm.wireguard.uapi import UapiBackend, build_set_request, parse_get_reply
 
 CAN_RUN, WHY_NOT = can_run_netns()
 needs_netns = [pytest.mark.netns, pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT)]

@@ -18,8 +18,8 @@ import msgspec
 
 from damm import log
 from damm.agent.usage import Counters, UsageMeter
-from damm.handlers.protocol import UsageEntry
 from damm.private_files import write_atomic
+from damm.protocol.messages import UsageEntry
 
 _log = log.get("damm.agent.ledger")
 

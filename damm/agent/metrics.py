@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from damm.agent.wg.base import InterfaceState
+from damm.wireguard.base import InterfaceState
 
 ACTIVE_HANDSHAKE_S = 180.0  # WireGuard re-handshakes every 2 min on a live session
 

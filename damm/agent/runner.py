@@ -30,13 +30,13 @@ from damm import log
 from damm.agent.identity import load_or_create_key
 from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
-from damm.agent.peers import Peer, PeerDiff, diff
-from damm.agent.wg.base import InterfaceState, WireGuardBackend
 from damm.errors import Code, DammError
-from damm.events.subjects import peers_subject
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 from damm.stack.nats_config import gateway_user, inbox_prefix
+from damm.subjects import peers_subject
+from damm.wireguard.base import InterfaceState, WireGuardBackend
+from damm.wireguard.peer_diff import Peer, PeerDiff, diff
 
 _log = log.get("damm.agent")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import nacl.signing
 
-from damm.catalog.codec import canonical, canonical_encode, check_catalog, decode, key_id_for
-from damm.catalog.model import Catalog, CatalogGateway, KeyAnnouncement, SignedCatalog
+from damm.catalog.canonical import canonical, canonical_encode, check_catalog, decode, key_id_for
+from damm.catalog.document import Catalog, CatalogGateway, KeyAnnouncement, SignedCatalog
 from damm.errors import Code, DammError
 from damm.private_files import SEED_BYTES, load_or_create_seed
 

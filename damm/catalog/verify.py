@@ -16,7 +16,7 @@ import msgspec
 import nacl.exceptions
 import nacl.signing
 
-from damm.catalog.codec import (
+from damm.catalog.canonical import (
     KNOWN_TRANSPORTS,
     check_front_door,
     check_gateway,
@@ -24,7 +24,7 @@ from damm.catalog.codec import (
     front_door_order,
     key_id_for,
 )
-from damm.catalog.model import Catalog, CatalogFrontDoor, SignedCatalog, decode_signed
+from damm.catalog.document import Catalog, CatalogFrontDoor, SignedCatalog, decode_signed
 from damm.catalog.signing import signing_message
 from damm.errors import Code, DammError
 

@@ -15,8 +15,8 @@ from nats.aio.client import Client as NATS
 from damm.cli.common import Target, emit, json_option, run, table, target, with_nats
 from damm.cli.ops import audit, report
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -377,7 +377,7 @@ def catalog_key() -> None:
 
 
 def _key_step(command: str, verb: str) -> Any:
-    from damm.handlers.signing_keys import SigningKeyChanged
+    from damm.control.handlers.signing_keys import SigningKeyChanged
 
     @json_option
     @click.pass_context

@@ -65,7 +65,7 @@ class Target:
         return None, None
 
     async def connect(self, role: str | None = None) -> NATS:
-        from damm.bus import connect
+        from damm.protocol.bus import connect
 
         url = self.nats()
         user, password = self.credentials(role) if role else (None, None)

@@ -9,8 +9,8 @@ from pathlib import Path
 import click
 
 from damm.cli.common import run, target
-from damm.config import ControlSettings
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
+from damm.settings import ControlSettings
 
 
 @click.group()

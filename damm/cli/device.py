@@ -10,12 +10,12 @@ import click
 from nats.aio.client import Client as NATS
 
 from damm.cli.common import Target, emit, json_option, run, target, with_nats
-from damm.device import state as files
-from damm.device.enrollment import save_enrollment
-from damm.device.enrollment import write_config as write_config  # re-exported (tests)
-from damm.handlers import protocol as p
-from damm.handlers.x25519 import prove
-from damm.rpc import call
+from damm.device import files
+from damm.device.profile import save_enrollment
+from damm.device.profile import write_config as write_config  # re-exported (tests)
+from damm.keys.rotation import prove
+from damm.protocol import messages as p
+from damm.protocol.client import call
 
 state_dir_option = click.option(
     "--state-dir",

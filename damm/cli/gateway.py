@@ -15,22 +15,22 @@ import click
 
 from damm import log
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.agent.wg.base import WireGuardBackend
 from damm.cli.common import Target, run
 from damm.errors import Code, DammError
+from damm.wireguard.base import WireGuardBackend
 
 
 def make_backend(kind: str, interface: str, socket_path: str | None) -> WireGuardBackend:
     if kind == "memory":
-        from damm.agent.wg.memory import MemoryBackend
+        from damm.wireguard.memory import MemoryBackend
 
         return MemoryBackend()
     if kind == "uapi":
-        from damm.agent.wg.uapi import UapiBackend
+        from damm.wireguard.uapi import UapiBackend
 
         return UapiBackend(interface, socket_path)
     if kind == "kernel":
-        from damm.agent.wg.kernel import KernelBackend
+        from damm.wireguard.kernel import KernelBackend
 
         return KernelBackend(interface)
     raise DammError(Code.INVALID_ARGUMENT, f"unknown WireGuard backend {kind!r}")

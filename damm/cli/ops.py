@@ -16,7 +16,7 @@ from nats.aio.client import Client as NATS
 from damm.cli.common import Target, json_option, run, target, with_nats
 from damm.errors import Code, DammError
 from damm.events import model as m
-from damm.events.subjects import check_id
+from damm.subjects import check_id
 
 _AUDIT_COLUMNS = ("time", "seq", "type", "aggregate", "actor", "summary")
 

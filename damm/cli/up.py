@@ -15,10 +15,10 @@ import click
 
 from damm import log
 from damm.cli.common import run, target
-from damm.config import ControlSettings
-from damm.control import ControlPlane
+from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic
+from damm.settings import ControlSettings
 from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
@@ -132,7 +132,7 @@ async def _demo(
         click.echo("  demo       skipped (--no-demo)")
         return
     try:
-        from damm import demo
+        from damm.dev import demo
     except ImportError:
         click.echo("  demo       skipped: this build has no demo module")
         return

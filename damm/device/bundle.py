@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from damm.device import state as files
+from damm.device import files
 from damm.device.wgconfig import parse_endpoint
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic

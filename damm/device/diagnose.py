@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 
-from damm.device import state as files
+from damm.device import files
 from damm.device.failover import (
     device_trust,
     fetch_catalog,
@@ -123,7 +123,7 @@ async def check_interface(
     if interface is None:
         why = "no --interface given"
         return [Check("interface", SKIP, why), Check("handshake", SKIP, why)]
-    from damm.agent.wg.uapi import UapiBackend
+    from damm.wireguard.uapi import UapiBackend
 
     try:
         state = await UapiBackend(interface, timeout=5.0).read()

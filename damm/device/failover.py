@@ -20,14 +20,14 @@ from typing import Protocol
 import msgspec
 from nats.aio.client import Client as NATS
 
-from damm.catalog.model import Catalog, decode_signed
+from damm.catalog.document import Catalog, decode_signed
 from damm.catalog.verify import TrustState, choose_failover, verify
-from damm.device import state as files
+from damm.device import files
 from damm.device.wgconfig import parse_endpoint, replace_endpoint
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
 from damm.private_files import write_atomic
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.client import call
 
 CLOCK_SKEW_S = 60
 
@@ -121,7 +121,7 @@ async def failover(
 
     live_updated = False
     if backend is None and live_interface is not None:
-        from damm.agent.wg.uapi import UapiBackend
+        from damm.wireguard.uapi import UapiBackend
 
         backend = UapiBackend(live_interface)
     if backend is not None:

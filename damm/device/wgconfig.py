@@ -13,7 +13,7 @@ import binascii
 import ipaddress
 import re
 
-from damm.catalog.model import ENDPOINT_PATTERN
+from damm.catalog.document import ENDPOINT_PATTERN
 from damm.errors import Code, DammError
 
 _endpoint = re.compile(ENDPOINT_PATTERN)

@@ -22,7 +22,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from damm.events import codec
 from damm.events.model import Actor, Envelope, Event, event_type_name
-from damm.events.subjects import EVENT_PREFIX, EVENTS_STREAM
+from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 
 WRONG_LAST_SEQUENCE = 10071
 BATCH_DUPLICATE_MSG_ID = 10201

@@ -13,7 +13,7 @@ from typing import Any
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from damm.events.subjects import (
+from damm.subjects import (
     EVENT_PREFIX,
     EVENTS_STREAM,
     TELEMETRY_PREFIX,

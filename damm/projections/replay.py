@@ -25,10 +25,10 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from damm import log
-from damm.events.subjects import EVENTS_STREAM
 from damm.projections.migrate import check_schema, migrate
 from damm.projections.readmodels import REPLAYED_TABLES
 from damm.projections.runner import Puller, apply_batch, checkpoint, decode_all, stream_seq
+from damm.subjects import EVENTS_STREAM
 
 _log = log.get("damm.replay")
 

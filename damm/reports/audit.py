@@ -27,7 +27,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from damm.events import codec
 from damm.events import model as m
-from damm.events.subjects import EVENT_PREFIX, EVENTS_STREAM
+from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 
 # Stream timestamps and envelope times come from different clocks; start the consumer a little
 # early and let the envelope decide.

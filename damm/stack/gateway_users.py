@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 
 from damm import log
-from damm.handlers.state import DecisionState
+from damm.control.state import DecisionState
 from damm.stack.nats_server import NatsServer
 
 _log = log.get("damm.stack")

@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from damm import log
 from damm.stack.nats_config import inbox_prefix
 
-_log = log.get("damm.bus")
+_log = log.get("damm.protocol.bus")
 
 
 async def connect(

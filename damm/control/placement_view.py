@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from damm.control.context import Context
+from damm.control.state import DecisionState
 from damm.domain import placement as pl
 from damm.errors import Code, DammError
 from damm.events import model as m
-from damm.handlers import protocol as p
-from damm.handlers.context import Context
-from damm.handlers.state import DecisionState
+from damm.protocol import messages as p
 
 
 def tier_policy(tier: m.TierDefined) -> pl.TierPolicy:

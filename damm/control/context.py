@@ -11,12 +11,12 @@ from datetime import UTC, datetime
 import msgspec
 
 from damm.catalog.signing import CatalogSigner
-from damm.config import ControlSettings
+from damm.control.state import DecisionState, StateFollower
 from damm.errors import Code, DammError
 from damm.events.model import Actor, Event
 from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
-from damm.handlers.state import DecisionState, StateFollower
-from damm.handlers.x25519 import RotationKey
+from damm.keys.rotation import RotationKey
+from damm.settings import ControlSettings
 
 MAX_ATTEMPTS = 6
 

@@ -22,11 +22,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm import log
+from damm.control.context import Call
 from damm.errors import Code, DammError
 from damm.events.model import Actor
-from damm.events.subjects import request_subject
-from damm.handlers.context import Call
-from damm.handlers.protocol import MAX_REQUEST_BYTES, ErrorBody, Reply
+from damm.protocol.messages import MAX_REQUEST_BYTES, ErrorBody, Reply
+from damm.subjects import request_subject
 
 _log = log.get("damm.handlers")
 _encoder = msgspec.json.Encoder()

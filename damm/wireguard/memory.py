@@ -12,9 +12,9 @@ import base64
 import msgspec
 from nacl.bindings import crypto_scalarmult_base
 
-from damm.agent.peers import PeerDiff, validate_public_key
-from damm.agent.wg.base import InterfaceState, PeerStats, WireGuardError
 from damm.errors import DammError
+from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
+from damm.wireguard.peer_diff import PeerDiff, validate_public_key
 
 
 class MemoryBackend:

@@ -10,27 +10,32 @@ import asyncpg
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.bus import connect
 from damm.catalog.signing import CatalogSigner
-from damm.config import ControlSettings
+from damm.control.context import Context
+from damm.control.handlers.admin import AdminHandlers
+from damm.control.handlers.enrollment import EnrollmentCommitter
+from damm.control.handlers.gateway import GatewayHandlers
+from damm.control.handlers.signing_keys import SigningKeys
+from damm.control.publishers.catalogs import CatalogPublisher
+from damm.control.publishers.peersets import (
+    KeyExpiryReactor,
+    Leadership,
+    PeerPublisher,
+    PeerSetHandlers,
+)
+from damm.control.reactors.quota import QuotaReactor
+from damm.control.state import DecisionState, StateFollower
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
-from damm.events.subjects import EVENTS_STREAM, TELEMETRY_STREAM
-from damm.handlers.admin import AdminHandlers
-from damm.handlers.catalogs import CatalogPublisher
-from damm.handlers.context import Context
-from damm.handlers.enrollment import EnrollmentCommitter
-from damm.handlers.gateway import GatewayHandlers
-from damm.handlers.peersets import KeyExpiryReactor, Leadership, PeerPublisher, PeerSetHandlers
-from damm.handlers.quota import QuotaReactor
-from damm.handlers.service import Service
-from damm.handlers.signing_keys import SigningKeys
-from damm.handlers.state import DecisionState, StateFollower
-from damm.handlers.x25519 import RotationKey
+from damm.keys.rotation import RotationKey
 from damm.projections.migrate import migrate
 from damm.projections.runner import Projector
+from damm.protocol.bus import connect
+from damm.protocol.router import Service
+from damm.settings import ControlSettings
+from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
 
-_log = log.get("damm.control")
+_log = log.get("damm.control.process")
 
 
 @dataclass

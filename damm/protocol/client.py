@@ -12,8 +12,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.errors import Code, DammError
-from damm.events.subjects import request_subject
-from damm.handlers.protocol import Reply
+from damm.protocol.messages import Reply
+from damm.subjects import request_subject
 
 T = TypeVar("T")
 

@@ -10,17 +10,17 @@ import hmac
 from collections.abc import Sequence
 
 from damm import log
-from damm.agent.peers import validate_public_key
+from damm.control.context import Call, Context, token_hash
+from damm.control.state import GatewayState
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, envelope
-from damm.events.subjects import event_subject, heartbeat_subject
-from damm.handlers import protocol as p
-from damm.handlers.context import Call, Context, token_hash
-from damm.handlers.service import Route, route
-from damm.handlers.state import GatewayState
+from damm.protocol import messages as p
+from damm.protocol.router import Route, route
+from damm.subjects import event_subject, heartbeat_subject
+from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.gateway")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import structlog
 from nacl.bindings import crypto_scalarmult_base
 
-from damm.agent.peers import KEY_BYTES, PeerDiff, validate_public_key
-from damm.agent.wg.base import InterfaceState, PeerStats, WireGuardError
+from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
+from damm.wireguard.peer_diff import KEY_BYTES, PeerDiff, validate_public_key
 
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 # A 10k-peer dump is about 3.5 MB; the limit only bounds a runaway reply.

@@ -7,7 +7,7 @@ re-enrolling). The signature covers the payload bytes, not these Structs, so the
 carried as opaque bytes in `SignedCatalog` and decoded only after the signature verifies.
 
 Decoding checks shapes, types, lengths and ranges; the character-level rules (patterns below) are
-applied by `damm.catalog.codec.check_catalog` — see the note above the type aliases for why.
+applied by `damm.catalog.canonical.check_catalog` — see the note above the type aliases for why.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ class SignedCatalog(msgspec.Struct, frozen=True):
     """The wire envelope. Lenient about unknown fields (unlike the payload) so a later server can
     add, say, a second signature without breaking clients that only check the first."""
 
-    payload: bytes  # canonical encoding of Catalog (see damm.catalog.codec)
+    payload: bytes  # canonical encoding of Catalog (see damm.catalog.canonical)
     key_id: KeyId
     signature: Signature
 

@@ -20,7 +20,7 @@ import re
 
 import msgspec
 
-from damm.catalog.model import (
+from damm.catalog.document import (
     COUNTRY_PATTERN,
     ENDPOINT_PATTERN,
     IDENTIFIER_PATTERN,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from damm.agent.wg.uapi import DEFAULT_SOCKET_DIR, socket_path_for
+from damm.wireguard.uapi import DEFAULT_SOCKET_DIR, socket_path_for
 
 IFNAMSIZ = 15  # usable characters in a Linux interface name
 

@@ -12,8 +12,8 @@ from typing import Protocol
 
 import msgspec
 
-from damm.agent.peers import Peer, PeerDiff, diff
 from damm.errors import Code, DammError
+from damm.wireguard.peer_diff import Peer, PeerDiff, diff
 
 # The catalog has no code for "the WireGuard interface refused an operation" yet; INTERNAL is
 # retryable, which is the right behaviour for the agent loop until a dedicated code exists.

@@ -20,18 +20,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from damm import log
-from damm.agent.peers import validate_public_key
+from damm.control.context import Call, Context, token_hash
+from damm.control.placement_view import candidates, pools, tier_policy
+from damm.control.state import DEFAULT_POOL, DecisionState, DeviceState, TokenState
 from damm.domain import placement as pl
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, ConflictError
-from damm.events.subjects import event_subject
-from damm.handlers import protocol as p
-from damm.handlers.context import Call, Context, token_hash
-from damm.handlers.placement_view import candidates, pools, tier_policy
-from damm.handlers.service import BUS_TROUBLE, Route, route
-from damm.handlers.state import DEFAULT_POOL, DecisionState, DeviceState, TokenState
+from damm.protocol import messages as p
+from damm.protocol.router import BUS_TROUBLE, Route, route
+from damm.subjects import event_subject
+from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.enrollment")
 

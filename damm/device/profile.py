@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from damm.catalog.verify import initial_trust
-from damm.device import state as files
+from damm.device import files
 from damm.device.wgconfig import render_wg_quick
-from damm.handlers import protocol as p
 from damm.private_files import write_atomic
+from damm.protocol import messages as p
 
 
 def device_file(res: p.Enrolled, public_key: str, nats_url: str) -> files.DeviceFile:

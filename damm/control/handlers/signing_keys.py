@@ -15,13 +15,13 @@ from pathlib import Path
 import msgspec
 
 from damm.catalog.signing import CatalogSigner
+from damm.control.context import Call, Context
+from damm.control.publishers.catalogs import CatalogPublisher
 from damm.errors import Code, DammError
 from damm.events import model as m
-from damm.events.subjects import event_subject
-from damm.handlers import protocol as p
-from damm.handlers.catalogs import CatalogPublisher
-from damm.handlers.context import Call, Context
-from damm.handlers.service import Route, route
+from damm.protocol import messages as p
+from damm.protocol.router import Route, route
+from damm.subjects import event_subject
 
 CURRENT = "catalog.key"
 NEXT = "catalog.next.key"

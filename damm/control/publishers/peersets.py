@@ -23,16 +23,16 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.control.context import Call, Context
+from damm.control.handlers.gateway import GatewayHandlers
+from damm.control.state import DecisionState, PeerChange
 from damm.errors import DammError
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append
-from damm.events.subjects import event_subject, peers_subject
-from damm.handlers import protocol as p
-from damm.handlers.context import Call, Context
-from damm.handlers.gateway import GatewayHandlers
-from damm.handlers.service import Route, route
-from damm.handlers.state import DecisionState, PeerChange
+from damm.protocol import messages as p
+from damm.protocol.router import Route, route
+from damm.subjects import event_subject, peers_subject
 
 _log = log.get("damm.peersets")
 _encoder = msgspec.json.Encoder()

@@ -24,7 +24,7 @@ from damm import log
 from damm.domain.ipam import AddressPool, Overlay
 from damm.events import codec
 from damm.events import model as m
-from damm.events.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
+from damm.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
 
 _log = log.get("damm.state")
 

@@ -4,7 +4,7 @@
 ``kernel`` to the Linux module over generic netlink, ``memory`` stands in for both in unit tests.
 """
 
-from damm.agent.wg.base import (
+from damm.wireguard.base import (
     InterfaceState,
     PeerStats,
     WireGuardBackend,

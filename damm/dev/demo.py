@@ -25,13 +25,10 @@ from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
-from damm import log, netlab
-from damm.agent.peers import Peer, PeerDiff
+from damm import log
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.agent.wg.uapi import UapiBackend
-from damm.bus import connect
-from damm.device import state as files
-from damm.device.enrollment import save_enrollment
+from damm.dev import netlab
+from damm.device import files
 from damm.device.failover import (
     FailoverResult,
     device_trust,
@@ -39,11 +36,15 @@ from damm.device.failover import (
     fetch_catalog,
     verify_for_device,
 )
+from damm.device.profile import save_enrollment
 from damm.errors import Code, DammError
-from damm.handlers import protocol as p
-from damm.rpc import call
+from damm.protocol import messages as p
+from damm.protocol.bus import connect
+from damm.protocol.client import call
+from damm.wireguard.peer_diff import Peer, PeerDiff
+from damm.wireguard.uapi import UapiBackend
 
-_log = log.get("damm.demo")
+_log = log.get("damm.dev.demo")
 
 PORT = 51820
 REGION = "demo"

@@ -28,8 +28,8 @@ from datetime import UTC, datetime
 from nats.js.errors import NotFoundError
 
 from damm import log
-from damm.catalog.codec import check_front_door, check_gateway
-from damm.catalog.model import (
+from damm.catalog.canonical import check_front_door, check_gateway
+from damm.catalog.document import (
     COUNTRY_PATTERN,
     CatalogFrontDoor,
     CatalogGateway,
@@ -38,15 +38,15 @@ from damm.catalog.model import (
     encode_signed,
 )
 from damm.catalog.signing import CatalogSigner, build_catalog
+from damm.control.context import Call, Context
+from damm.control.state import GatewayState
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.store import ConflictError
-from damm.events.subjects import EVENTS_STREAM, check_id, event_subject
-from damm.handlers import protocol as p
-from damm.handlers.context import Call, Context
-from damm.handlers.service import Route, route
-from damm.handlers.state import GatewayState
+from damm.protocol import messages as p
+from damm.protocol.router import Route, route
+from damm.subjects import EVENTS_STREAM, check_id, event_subject
 
 _log = log.get("damm.catalogs")
 _country = re.compile(COUNTRY_PATTERN)
