@@ -7,8 +7,8 @@ run:
 test:
 	scripts/dev test $(ARGS)
 
-lint:
-	scripts/dev setup && .venv/bin/ruff check . && .venv/bin/mypy
+lint:  # also run by `make test`
+	scripts/dev setup && .venv/bin/lint-imports && .venv/bin/ruff check . && .venv/bin/mypy
 
 bench:
 	scripts/dev setup && for b in bench/bench_*.py; do .venv/bin/python $$b || exit 1; done

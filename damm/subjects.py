@@ -43,3 +43,13 @@ def request_subject(command: str) -> str:
 
 def peers_subject(gateway_id: str) -> str:
     return f"{PEERS_PREFIX}.{check_id(gateway_id)}"
+
+
+def inbox_prefix(user: str) -> str:
+    """The reply inbox of an authenticated user; devices keep the shared ``_INBOX``."""
+    return f"_INBOX_{user}"
+
+
+def gateway_user(gateway_id: str) -> str:
+    """A gateway's NATS user name."""
+    return f"gw-{gateway_id}"

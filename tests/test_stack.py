@@ -18,10 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.control.process import ControlPlane
+from damm.keys.tokens import gateway_password_hash
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
-from damm.stack.nats_config import gateway_password_hash, production
+from damm.stack.nats_config import production
 from damm.stack.nats_server import NatsServer, binary
 
 ROOT = Path(__file__).resolve().parent.parent

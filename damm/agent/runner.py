@@ -33,8 +33,7 @@ from damm.agent.metrics import measure
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
-from damm.stack.nats_config import gateway_user, inbox_prefix
-from damm.subjects import peers_subject
+from damm.subjects import gateway_user, inbox_prefix, peers_subject
 from damm.wireguard.base import InterfaceState, WireGuardBackend
 from damm.wireguard.peer_diff import Peer, PeerDiff, diff
 

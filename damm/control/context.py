@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import msgspec
@@ -13,24 +11,13 @@ import msgspec
 from damm.catalog.signing import CatalogSigner
 from damm.control.state import DecisionState, StateFollower
 from damm.errors import Code, DammError
-from damm.events.model import Actor, Event
+from damm.events.model import Event
 from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
 from damm.keys.rotation import RotationKey
+from damm.protocol.router import Call
 from damm.settings import ControlSettings
 
 MAX_ATTEMPTS = 6
-
-
-@dataclass(frozen=True)
-class Call:
-    """Who asked, and the request's correlation id (the dedupe key for its events)."""
-
-    correlation_id: str
-    actor: Actor
-
-
-def token_hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 class Context:

@@ -9,7 +9,7 @@ import nats
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.stack.nats_config import inbox_prefix
+from damm.subjects import inbox_prefix
 
 _log = log.get("damm.protocol.bus")
 

@@ -22,7 +22,6 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm import log
-from damm.control.context import Call
 from damm.errors import Code, DammError
 from damm.events.model import Actor
 from damm.protocol.messages import MAX_REQUEST_BYTES, ErrorBody, Reply
@@ -40,6 +39,15 @@ BUS_TROUBLE = (
     nats.errors.ConnectionClosedError,
     nats.js.errors.NoStreamResponseError,
 )
+
+
+@dataclass(frozen=True)
+class Call:
+    """Who asked, and the request's correlation id (the dedupe key for its events)."""
+
+    correlation_id: str
+    actor: Actor
+
 
 Handler = Callable[[Any, Call], Awaitable[msgspec.Struct]]
 

@@ -19,11 +19,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import bcrypt
+from damm.subjects import gateway_user, inbox_prefix, peers_subject
 
 ROLES = ("control", "admin", "device")
 DEVICE_INBOX = "_INBOX.>"
-BCRYPT_ROUNDS = 10  # checked by nats-server on every gateway connect: ~60 ms here
 
 PERMISSIONS: dict[str, dict[str, list[str]] | None] = {
     "control": None,
@@ -37,24 +36,10 @@ PERMISSIONS: dict[str, dict[str, list[str]] | None] = {
 _ENV_REF = re.compile(r"^\$[A-Z_][A-Z0-9_]*$")
 
 
-def inbox_prefix(user: str) -> str:
-    """The reply inbox of an authenticated user; devices keep the shared ``_INBOX``."""
-    return f"_INBOX_{user}"
-
-
-def gateway_user(gateway_id: str) -> str:
-    return f"gw-{gateway_id}"
-
-
-def gateway_password_hash(token: str) -> str:
-    """bcrypt in the ``$2a$`` form nats-server reads; computed once, when the token is issued."""
-    return bcrypt.hashpw(token.encode(), bcrypt.gensalt(BCRYPT_ROUNDS, prefix=b"2a")).decode()
-
-
 def gateway_permissions(gateway_id: str) -> dict[str, list[str]]:
     return {
         "publish": ["damm.req.gateway.>"],
-        "subscribe": [f"damm.peers.{gateway_id}", f"{inbox_prefix(gateway_user(gateway_id))}.>"],
+        "subscribe": [peers_subject(gateway_id), f"{inbox_prefix(gateway_user(gateway_id))}.>"],
     }
 
 

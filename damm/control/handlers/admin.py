@@ -12,16 +12,16 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
-from damm.control.context import Call, Context, token_hash
+from damm.control.context import Context
 from damm.control.placement_view import explain_for
 from damm.control.state import DEFAULT_POOL
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.store import Append
+from damm.keys.tokens import gateway_password_hash, token_hash
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
-from damm.stack.nats_config import gateway_password_hash
+from damm.protocol.router import Call, Route, route
 from damm.subjects import check_id, event_subject
 
 _COUNTRY_LEN = 2

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from damm import log
-from damm.control.context import Call, Context, token_hash
+from damm.control.context import Context
 from damm.control.placement_view import candidates, pools, tier_policy
 from damm.control.state import DEFAULT_POOL, DecisionState, DeviceState, TokenState
 from damm.domain import placement as pl
@@ -28,8 +28,9 @@ from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, ConflictError
+from damm.keys.tokens import token_hash
 from damm.protocol import messages as p
-from damm.protocol.router import BUS_TROUBLE, Route, route
+from damm.protocol.router import BUS_TROUBLE, Call, Route, route
 from damm.subjects import event_subject
 from damm.wireguard.peer_diff import validate_public_key
 

@@ -10,15 +10,16 @@ import hmac
 from collections.abc import Sequence
 
 from damm import log
-from damm.control.context import Call, Context, token_hash
+from damm.control.context import Context
 from damm.control.state import GatewayState
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, envelope
+from damm.keys.tokens import token_hash
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
+from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject, heartbeat_subject
 from damm.wireguard.peer_diff import validate_public_key
 

@@ -15,12 +15,12 @@ from pathlib import Path
 import msgspec
 
 from damm.catalog.signing import CatalogSigner
-from damm.control.context import Call, Context
+from damm.control.context import Context
 from damm.control.publishers.catalogs import CatalogPublisher
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
+from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject
 
 CURRENT = "catalog.key"

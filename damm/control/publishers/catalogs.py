@@ -38,14 +38,14 @@ from damm.catalog.document import (
     encode_signed,
 )
 from damm.catalog.signing import CatalogSigner, build_catalog
-from damm.control.context import Call, Context
+from damm.control.context import Context
 from damm.control.state import GatewayState
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.store import ConflictError
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
+from damm.protocol.router import Call, Route, route
 from damm.subjects import EVENTS_STREAM, check_id, event_subject
 
 _log = log.get("damm.catalogs")

@@ -23,7 +23,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.control.context import Call, Context
+from damm.control.context import Context
 from damm.control.handlers.gateway import GatewayHandlers
 from damm.control.state import DecisionState, PeerChange
 from damm.errors import DammError
@@ -31,7 +31,7 @@ from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
+from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject, peers_subject
 
 _log = log.get("damm.peersets")

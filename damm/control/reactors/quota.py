@@ -37,11 +37,12 @@ from typing import Any, Protocol
 import asyncpg
 
 from damm import log
-from damm.control.context import Call, Context
+from damm.control.context import Context
 from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
 from damm.events.store import Append
+from damm.protocol.router import Call
 from damm.subjects import event_subject
 
 _log = log.get("damm.quota")
