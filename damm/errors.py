@@ -15,18 +15,20 @@ from dataclasses import dataclass
 class ErrorSpec:
     message: str
     retryable: bool = False
+    exit_status: int = 1
 
 
 class Code(enum.Enum):
     # request layer
-    MALFORMED_REQUEST = ErrorSpec("the request could not be decoded")
+    USAGE = ErrorSpec("the command line is not valid", exit_status=2)
+    MALFORMED_REQUEST = ErrorSpec("the request could not be decoded", exit_status=2)
     REQUEST_TOO_LARGE = ErrorSpec("the request body is larger than the limit")
-    UNAVAILABLE = ErrorSpec("the control plane is unavailable", True)
+    UNAVAILABLE = ErrorSpec("the control plane is unavailable", True, exit_status=3)
     INTERNAL = ErrorSpec("internal error in the control plane", True)
     CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
     NOT_FOUND = ErrorSpec("no such object")
     ALREADY_EXISTS = ErrorSpec("an object with that id already exists")
-    INVALID_ARGUMENT = ErrorSpec("an argument is invalid")
+    INVALID_ARGUMENT = ErrorSpec("an argument is invalid", exit_status=2)
     UNAUTHORIZED = ErrorSpec("the credentials were not accepted")
     # enrollment tokens
     TOKEN_UNKNOWN = ErrorSpec("the enrollment token is unknown")
@@ -57,6 +59,9 @@ class Code(enum.Enum):
     CATALOG_WRONG_REGION = ErrorSpec("the catalog is for another region")
     CATALOG_NO_GATEWAY = ErrorSpec("the device's gateway is missing from the catalog")
     NO_ALTERNATE_FRONT_DOOR = ErrorSpec("the gateway has no other active front door")
+    # the log and the read models
+    UNDECODABLE_EVENT = ErrorSpec("an event in the log cannot be decoded")
+    REPLAY_FAILED = ErrorSpec("the log could not be replayed into the read models")
     # local state
     STATE_MISSING = ErrorSpec("the device state directory is missing or incomplete")
 
@@ -67,6 +72,10 @@ class Code(enum.Enum):
     @property
     def retryable(self) -> bool:
         return self.value.retryable
+
+    @property
+    def exit_status(self) -> int:
+        return self.value.exit_status
 
     @property
     def slug(self) -> str:

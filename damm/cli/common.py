@@ -8,18 +8,20 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import wraps
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
+import asyncpg
 import click
 import msgspec
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from damm.errors import Code, DammError
+from damm.protocol.router import BUS_TROUBLE
 from damm.stack.stackfile import StackFile
 
 T = TypeVar("T")
-
-EXIT_CODES = {Code.UNAVAILABLE: 3, Code.INVALID_ARGUMENT: 2, Code.MALFORMED_REQUEST: 2}
 
 
 @dataclass
@@ -103,18 +105,44 @@ def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="machine-readable output")(fn)
 
 
+def infrastructure_error(exc: BaseException) -> DammError | None:
+    """The catalogued answer to a server that failed underneath a command, or None for a bug.
+
+    An operator should read "unavailable: postgres …" and retry, never a traceback.
+    """
+    if isinstance(exc, DammError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError):
+        return DammError(Code.UNAVAILABLE, f"postgres: {type(exc).__name__}: {exc}")
+    if isinstance(exc, BUS_TROUBLE):
+        return DammError(Code.UNAVAILABLE, f"nats: {type(exc).__name__}: {exc}")
+    if isinstance(exc, nats.errors.Error | nats.js.errors.Error):
+        return DammError(Code.UNAVAILABLE, f"nats: {type(exc).__name__}: {exc}")
+    if isinstance(exc, OSError | TimeoutError):
+        return DammError(Code.UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+    return None
+
+
+def fail(err: DammError) -> NoReturn:
+    """One line on stderr, the catalog's exit status."""
+    click.echo(f"error: {err.line()}", err=True)
+    sys.exit(err.code.exit_status)
+
+
 def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
-    """Run an async command body; turn a DammError into one line on stderr and an exit code."""
+    """Run an async command body; turn a failure into one line on stderr and an exit code."""
 
     @wraps(coro_fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return asyncio.run(coro_fn(*args, **kwargs))
-        except DammError as err:
-            click.echo(f"error: {err.line()}", err=True)
-            sys.exit(EXIT_CODES.get(err.code, 1))
         except KeyboardInterrupt:
             sys.exit(130)
+        except Exception as exc:
+            err = infrastructure_error(exc)
+            if err is None:
+                raise
+            fail(err)
 
     return wrapper
 

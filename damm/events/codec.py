@@ -6,11 +6,15 @@ from datetime import datetime
 
 import msgspec
 
+from damm.errors import Code, DammError
 from damm.events.model import EVENT_TYPES, Actor, Envelope, UnknownEvent
 
 
-class CodecError(Exception):
+class CodecError(DammError):
     """The bytes are not an envelope this build can read."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Code.UNDECODABLE_EVENT, detail)
 
 
 class _Header(msgspec.Struct, frozen=True, kw_only=True):

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 from nats.js.errors import APIError, NotFoundError
 
+from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events.model import Actor, Envelope, Event, event_type_name
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
@@ -29,16 +30,20 @@ BATCH_DUPLICATE_MSG_ID = 10201
 MAX_BATCH = 1000
 
 
-class ConflictError(Exception):
+class ConflictError(DammError):
     """Another writer appended to the aggregate first; re-read and decide again."""
 
     def __init__(self, subject: str, detail: str) -> None:
         self.subject = subject
-        super().__init__(f"{subject}: {detail}")
+        super().__init__(Code.CONFLICT, f"{subject}: {detail}")
 
 
-class AppendError(Exception):
-    """The server refused an append for a reason other than a conflict."""
+class AppendError(DammError):
+    """The log refused or did not acknowledge an append for a reason other than a conflict
+    (a full disk, no stream, a lost leader): nothing was decided, the request may be retried."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Code.UNAVAILABLE, f"the event log refused the append: {detail}")
 
 
 @dataclass(frozen=True, slots=True)

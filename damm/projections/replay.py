@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from damm import log
+from damm.errors import Code, DammError
 from damm.projections.migrate import check_schema, migrate
 from damm.projections.readmodels import REPLAYED_TABLES
 from damm.projections.runner import Puller, apply_batch, checkpoint, decode_all, stream_seq
@@ -74,8 +75,11 @@ class VerifyReport:
         return {name: diff for name, diff in self.tables.items() if not diff.ok}
 
 
-class ReplayError(Exception):
+class ReplayError(DammError):
     """The log cannot be replayed to the requested position."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(Code.REPLAY_FAILED, detail)
 
 
 async def rebuild(

@@ -294,6 +294,9 @@ class EnrollmentCommitter:
                 group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
                 try:
                     await self._commit(group)
+                except DammError as err:  # the log refused the batch (full disk, lost leader)
+                    _log.warning("enrollment group not recorded", error=err.line())
+                    self._fail(group, err)
                 except BUS_TROUBLE as exc:
                     _log.warning("enrollment group failed on the bus", error=repr(exc))
                     self._fail(group, DammError(Code.UNAVAILABLE, "event log did not answer"))
