@@ -22,6 +22,7 @@ from nats.js.api import DeliverPolicy
 
 from damm import log
 from damm.domain.ipam import AddressPool, Overlay
+from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
 from damm.events import codec
 from damm.events import model as m
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
@@ -82,7 +83,7 @@ class DeviceState:
     address: str
     address6: str | None
     index: int
-    status: str = "active"
+    status: DeviceStatus = "active"
     reason: str = ""
     key_expires_at: datetime | None = None
     egress_pool_id: str | None = None
@@ -187,6 +188,12 @@ class DecisionState:
         """Heartbeats live in another stream: fold them without touching subject sequences."""
         self._fold(env)
 
+    @staticmethod
+    def _transition(dev: DeviceState, event: m.Event) -> None:
+        after = transition(Lifecycle(dev.status, dev.reason), event)
+        assert after is not None
+        dev.status, dev.reason = after.status, after.reason
+
     def _fold(self, env: m.Envelope) -> None:
         e = env.event
         match e:
@@ -244,7 +251,7 @@ class DecisionState:
                 self.catalog_versions[e.region] = max(current, e.version)
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
-            case m.DeviceEnrolled():
+            case m.DeviceEnrolled() if e.device_id not in self.devices:
                 enrolled = self.devices[e.device_id] = DeviceState(
                     e.device_id,
                     e.public_key,
@@ -260,23 +267,16 @@ class DecisionState:
                 )
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
-            case m.DeviceRevoked():
+            case m.DeviceRevoked() | m.DeviceSuspended() | m.DeviceResumed():
                 if dev := self.devices.get(e.device_id):
-                    dev.status, dev.reason = "revoked", e.reason
-                    if tok := self.tokens.get(dev.token_id):
+                    self._transition(dev, e)
+                    if dev.status == "revoked" and (tok := self.tokens.get(dev.token_id)):
                         tok.sessions.discard(dev.device_id)
-            case m.DeviceSuspended():
-                if (dev := self.devices.get(e.device_id)) and dev.status != "revoked":
-                    dev.status, dev.reason = "suspended", e.reason
-            case m.DeviceResumed():
-                if (dev := self.devices.get(e.device_id)) and dev.status != "revoked":
-                    dev.status, dev.reason = "active", e.reason
             case m.DeviceKeyRotated():
                 if dev := self.devices.get(e.device_id):
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
-                    if dev.status == "suspended" and dev.reason == "key_expired":
-                        dev.status, dev.reason = "active", "key_rotated"
+                    self._transition(dev, e)
             case _:
                 pass
 

@@ -18,13 +18,14 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from damm.domain.lifecycle import LIFECYCLE_EVENTS, DeviceStatus, Lifecycle, transition
 from damm.events import codec
 from damm.events import model as m
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
@@ -286,7 +287,7 @@ class DeviceAsOf(msgspec.Struct, kw_only=True):
     device_id: str
     as_of: datetime
     exists: bool = False
-    status: str = ""
+    status: DeviceStatus | Literal[""] = ""
     reason: str = ""
     tier: str = ""
     gateway_id: str = ""
@@ -314,10 +315,13 @@ def fold_device(device_id: str, history: list[m.Envelope], as_of: datetime) -> D
         out.events += 1
         out.last_seq = max(out.last_seq, env.seq)
         status_before = (out.status, out.reason)
+        if isinstance(e, LIFECYCLE_EVENTS):
+            before = Lifecycle(out.status, out.reason) if out.status else None
+            if after := transition(before, e):
+                out.status, out.reason = after.status, after.reason
         match e:
             case m.DeviceEnrolled():
                 out.exists = True
-                out.status, out.reason = "active", ""
                 out.tier, out.gateway_id, out.front_door_id = e.tier, e.gateway_id, e.front_door_id
                 out.egress_pool_id, out.address, out.public_key = (
                     e.egress_pool_id,
@@ -325,16 +329,8 @@ def fold_device(device_id: str, history: list[m.Envelope], as_of: datetime) -> D
                     e.public_key,
                 )
                 out.enrolled_at = env.occurred_at
-            case m.DeviceSuspended() if out.status != "revoked":
-                out.status, out.reason = "suspended", e.reason
-            case m.DeviceResumed() if out.status != "revoked":
-                out.status, out.reason = "active", e.reason
-            case m.DeviceRevoked():
-                out.status, out.reason = "revoked", e.reason
             case m.DeviceKeyRotated():
                 out.public_key = e.new_public_key
-                if out.status == "suspended" and out.reason == "key_expired":
-                    out.status, out.reason = "active", "key_rotated"
             case m.UsageReported():
                 period = period_of(env)
                 acc = out.usage.setdefault(period, [0, 0])
