@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import structlog
 
 
-def configure(level: str | None = None, *, json: bool | None = None) -> None:
+def configure(level: str = "info", *, json: bool = True) -> None:
     """Route structlog (and stdlib logging) to stderr; stdout stays for command output."""
-    level_name = (level or os.environ.get("DAMM_LOG_LEVEL", "info")).upper()
-    if json is None:
-        json = os.environ.get("DAMM_LOG_FORMAT", "").lower() == "json" or not sys.stderr.isatty()
+    level_name = level.upper()
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
     )

@@ -1,20 +1,77 @@
-"""Control-plane settings: the network model defaults of ARCHITECTURE.md, per deployment."""
+"""All configuration DAMM reads from its environment, in one module.
+
+Command-line options take precedence where a command has one (click reads the ``DAMM_NATS_URL``
+style variables it documents); everything else that reads ``DAMM_*`` reads it here, so an
+operator finds every knob by reading one file. Decisions never read the environment: they take
+these values as arguments.
+"""
 
 from __future__ import annotations
 
+import getpass
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from damm.domain.ipam import Overlay
+from damm.errors import Code, DammError
+
+UsagePeriod = Literal["month", "week", "day"]
+USAGE_PERIODS: tuple[UsagePeriod, ...] = ("month", "week", "day")
 
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def home() -> Path:
+    """Where `damm up` keeps its data and stack file."""
+    return Path(_env("DAMM_HOME", ".damm")).absolute()
+
+
+def log_level(default: str = "info") -> str:
+    return _env("DAMM_LOG_LEVEL", default)
+
+
+def log_json() -> bool:
+    """JSON lines unless a person is watching a terminal (or DAMM_LOG_FORMAT says json)."""
+    return _env("DAMM_LOG_FORMAT", "").lower() == "json" or not sys.stderr.isatty()
+
+
+def role_password(role: str) -> str | None:
+    """DAMM_CONTROL_PASSWORD, DAMM_ADMIN_PASSWORD: NATS credentials outside the local stack."""
+    return os.environ.get(f"DAMM_{role.upper()}_PASSWORD") or None
+
+
+def admin_name() -> str:
+    """Who an operator's admin commands are recorded as."""
+    return os.environ.get("DAMM_ADMIN") or getpass.getuser()
+
+
+def device_state_dir() -> str:
+    return _env("DAMM_STATE_DIR", "damm-device")
+
+
+def heartbeat_ttl_s() -> float:
+    return float(_env("DAMM_HEARTBEAT_TTL", "90"))
+
+
+def usage_period() -> UsagePeriod:
+    """The window a tier's byte limit covers. Pick it once: a replay labels history with it."""
+    value = _env("DAMM_USAGE_PERIOD", "month").strip().lower()
+    if value not in USAGE_PERIODS:
+        raise DammError(
+            Code.INVALID_ARGUMENT, f"DAMM_USAGE_PERIOD={value!r}: one of {USAGE_PERIODS}"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class ControlSettings:
+    """The control plane's network model and timings (ARCHITECTURE.md's defaults)."""
+
     overlay: Overlay = field(default_factory=lambda: Overlay.parse("10.44.0.0/24"))
     dns: tuple[str, ...] = ("10.44.0.1",)
     client_allowed_ips: tuple[str, ...] = ("0.0.0.0/0", "::/0")
@@ -31,7 +88,7 @@ class ControlSettings:
         return cls(
             overlay=overlay,
             dns=dns,
-            heartbeat_ttl_s=float(_env("DAMM_HEARTBEAT_TTL", "90")),
+            heartbeat_ttl_s=heartbeat_ttl_s(),
             catalog_ttl_s=int(_env("DAMM_CATALOG_TTL", "3600")),
             keys_dir=keys_dir,
         )

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
+from damm.settings import usage_period
 
 MOMENT = datetime(2026, 12, 31, 23, 30, tzinfo=UTC)
 
@@ -24,10 +25,10 @@ def test_labels() -> None:
 
 def test_configured_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DAMM_USAGE_PERIOD", "day")
-    assert period_at(MOMENT) == "2026-12-31"
+    assert period_at(MOMENT, usage_period()) == "2026-12-31"
     monkeypatch.setenv("DAMM_USAGE_PERIOD", "fortnight")
     with pytest.raises(DammError) as info:
-        period_at(MOMENT)
+        usage_period()
     assert info.value.code is Code.INVALID_ARGUMENT
 
 

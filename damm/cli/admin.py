@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import getpass
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ import asyncpg
 import click
 from nats.aio.client import Client as NATS
 
+from damm import settings
 from damm.cli.common import Target, emit, json_option, run, table, target, with_nats
 from damm.cli.ops import audit, report
 from damm.errors import Code, DammError
@@ -59,7 +58,7 @@ def _csv(value: str | None) -> tuple[str, ...]:
 
 
 def _actor() -> str:
-    return os.environ.get("DAMM_ADMIN") or getpass.getuser()
+    return settings.admin_name()
 
 
 async def admin_call(t: Target, command: str, request: Any, result: type[Any]) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
+from damm import settings
 from damm.errors import Code, DammError
 from damm.protocol.router import BUS_TROUBLE
 from damm.stack.stackfile import StackFile
@@ -57,7 +57,7 @@ class Target:
 
     def credentials(self, role: str) -> tuple[str | None, str | None]:
         """Password from DAMM_<ROLE>_PASSWORD, else the local stack file, else none."""
-        env = os.environ.get(f"DAMM_{role.upper()}_PASSWORD")
+        env = settings.role_password(role)
         if env:
             return role, env
         stack = self.stack()

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 from nats.aio.client import Client as NATS
 
+from damm import settings
 from damm.cli.common import Target, emit, json_option, run, target, with_nats
 from damm.device import files
 from damm.device.profile import save_enrollment
@@ -20,7 +21,7 @@ from damm.protocol.client import call
 state_dir_option = click.option(
     "--state-dir",
     type=click.Path(file_okay=False, path_type=Path),
-    default=lambda: os.environ.get("DAMM_STATE_DIR", "damm-device"),
+    default=settings.device_state_dir,
     show_default="damm-device",
     help="where the key, state and WireGuard config live",
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from damm import log
+from damm import log, settings
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.cli.common import Target, run
 from damm.errors import Code, DammError
@@ -92,7 +92,7 @@ async def run_cmd(
     capacity: int,
 ) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
-    log.configure()
+    log.configure(settings.log_level(), json=settings.log_json())
     target = Target(nats_url, None)
     config = AgentConfig(
         gateway_id=gateway_id,

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from damm import log
+from damm import log, settings
 from damm.cli.admin import admin
 from damm.cli.common import Target, fail
 from damm.cli.control import control
@@ -50,7 +50,7 @@ def cli(
     log_level: str,
 ) -> None:
     """DAMM: a WireGuard VPN control plane on an event log."""
-    log.configure(log_level)
+    log.configure(log_level, json=settings.log_json())
     ctx.obj = Target(nats_url, database_url, as_json)
 
 

@@ -13,6 +13,7 @@ import click
 import msgspec
 from nats.aio.client import Client as NATS
 
+from damm import settings
 from damm.cli.common import Target, json_option, run, target, with_nats
 from damm.errors import Code, DammError
 from damm.events import model as m
@@ -154,15 +155,18 @@ async def audit(
 @click.option(
     "--heartbeat-ttl",
     type=float,
-    default=90.0,
-    show_default=True,
-    help="seconds after which a gateway heartbeat is stale",
+    default=None,
+    help="seconds after which a gateway heartbeat is stale [default: DAMM_HEARTBEAT_TTL, 90]",
 )
 @json_option
 @click.pass_context
 @run
 async def report(
-    ctx: click.Context, fmt: str | None, out: Path | None, heartbeat_ttl: float, as_json: bool
+    ctx: click.Context,
+    fmt: str | None,
+    out: Path | None,
+    heartbeat_ttl: float | None,
+    as_json: bool,
 ) -> None:
     """Fleet report from the read models: capacity, health, usage, quota, advice."""
     import asyncpg
@@ -174,7 +178,8 @@ async def report(
     t = target(ctx)
     fmt = fmt or ("json" if t.json else "text")
     try:
-        rep = await generate(t.database(), ttl_s=heartbeat_ttl, now=datetime.now(UTC))
+        ttl = heartbeat_ttl if heartbeat_ttl is not None else settings.heartbeat_ttl_s()
+        rep = await generate(t.database(), ttl_s=ttl, now=datetime.now(UTC))
     except (OSError, asyncpg.PostgresError) as exc:
         raise DammError(Code.UNAVAILABLE, f"cannot read the read models: {exc}") from None
     if fmt == "json":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 
+from damm.domain.health import gateway_health
 from damm.errors import Code, DammError
 
 RejectionKind = Literal["gateway", "front_door", "egress_pool"]
@@ -144,18 +145,21 @@ def _gateway_health(
             return f"region {gw.region} is not the requested {request.region}"
     elif tier.regions and gw.region not in tier.regions:
         return f"region {gw.region} not allowed by tier {tier.name}"
-    if not gw.registered:
-        return "not registered"
-    if not gw.active:
-        return "inactive"
     beat = gw.last_heartbeat
-    if beat is None:
-        return "no heartbeat yet"
-    if beat.tzinfo is None or beat.utcoffset() is None:
+    if beat is not None and (beat.tzinfo is None or beat.utcoffset() is None):
         return "heartbeat timestamp has no timezone"
-    age = now - beat
-    if age > ttl:
-        return f"heartbeat stale: last {_seconds(age)} ago > ttl {_seconds(ttl)}"
+    match gateway_health(
+        active=gw.active, registered=gw.registered, last_heartbeat=beat, now=now, ttl=ttl
+    ):
+        case "disabled":
+            return "inactive"
+        case "unregistered":
+            return "not registered"
+        case "stale" if beat is None:
+            return "no heartbeat yet"
+        case "stale":
+            assert beat is not None
+            return f"heartbeat stale: last {_seconds(now - beat)} ago > ttl {_seconds(ttl)}"
     if not any(fd.active for fd in gw.front_doors):
         return "no active front door" if gw.front_doors else "no front doors"
     return None

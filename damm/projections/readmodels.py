@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
+from damm import settings
 from damm.domain.periods import period_at
 from damm.events import model as m
 
@@ -25,7 +26,7 @@ def period_of(env: m.Envelope) -> str:
     """The usage period of the measurement (when the gateway measured, else when it was logged)."""
     event = env.event
     when = event.measured_at if isinstance(event, m.UsageReported) and event.measured_at else None
-    return period_at(when or env.occurred_at)
+    return period_at(when or env.occurred_at, settings.usage_period())
 
 
 _TIER = (

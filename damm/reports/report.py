@@ -14,11 +14,13 @@ turned it off. Only healthy gateways count towards a region's capacity.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 
+from damm import settings
+from damm.domain.health import GatewayHealth, gateway_health
 from damm.domain.periods import period_at
 
 NEAR_CAPACITY_LOAD = 0.8  # a region whose healthy gateways average this load is near capacity
@@ -34,7 +36,7 @@ QUOTA_LIST_LIMIT = 500
 class GatewayRow(msgspec.Struct, kw_only=True):
     gateway_id: str
     region: str
-    status: str  # healthy | stale | unregistered | disabled
+    status: GatewayHealth
     last_heartbeat: datetime | None
     heartbeat_age_s: float | None
     load: float
@@ -249,16 +251,19 @@ async def gather(
 # --- rows -> report (pure) ----------------------------------------------------------------------
 
 
-def gateway_status(row: dict[str, Any], now: datetime, ttl_s: float) -> tuple[str, float | None]:
+def gateway_status(
+    row: dict[str, Any], now: datetime, ttl_s: float
+) -> tuple[GatewayHealth, float | None]:
     beat: datetime | None = row.get("last_heartbeat")
     age = (now - beat).total_seconds() if beat is not None else None
-    if not row.get("active", True):
-        return "disabled", age
-    if not row.get("registered", False):
-        return "unregistered", age
-    if age is None or age > ttl_s:
-        return "stale", age
-    return "healthy", age
+    status = gateway_health(
+        active=row.get("active", True),
+        registered=row.get("registered", False),
+        last_heartbeat=beat,
+        now=now,
+        ttl=timedelta(seconds=ttl_s),
+    )
+    return status, age
 
 
 def _usage(row: dict[str, Any]) -> UsageRow:
@@ -518,7 +523,7 @@ async def generate(
     now = now or datetime.now(UTC)
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
-        rows = await gather(conn, period_at(now))
+        rows = await gather(conn, period_at(now, settings.usage_period()))
     finally:
         await conn.close()
     return build(rows, now, ttl_s)

@@ -11,11 +11,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from damm import settings
 from damm.private_files import write_atomic
 
-
-def home() -> Path:
-    return Path(os.environ.get("DAMM_HOME", ".damm")).absolute()
+home = settings.home
 
 
 @dataclass

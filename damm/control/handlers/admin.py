@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 
+from damm import settings
 from damm.control.context import Context
 from damm.control.placement_view import explain_for
 from damm.control.state import DEFAULT_POOL
@@ -314,7 +315,7 @@ class AdminHandlers:
     async def reset_usage(self, req: p.ResetUsage, call: Call) -> p.Done:
         await self._device(req.device_id)
         now = self.ctx.now()
-        period = req.period or period_at(now)
+        period = req.period or period_at(now, settings.usage_period())
         subject = event_subject("usage", f"reset-{req.device_id}")
         event = m.UsagePeriodReset(device_id=req.device_id, period=period)
         return await self._done(lambda: [self.ctx.append(subject, event, call)])

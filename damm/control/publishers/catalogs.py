@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from nats.js.errors import NotFoundError
 
@@ -40,6 +40,7 @@ from damm.catalog.document import (
 from damm.catalog.signing import CatalogSigner, build_catalog
 from damm.control.context import Context
 from damm.control.state import GatewayState
+from damm.domain.health import gateway_health
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
@@ -132,9 +133,14 @@ class CatalogPublisher:
         return {r for r in regions if _valid_region(r)}
 
     def healthy(self, gw: GatewayState, now: float) -> bool:
-        if not (gw.registered and gw.active) or gw.last_heartbeat is None:
-            return False
-        return now - gw.last_heartbeat.timestamp() <= self.ctx.settings.heartbeat_ttl_s
+        health = gateway_health(
+            active=gw.active,
+            registered=gw.registered,
+            last_heartbeat=gw.last_heartbeat,
+            now=datetime.fromtimestamp(now, UTC),
+            ttl=timedelta(seconds=self.ctx.settings.heartbeat_ttl_s),
+        )
+        return health == "healthy"
 
     def gateways_for(self, region: str, now: float) -> tuple[CatalogGateway, ...]:
         state = self.ctx.state

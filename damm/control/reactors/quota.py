@@ -36,13 +36,14 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from damm import log
+from damm import log, settings
 from damm.control.context import Context
 from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
 from damm.events.store import Append
 from damm.protocol.router import Call
+from damm.settings import UsagePeriod
 from damm.subjects import event_subject
 
 _log = log.get("damm.quota")
@@ -93,7 +94,7 @@ WHERE (d.status = 'active' AND t.byte_limit IS NOT NULL
 """
 
 
-def decide(candidates: list[Candidate], period: str) -> list[Action]:
+def decide(candidates: list[Candidate], period: str, kind: UsagePeriod = "month") -> list[Action]:
     """Pure policy: what to append for these read-model rows in ``period``."""
     out: list[Action] = []
     for c in candidates:
@@ -103,7 +104,7 @@ def decide(candidates: list[Candidate], period: str) -> list[Action]:
                 Action(c.device_id, m.DeviceSuspended(device_id=c.device_id, reason=OVER_QUOTA))
             )
         elif c.status == "suspended" and c.reason == OVER_QUOTA and not over:
-            reason = NEW_PERIOD if period_at(c.suspended_at) != period else UNDER_QUOTA
+            reason = NEW_PERIOD if period_at(c.suspended_at, kind) != period else UNDER_QUOTA
             out.append(Action(c.device_id, m.DeviceResumed(device_id=c.device_id, reason=reason)))
     return out
 
@@ -168,7 +169,8 @@ class QuotaReactor:
 
     async def sweep(self, conn: Any) -> list[Action]:
         """Read the model, decide, append; return what was appended."""
-        period = period_at(self.now())
+        kind = settings.usage_period()
+        period = period_at(self.now(), kind)
         applied = int(
             await conn.fetchval(
                 "SELECT coalesce(max(last_seq), 0) FROM checkpoint WHERE projector = $1", READMODELS
@@ -194,7 +196,7 @@ class QuotaReactor:
             if self._settled(r["device_id"], applied)
         ]
         done: list[Action] = []
-        for action in decide(candidates, period):
+        for action in decide(candidates, period, kind):
             if await self._append(action):
                 done.append(action)
         self._swept = (applied, period)
