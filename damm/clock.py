@@ -16,6 +16,21 @@ def system_clock() -> datetime:
     return datetime.now(UTC)
 
 
+class SkewedClock:
+    """The system clock, moved forward on demand: servers keep running in real time while a test
+    jumps past a TTL or an expiry."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+    def advance(self, seconds: float) -> datetime:
+        self.offset += timedelta(seconds=seconds)
+        return self()
+
+
 class FrozenClock:
     """A clock that stands still until told to move."""
 

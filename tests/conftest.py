@@ -16,6 +16,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.clock import SkewedClock
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.projections.migrate import migrate
@@ -92,7 +93,13 @@ async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIte
     from damm.settings import ControlSettings
 
     settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
-    plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
+    plane = ControlPlane(
+        nats_server.url,
+        dsn,
+        settings,
+        password=nats_server.passwords["control"],
+        clock=SkewedClock(),
+    )
     await plane.start()
     assert plane.ctx is not None
     users_stop = asyncio.Event()

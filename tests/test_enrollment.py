@@ -8,6 +8,7 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm.clock import SkewedClock
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
@@ -67,7 +68,8 @@ async def test_token_failures(
     short = await call(
         admin_nc, "admin.token.create", p.CreateToken(tier="gold", ttl_s=1), p.TokenCreated
     )
-    await asyncio.sleep(1.1)
+    assert isinstance(control.clock, SkewedClock)
+    control.clock.advance(1.1)
     await expect(Code.TOKEN_EXPIRED, enroll(device_nc, short.token))
 
 

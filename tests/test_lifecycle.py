@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm.clock import SkewedClock
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.events import codec
@@ -90,8 +91,8 @@ async def test_stale_heartbeat_means_no_healthy_gateway(
     control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
 ) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc)
-    control.ctx.settings.__dict__["heartbeat_ttl_s"] = 0.5  # type: ignore[union-attr]
-    await asyncio.sleep(0.7)
+    assert isinstance(control.clock, SkewedClock) and control.ctx is not None
+    control.clock.advance(control.ctx.settings.heartbeat_ttl_s + 1)
     await refused(control, Code.NO_HEALTHY_GATEWAY, enroll(device_nc, fleet["token"]))
     await heartbeat(gateway_nc, "gw1", fleet["gw1_token"])
     await enroll(device_nc, fleet["token"])

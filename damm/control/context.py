@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 
 import msgspec
 
 from damm.catalog.signing import CatalogSigner
+from damm.clock import Clock, system_clock
 from damm.control.state import DecisionState, StateFollower
 from damm.errors import Code, DammError
 from damm.events.model import Event
@@ -29,6 +29,7 @@ class Context:
         settings: ControlSettings,
         signer: CatalogSigner,
         rotation: RotationKey,
+        clock: Clock = system_clock,
     ) -> None:
         self.store = store
         self.state = state
@@ -36,10 +37,7 @@ class Context:
         self.settings = settings
         self.signer = signer
         self.rotation = rotation
-
-    @staticmethod
-    def now() -> datetime:
-        return datetime.now(UTC)
+        self.now = clock
 
     def append(
         self,
@@ -50,7 +48,9 @@ class Context:
         expected: int | None = None,
         msg_id: str | None = None,
     ) -> Append:
-        env = envelope(subject, event, actor=call.actor, correlation_id=call.correlation_id)
+        env = envelope(
+            subject, event, actor=call.actor, correlation_id=call.correlation_id, now=self.now()
+        )
         return Append(subject, env, expected_seq=expected, msg_id=msg_id)
 
     def absorb(self, items: Sequence[Append], result: Appended) -> None:

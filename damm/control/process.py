@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 
 from damm import log
 from damm.catalog.signing import CatalogSigner
+from damm.clock import Clock, system_clock
 from damm.control.context import Context
 from damm.control.handlers.admin import AdminHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
@@ -47,6 +48,7 @@ class ControlPlane:
     password: str | None = None
     schema: str = "damm"
     run_projectors: bool = True
+    clock: Clock = system_clock
     nc: NATS | None = None
     ctx: Context | None = None
     projectors: list[Projector] = field(default_factory=list)
@@ -78,7 +80,9 @@ class ControlPlane:
         self._follower = StateFollower(self.nc, state)
         await self._follower.start()
         store = EventStore(self.nc)
-        self.ctx = Context(store, state, self._follower, self.settings, signer, rotation)
+        self.ctx = Context(
+            store, state, self._follower, self.settings, signer, rotation, clock=self.clock
+        )
         self._committer = EnrollmentCommitter(self.ctx)
         self._committer.start()
         # Peer-set publishing and policy reactors run in one process: the advisory-lock holder.

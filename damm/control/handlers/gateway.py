@@ -106,6 +106,7 @@ class GatewayHandlers:
             event,
             actor=Actor("gateway", gw.gateway_id),
             correlation_id=call.correlation_id,
+            now=self.ctx.now(),
             aggregate=f"gateway/{gw.gateway_id}",
         )
         ack = await self.ctx.store.js.publish(subject, codec.encode(env))

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import hashlib
 import re
-import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,11 +83,11 @@ class CatalogPublisher:
         ctx: Context,
         *,
         interval_s: float = 1.0,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.ctx = ctx
         self.interval_s = interval_s
-        self.clock = clock
+        self.clock = clock or (lambda: ctx.now().timestamp())
         self.signer: CatalogSigner = ctx.signer
         self.next_keys: dict[str, KeyAnnouncement] = {}
         self.latest: dict[str, Published] = {}
