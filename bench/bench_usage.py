@@ -37,7 +37,7 @@ from damm.protocol.bus import connect
 from damm.reports.render_html import render_html
 from damm.reports.render_text import render_text
 from damm.reports.report import generate, period_at, to_json
-from damm.subjects import EVENTS_STREAM, event_subject
+from damm.subjects import EVENTS_STREAM, usage_subject
 
 DELTAS_TARGET = 20_000.0
 REPORT_TARGET_S = 2.0
@@ -53,7 +53,7 @@ def usage_reports(devices: int, gateways: int, rounds: int, seed: int = 7) -> li
     for r in range(rounds):
         at = t0 + timedelta(minutes=r)
         for gw, devs in per_gw.items():
-            subject = event_subject("usage", gw)
+            subject = usage_subject(gw)
             event = m.UsageReported(
                 gateway_id=gw,
                 report_id=f"{gw}-{r}",

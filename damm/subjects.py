@@ -5,6 +5,7 @@ Aggregate ids become subject tokens, so they are restricted to a safe alphabet h
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from damm.errors import Code, DammError
@@ -31,6 +32,27 @@ def aggregate(kind: str, ident: str) -> str:
 
 def event_subject(kind: str, ident: str) -> str:
     return f"{EVENT_PREFIX}.{kind}.{check_id(ident)}"
+
+
+DEFAULT_POOL = "default"  # the overlay's one address pool
+
+
+def key_subject(public_key: str) -> str:
+    """A key's binding to a device: hashed, since a base64 key is not a subject token."""
+    return event_subject("key", hashlib.sha256(public_key.encode()).hexdigest()[:40])
+
+
+def address_subject(index: int, pool: str = DEFAULT_POOL) -> str:
+    """One subject per address, so two writers cannot both allocate it."""
+    return event_subject("ipam", f"{pool}-{index}")
+
+
+def usage_subject(gateway_id: str) -> str:
+    return event_subject("usage", gateway_id)
+
+
+def usage_reset_subject(device_id: str) -> str:
+    return event_subject("usage", f"reset-{device_id}")
 
 
 def heartbeat_subject(gateway_id: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import msgspec
 
@@ -11,13 +12,26 @@ from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
 from damm.control.state import DecisionState, StateFollower
 from damm.errors import Code, DammError
-from damm.events.model import Event
+from damm.events.model import Actor, Event
 from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
 from damm.keys.rotation import RotationKey
 from damm.protocol.router import Call
 from damm.settings import ControlSettings
 
 MAX_ATTEMPTS = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One event a decision wants appended, before any I/O: decisions return these, so they can
+    be tested, logged and retried as values."""
+
+    subject: str
+    event: Event
+    actor: Actor
+    correlation_id: str
+    expected: int | None = None
+    msg_id: str | None = None
 
 
 class Context:
@@ -52,6 +66,25 @@ class Context:
             subject, event, actor=call.actor, correlation_id=call.correlation_id, now=self.now()
         )
         return Append(subject, env, expected_seq=expected, msg_id=msg_id)
+
+    def appends(self, planned: Sequence[Planned]) -> list[Append]:
+        """Stamp planned events with envelopes (ids, the clock) for the store."""
+        now = self.now()
+        return [
+            Append(
+                item.subject,
+                envelope(
+                    item.subject,
+                    item.event,
+                    actor=item.actor,
+                    correlation_id=item.correlation_id,
+                    now=now,
+                ),
+                expected_seq=item.expected,
+                msg_id=item.msg_id,
+            )
+            for item in planned
+        ]
 
     def absorb(self, items: Sequence[Append], result: Appended) -> None:
         """Fold our own appends at once so the next decision sees them (read-your-writes)."""

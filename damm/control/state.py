@@ -29,8 +29,6 @@ from damm.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMET
 
 _log = log.get("damm.state")
 
-DEFAULT_POOL = "default"
-
 
 @dataclass
 class TokenState:

@@ -106,6 +106,11 @@ class EventStore:
     async def append(self, item: Append) -> Appended:
         return await self.append_batch([item])
 
+    async def publish_telemetry(self, subject: str, env: Envelope) -> int:
+        """High-volume telemetry (heartbeats) to its own stream; returns its sequence there."""
+        ack = await self.js.publish(subject, codec.encode(env))
+        return int(ack.seq)
+
     async def append_batch(self, items: Sequence[Append]) -> Appended:
         """Append all of ``items`` or none of them.
 

@@ -15,7 +15,6 @@ from datetime import timedelta
 from damm import settings
 from damm.control.context import Context
 from damm.control.placement_view import explain_for
-from damm.control.state import DEFAULT_POOL
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
 from damm.events import model as m
@@ -23,7 +22,13 @@ from damm.events.store import Append
 from damm.keys.tokens import gateway_password_hash, token_hash
 from damm.protocol import messages as p
 from damm.protocol.router import Call, Route, route
-from damm.subjects import check_id, event_subject
+from damm.subjects import (
+    DEFAULT_POOL,
+    address_subject,
+    check_id,
+    event_subject,
+    usage_reset_subject,
+)
 
 _COUNTRY_LEN = 2
 
@@ -266,7 +271,7 @@ class AdminHandlers:
             if dev.status == "revoked":
                 return []
             subject = event_subject("device", dev.device_id)
-            ipam_subject = event_subject("ipam", f"{DEFAULT_POOL}-{dev.index}")
+            ipam_subject = address_subject(dev.index)
             return [
                 self.ctx.append(
                     subject,
@@ -316,7 +321,7 @@ class AdminHandlers:
         await self._device(req.device_id)
         now = self.ctx.now()
         period = req.period or period_at(now, settings.usage_period())
-        subject = event_subject("usage", f"reset-{req.device_id}")
+        subject = usage_reset_subject(req.device_id)
         event = m.UsagePeriodReset(device_id=req.device_id, period=period)
         return await self._done(lambda: [self.ctx.append(subject, event, call)])
 

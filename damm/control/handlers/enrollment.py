@@ -11,7 +11,6 @@ ipam.allocated (expects the address's sequence) · device.enrolled (expects a ne
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import uuid
 from collections import Counter
@@ -20,9 +19,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from damm import log
-from damm.control.context import Context
+from damm.control.context import Context, Planned
 from damm.control.placement_view import candidates, pools, tier_policy
-from damm.control.state import DEFAULT_POOL, DecisionState, DeviceState, TokenState
+from damm.control.state import DecisionState, DeviceState, TokenState
 from damm.domain import placement as pl
 from damm.errors import Code, DammError
 from damm.events import model as m
@@ -31,21 +30,14 @@ from damm.events.store import Append, ConflictError
 from damm.keys.tokens import token_hash
 from damm.protocol import messages as p
 from damm.protocol.router import BUS_TROUBLE, Call, Route, route
-from damm.subjects import event_subject
+from damm.settings import ControlSettings
+from damm.subjects import DEFAULT_POOL, address_subject, event_subject, key_subject
 from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.enrollment")
 
 MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
 MAX_ATTEMPTS = 10
-
-
-def key_subject(public_key: str) -> str:
-    return event_subject("key", hashlib.sha256(public_key.encode()).hexdigest()[:40])
-
-
-def address_subject(index: int) -> str:
-    return event_subject("ipam", f"{DEFAULT_POOL}-{index}")
 
 
 @dataclass
@@ -132,15 +124,20 @@ def check_token(
 
 def decide_enrollment(
     req: p.Enroll,
-    ctx: Context,
-    call: Call,
+    state: DecisionState,
+    settings: ControlSettings,
+    now: datetime,
+    *,
     tentative: Tentative,
     index: int | None,
     device_id: str,
-) -> list[Append]:
-    """Validate and decide one enrollment against state plus this group's tentative effects."""
-    state = ctx.state
-    now = ctx.now()
+    correlation_id: str,
+) -> list[Planned]:
+    """Validate and decide one enrollment against state plus this group's tentative effects.
+
+    Pure: the same request, state, settings and clock give the same events. ``index`` is the
+    address the group's allocator set aside for this request, ``device_id`` the id it minted.
+    """
     public_key = validate_public_key(req.public_key)
     if req.request_id in tentative.requests:
         raise DammError(Code.CONFLICT, "the same request is already in flight")
@@ -167,35 +164,36 @@ def decide_enrollment(
         candidates(state),
         pools(state),
         now=now,
-        heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
+        heartbeat_ttl=timedelta(seconds=settings.heartbeat_ttl_s),
     )
     if index is None:
-        raise DammError(Code.POOL_EXHAUSTED, f"no free address in {ctx.settings.overlay.network}")
-    overlay = ctx.settings.overlay
+        raise DammError(Code.POOL_EXHAUSTED, f"no free address in {settings.overlay.network}")
+    overlay = settings.overlay
     address = str(overlay.address(index))
     six = overlay.address6(index)
     address6 = str(six) if six is not None else None
     expires = now + timedelta(seconds=tier.key_lifetime_s) if tier.key_lifetime_s else None
-    device_actor = Actor("device", device_id)
-    dcall = Call(call.correlation_id, device_actor)
+    actor = Actor("device", device_id)
     token_sub = event_subject("token", token_id)
     key_sub = key_subject(public_key)
     ipam_sub = address_subject(index)
     device_sub = event_subject("device", device_id)
     items = [
-        ctx.append(
+        Planned(
             token_sub,
             m.TokenUsed(token_id=token_id, device_id=device_id),
-            dcall,
+            actor,
+            correlation_id,
             expected=tentative.expect(state, token_sub),
         ),
-        ctx.append(
+        Planned(
             key_sub,
             m.KeyBound(public_key=public_key, device_id=device_id),
-            dcall,
+            actor,
+            correlation_id,
             expected=tentative.expect(state, key_sub),
         ),
-        ctx.append(
+        Planned(
             ipam_sub,
             m.AddressAllocated(
                 pool=DEFAULT_POOL,
@@ -204,10 +202,11 @@ def decide_enrollment(
                 address6=address6,
                 device_id=device_id,
             ),
-            dcall,
+            actor,
+            correlation_id,
             expected=tentative.expect(state, ipam_sub),
         ),
-        ctx.append(
+        Planned(
             device_sub,
             m.DeviceEnrolled(
                 device_id=device_id,
@@ -223,7 +222,9 @@ def decide_enrollment(
                 region=placement.gateway.region,
                 exit_country=req.exit_country,
             ),
-            Call(req.request_id, device_actor),
+            actor,
+            # The request id is the device event's correlation id: a retry finds it in the fold.
+            req.request_id,
             expected=0,
             msg_id=f"enroll-{req.request_id}",
         ),
@@ -325,7 +326,18 @@ class EnrollmentCommitter:
             device_id = uuid.uuid4().hex[:20]
             try:
                 index = next(indices, None)
-                items = decide_enrollment(w.req, ctx, w.call, tentative, index, device_id)
+                items = ctx.appends(
+                    decide_enrollment(
+                        w.req,
+                        ctx.state,
+                        ctx.settings,
+                        ctx.now(),
+                        tentative=tentative,
+                        index=index,
+                        device_id=device_id,
+                        correlation_id=w.call.correlation_id,
+                    )
+                )
             except DammError as err:
                 _settle(w.future, err)
                 continue

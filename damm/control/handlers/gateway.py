@@ -13,14 +13,13 @@ from damm import log
 from damm.control.context import Context
 from damm.control.state import GatewayState
 from damm.errors import Code, DammError
-from damm.events import codec
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, envelope
 from damm.keys.tokens import token_hash
 from damm.protocol import messages as p
 from damm.protocol.router import Call, Route, route
-from damm.subjects import event_subject, heartbeat_subject
+from damm.subjects import event_subject, heartbeat_subject, usage_subject
 from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.gateway")
@@ -109,10 +108,10 @@ class GatewayHandlers:
             now=self.ctx.now(),
             aggregate=f"gateway/{gw.gateway_id}",
         )
-        ack = await self.ctx.store.js.publish(subject, codec.encode(env))
+        seq = await self.ctx.store.publish_telemetry(subject, env)
         self.ctx.state.fold_telemetry(env)
         return p.HeartbeatAck(
-            seq=int(ack.seq), peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
+            seq=seq, peer_set_revision=self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
         )
 
     def _owners(self, gateway_id: str, entries: Sequence[p.UsageEntry]) -> dict[str, str]:
@@ -154,7 +153,7 @@ class GatewayHandlers:
             _log.info("usage entries without a device on this gateway", dropped=dropped)
         if not deltas:
             return p.Done(seq=0)
-        subject = event_subject("usage", gw.gateway_id)
+        subject = usage_subject(gw.gateway_id)
         event = m.UsageReported(
             gateway_id=gw.gateway_id,
             report_id=req.report_id,

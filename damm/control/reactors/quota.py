@@ -44,7 +44,7 @@ from damm.events import model as m
 from damm.events.store import Append
 from damm.protocol.router import Call
 from damm.settings import UsagePeriod
-from damm.subjects import event_subject
+from damm.subjects import event_subject, usage_reset_subject
 
 _log = log.get("damm.quota")
 
@@ -207,7 +207,7 @@ class QuotaReactor:
         state = self.ctx.state
         return (
             state.seq_of(event_subject("device", device_id)) <= applied
-            and state.seq_of(event_subject("usage", f"reset-{device_id}")) <= applied
+            and state.seq_of(usage_reset_subject(device_id)) <= applied
         )
 
     async def _append(self, action: Action) -> bool:
