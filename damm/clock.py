@@ -6,6 +6,7 @@ pass a ``FrozenClock`` and move it, instead of sleeping through a TTL or an expi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -43,3 +44,19 @@ class FrozenClock:
     def advance(self, seconds: float) -> datetime:
         self.now += timedelta(seconds=seconds)
         return self.now
+
+
+async def sleep_or_stop(seconds: float, *stops: asyncio.Event) -> bool:
+    """Sleep up to ``seconds``; return early, True, as soon as any ``stops`` event is set.
+
+    Every background loop waits this way, so a stop is never held up by a long interval.
+    """
+    if any(stop.is_set() for stop in stops):
+        return True
+    waiters = [asyncio.ensure_future(stop.wait()) for stop in stops]
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return bool(done)

@@ -10,16 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from damm.errors import Code, DammError
-from damm.wireguard.peer_diff import (
-    Peer,
-    PeerDiff,
-    apply,
-    diff,
-    hex_to_key,
-    key_to_hex,
-    normalise_allowed_ips,
-    validate_public_key,
-)
+from damm.keys.wireguard import hex_to_key, key_to_hex, validate_public_key
+from damm.wireguard.peer_diff import Peer, PeerDiff, apply, diff, normalise_allowed_ips
 
 KEYS = [base64.b64encode(bytes([i]) * 32).decode() for i in range(8)]
 CIDRS = ["10.44.0.10/32", "10.44.0.11/32", "0.0.0.0/0", "::/0", "fd00::/64", "10.0.0.0/8"]

@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.control.process import ControlPlane
-from damm.control.publishers.peersets import KeyExpiryReactor
+from damm.control.reactors.key_expiry import KeyExpiryReactor
 from damm.errors import Code, DammError
 from damm.keys.rotation import prove as sign_rotation
 from damm.protocol import messages as p

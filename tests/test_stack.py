@@ -150,10 +150,17 @@ async def test_each_party_reads_only_its_own(nats_server: NatsServer) -> None:
             await connect(url, user=user, password=password, reconnect=False)
 
 
-def _wait_for(path: Path, seconds: float) -> None:
+def _wait_for(path: Path, seconds: float, proc: subprocess.Popen[str] | None = None) -> None:
+    """Poll for the stack file; when it does not come, say what the process printed."""
     deadline = time.monotonic() + seconds
     while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear"
+        exited = proc is not None and proc.poll() is not None
+        if exited or time.monotonic() > deadline:
+            output = ""
+            if proc is not None:
+                proc.kill()
+                output = proc.communicate(timeout=30)[0]
+            raise AssertionError(f"{path} did not appear; the process printed:\n{output}")
         time.sleep(0.1)
 
 
@@ -171,7 +178,7 @@ def test_damm_up_starts_stops_and_reuses_data(tmp_path: Path) -> None:
             text=True,
         )
         try:
-            _wait_for(stack, 60)
+            _wait_for(stack, 60, up)
             if round_ == 0:
                 for args in (["admin", "tier", "create", "gold", "--regions", "eu"],):
                     done = subprocess.run(

@@ -30,6 +30,7 @@ from damm import log
 from damm.agent.identity import load_or_create_key
 from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
+from damm.clock import sleep_or_stop
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
@@ -174,7 +175,7 @@ class GatewayAgent:
                 return nc
             except Exception as exc:  # nats raises many types for an unreachable server
                 _log.warning("nats unreachable; retrying", error=repr(exc), retry_s=delay)
-                await _sleep_or_stop(stop, delay)
+                await sleep_or_stop(delay, stop)
                 delay = min(delay * 2, 10.0)
         return None
 
@@ -195,7 +196,7 @@ class GatewayAgent:
                 if err.code in FATAL:
                     raise
                 _log.warning("registration failed; retrying", error=err.line())
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(1.0, stop)
                 continue
             _log.info(
                 "registered",
@@ -440,8 +441,3 @@ class GatewayAgent:
             self.ledger.sent(report.report_id)
             sent += 1
         return sent
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)

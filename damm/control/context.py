@@ -10,7 +10,8 @@ import msgspec
 
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
-from damm.control.state import DecisionState, StateFollower
+from damm.control.follower import StateFollower
+from damm.control.state import DecisionState
 from damm.errors import Code, DammError
 from damm.events.model import Actor, Event
 from damm.events.store import Append, Appended, ConflictError, EventStore, envelope

@@ -13,19 +13,18 @@ from damm import log
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
 from damm.control.context import Context
+from damm.control.follower import StateFollower
 from damm.control.handlers.admin import AdminHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
+from damm.control.handlers.peersets import PeerSetHandlers
 from damm.control.handlers.signing_keys import SigningKeys
+from damm.control.leadership import Leadership
 from damm.control.publishers.catalogs import CatalogPublisher
-from damm.control.publishers.peersets import (
-    KeyExpiryReactor,
-    Leadership,
-    PeerPublisher,
-    PeerSetHandlers,
-)
+from damm.control.publishers.peersets import PeerPublisher
+from damm.control.reactors.key_expiry import KeyExpiryReactor
 from damm.control.reactors.quota import QuotaReactor
-from damm.control.state import DecisionState, StateFollower
+from damm.control.state import DecisionState
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.keys.rotation import RotationKey

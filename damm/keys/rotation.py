@@ -14,7 +14,7 @@ from pathlib import Path
 
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
-from damm.errors import Code, DammError
+from damm.keys.wireguard import key_bytes
 from damm.private_files import load_or_create_seed
 
 
@@ -22,14 +22,7 @@ def _message(device_id: str, new_public_key: str, request_id: str) -> bytes:
     return f"damm-rotate-v1|{device_id}|{new_public_key}|{request_id}".encode()
 
 
-def _decode_key(key_b64: str) -> bytes:
-    try:
-        raw = base64.b64decode(key_b64, validate=True)
-    except ValueError:
-        raise DammError(Code.MALFORMED_KEY, "not base64") from None
-    if len(raw) != 32:
-        raise DammError(Code.MALFORMED_KEY, f"{len(raw)} bytes, want 32")
-    return raw
+_decode_key = key_bytes
 
 
 def prove(

@@ -22,6 +22,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from damm import log
+from damm.clock import sleep_or_stop
 from damm.events import codec
 from damm.events.model import Envelope
 from damm.projections.readmodels import Stmt, statements
@@ -231,12 +232,12 @@ class Projector:
                 nats.errors.Error,
             ) as exc:
                 _log.warning("projector restarting", projector=self.name, error=repr(exc))
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(1.0, stop)
             except Exception:
                 # A bug must not silently stop every read model: log it loudly and resume from
                 # the checkpoint, which makes the retry safe.
                 _log.exception("projector failed; restarting", projector=self.name)
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(1.0, stop)
 
     async def _run_once(self, nc: NATS, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(self.dsn, server_settings={"search_path": self.schema})
@@ -249,7 +250,7 @@ class Projector:
             ):
                 if stop.is_set():
                     return
-                await _sleep_or_stop(stop, 1.0)
+                await sleep_or_stop(1.0, stop)
             self.applied_seq = await checkpoint(conn, self.name)
             js = nc.jetstream(timeout=10)
             puller = await self._subscribe(js, nc, self.applied_seq)
@@ -292,11 +293,6 @@ class Projector:
         )
         await js.add_consumer(self.stream, config)
         return await Puller(nc, self.stream, durable).start()
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -21,8 +21,9 @@ from typing import Any, TypedDict, TypeVar
 
 import structlog
 
+from damm.keys.wireguard import validate_public_key
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
-from damm.wireguard.peer_diff import PeerDiff, validate_public_key
+from damm.wireguard.peer_diff import PeerDiff
 
 NLM_F_DUMP_INTR = 0x10  # the kernel's "dump was inconsistent due to sequence change"
 

@@ -13,8 +13,9 @@ import msgspec
 from nacl.bindings import crypto_scalarmult_base
 
 from damm.errors import DammError
+from damm.keys.wireguard import validate_public_key
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
-from damm.wireguard.peer_diff import PeerDiff, validate_public_key
+from damm.wireguard.peer_diff import PeerDiff
 
 
 class MemoryBackend:

@@ -7,17 +7,13 @@ The reconciler decides with data, not with side effects: ``diff`` turns two peer
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
 from collections.abc import Iterable, Mapping
 
 import msgspec
 
 from damm.errors import Code, DammError
-
-KEY_BYTES = 32
-KEY_B64_LEN = 44
+from damm.keys.wireguard import validate_public_key
 
 
 class Peer(msgspec.Struct, frozen=True):
@@ -50,41 +46,6 @@ class Peer(msgspec.Struct, frozen=True):
             normalise_allowed_ips(allowed_ips),
             persistent_keepalive,
         )
-
-
-def validate_public_key(key: str) -> str:
-    """Return the key unchanged if it is the canonical base64 of 32 bytes.
-
-    Non-canonical spellings (other padding bits, missing ``=``) are refused rather than
-    normalised: two strings for one key would look like two peers to the diff.
-    """
-    if not isinstance(key, str) or len(key) != KEY_B64_LEN:
-        raise DammError(Code.MALFORMED_KEY, f"expected {KEY_B64_LEN} base64 characters")
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise DammError(Code.MALFORMED_KEY, "not standard base64") from exc
-    if len(raw) != KEY_BYTES:
-        raise DammError(Code.MALFORMED_KEY, f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
-    if base64.b64encode(raw).decode("ascii") != key:
-        raise DammError(Code.MALFORMED_KEY, "non-canonical base64 encoding")
-    return key
-
-
-def key_to_hex(key: str) -> str:
-    """The userspace API speaks hex keys; the rest of DAMM speaks base64."""
-    return base64.b64decode(validate_public_key(key)).hex()
-
-
-def hex_to_key(hex_key: str) -> str:
-    """Inverse of ``key_to_hex``, for keys read back from the userspace API."""
-    try:
-        raw = bytes.fromhex(hex_key)
-    except ValueError as exc:
-        raise DammError(Code.MALFORMED_KEY, "not hex") from exc
-    if len(raw) != KEY_BYTES:
-        raise DammError(Code.MALFORMED_KEY, f"hex key is {len(raw)} bytes, not {KEY_BYTES}")
-    return base64.b64encode(raw).decode("ascii")
 
 
 def normalise_allowed_ips(allowed_ips: Iterable[str]) -> tuple[str, ...]:

@@ -22,8 +22,9 @@ from pathlib import Path
 import structlog
 from nacl.bindings import crypto_scalarmult_base
 
+from damm.keys.wireguard import KEY_BYTES, validate_public_key
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
-from damm.wireguard.peer_diff import KEY_BYTES, PeerDiff, validate_public_key
+from damm.wireguard.peer_diff import PeerDiff
 
 DEFAULT_SOCKET_DIR = Path("/var/run/wireguard")
 # A 10k-peer dump is about 3.5 MB; the limit only bounds a runaway reply.

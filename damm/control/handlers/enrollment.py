@@ -23,16 +23,17 @@ from damm.control.context import Context, Planned
 from damm.control.placement_view import candidates, pools, tier_policy
 from damm.control.state import DecisionState, DeviceState, TokenState
 from damm.domain import placement as pl
+from damm.domain.lifecycle import OVER_QUOTA
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, ConflictError
 from damm.keys.tokens import token_hash
+from damm.keys.wireguard import validate_public_key
 from damm.protocol import messages as p
 from damm.protocol.router import BUS_TROUBLE, Call, Route, route
 from damm.settings import ControlSettings
 from damm.subjects import DEFAULT_POOL, address_subject, event_subject, key_subject
-from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.enrollment")
 
@@ -93,7 +94,7 @@ def replayed(ctx: Context, req: p.Enroll, device_id: str) -> p.Enrolled:
     if dev.status == "revoked":
         raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
     if dev.status == "suspended":
-        code = Code.OVER_QUOTA if dev.reason == "over_quota" else Code.DEVICE_SUSPENDED
+        code = Code.OVER_QUOTA if dev.reason == OVER_QUOTA else Code.DEVICE_SUSPENDED
         raise DammError(code, f"device {dev.device_id} is suspended ({dev.reason})")
     return enrolled_reply(ctx, dev)
 
@@ -155,7 +156,7 @@ def decide_enrollment(
         if dev is not None and dev.status == "revoked":
             raise DammError(Code.DEVICE_REVOKED, f"key belongs to revoked device {dev.device_id}")
         if dev is not None and dev.status == "suspended":
-            code = Code.OVER_QUOTA if dev.reason == "over_quota" else Code.DEVICE_SUSPENDED
+            code = Code.OVER_QUOTA if dev.reason == OVER_QUOTA else Code.DEVICE_SUSPENDED
             raise DammError(code, f"device {dev.device_id} is suspended ({dev.reason})")
         raise DammError(Code.KEY_REUSED, "generate a new key for a new enrollment")
     placement = pl.place(

@@ -17,10 +17,10 @@ from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append, envelope
 from damm.keys.tokens import token_hash
+from damm.keys.wireguard import validate_public_key
 from damm.protocol import messages as p
 from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject, heartbeat_subject, usage_subject
-from damm.wireguard.peer_diff import validate_public_key
 
 _log = log.get("damm.gateway")
 

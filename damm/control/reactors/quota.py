@@ -37,7 +37,9 @@ from typing import Any, Protocol
 import asyncpg
 
 from damm import log, settings
+from damm.clock import sleep_or_stop
 from damm.control.context import Context
+from damm.domain.lifecycle import OVER_QUOTA
 from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
@@ -49,7 +51,6 @@ from damm.subjects import event_subject, usage_reset_subject
 _log = log.get("damm.quota")
 
 QUOTA_ACTOR = m.Actor("policy", "quota")
-OVER_QUOTA = "over_quota"
 NEW_PERIOD = "new_period"
 UNDER_QUOTA = "under_quota"
 READMODELS = "readmodels"
@@ -160,7 +161,7 @@ class QuotaReactor:
                         conn = None
                     except Exception:
                         _log.exception("quota sweep failed")
-                await _sleep_or_stop(stop, self._stop, self.interval_s)
+                await sleep_or_stop(self.interval_s, stop, self._stop)
         finally:
             if conn is not None and not conn.is_closed():
                 await conn.close()
@@ -240,12 +241,3 @@ class QuotaReactor:
             )
             return True
         return False
-
-
-async def _sleep_or_stop(a: asyncio.Event, b: asyncio.Event, seconds: float) -> None:
-    waiters = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
-    try:
-        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for w in waiters:
-            w.cancel()

@@ -1,0 +1,67 @@
+"""WireGuard keys: the one place that decides what a valid key is and how it is spelled.
+
+DAMM speaks canonical base64 (what wg(8) prints); the userspace API speaks hex. Errors never echo
+a key's value: it may be a private one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from nacl.bindings import crypto_scalarmult_base
+
+from damm.errors import Code, DammError
+
+KEY_BYTES = 32
+KEY_B64_LEN = 44
+
+
+def key_bytes(key_b64: str) -> bytes:
+    """The 32 bytes of a base64 key, or MALFORMED_KEY."""
+    try:
+        raw = base64.b64decode(key_b64, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise DammError(Code.MALFORMED_KEY, "not standard base64") from None
+    if len(raw) != KEY_BYTES:
+        raise DammError(Code.MALFORMED_KEY, f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
+    return raw
+
+
+def public_key_of(private_b64: str) -> str:
+    return base64.b64encode(crypto_scalarmult_base(key_bytes(private_b64))).decode("ascii")
+
+
+def validate_public_key(key: str) -> str:
+    """Return the key unchanged if it is the canonical base64 of 32 bytes.
+
+    Non-canonical spellings (other padding bits, missing ``=``) are refused rather than
+    normalised: two strings for one key would look like two peers to the diff.
+    """
+    if not isinstance(key, str) or len(key) != KEY_B64_LEN:
+        raise DammError(Code.MALFORMED_KEY, f"expected {KEY_B64_LEN} base64 characters")
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise DammError(Code.MALFORMED_KEY, "not standard base64") from exc
+    if len(raw) != KEY_BYTES:
+        raise DammError(Code.MALFORMED_KEY, f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
+    if base64.b64encode(raw).decode("ascii") != key:
+        raise DammError(Code.MALFORMED_KEY, "non-canonical base64 encoding")
+    return key
+
+
+def key_to_hex(key: str) -> str:
+    """The userspace API speaks hex keys; the rest of DAMM speaks base64."""
+    return base64.b64decode(validate_public_key(key)).hex()
+
+
+def hex_to_key(hex_key: str) -> str:
+    """Inverse of ``key_to_hex``, for keys read back from the userspace API."""
+    try:
+        raw = bytes.fromhex(hex_key)
+    except ValueError as exc:
+        raise DammError(Code.MALFORMED_KEY, "not hex") from exc
+    if len(raw) != KEY_BYTES:
+        raise DammError(Code.MALFORMED_KEY, f"hex key is {len(raw)} bytes, not {KEY_BYTES}")
+    return base64.b64encode(raw).decode("ascii")
