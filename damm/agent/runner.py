@@ -33,8 +33,9 @@ from damm.agent.metrics import measure
 from damm.clock import sleep_or_stop
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
+from damm.protocol.bus import connect
 from damm.protocol.client import call
-from damm.subjects import gateway_user, inbox_prefix, peers_subject
+from damm.subjects import gateway_user, peers_subject
 from damm.wireguard.base import InterfaceState, WireGuardBackend
 from damm.wireguard.peer_diff import Peer, PeerDiff, diff
 
@@ -146,33 +147,21 @@ class GatewayAgent:
             self.request_resync()
             self._flush.set()
 
-        async def error(exc: Exception) -> None:
-            _log.debug("nats error", error=repr(exc))
-
-        options: dict[str, Any] = dict(
-            servers=[cfg.nats_url],
-            name=f"damm-gateway-{cfg.gateway_id}",
-            connect_timeout=2,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            disconnected_cb=disconnected,
-            reconnected_cb=reconnected,
-            error_cb=error,
-        )
         # Each gateway logs in as itself (gw-<id>, its token as password) and reads replies on
         # its own inbox: the server lets it see its own peer set and nothing else.
         user = cfg.nats_user or gateway_user(cfg.gateway_id)
-        options.update(
-            user=user,
-            password=cfg.nats_password if cfg.nats_password is not None else cfg.token,
-            inbox_prefix=inbox_prefix(user),
-        )
+        password = cfg.nats_password if cfg.nats_password is not None else cfg.token
         delay = 0.5
         while not stop.is_set():
             try:
-                nc: NATS = await nats.connect(**options)
-                return nc
+                return await connect(
+                    cfg.nats_url,
+                    user=user,
+                    password=password,
+                    name=f"damm-gateway-{cfg.gateway_id}",
+                    on_disconnected=disconnected,
+                    on_reconnected=reconnected,
+                )
             except Exception as exc:  # nats raises many types for an unreachable server
                 _log.warning("nats unreachable; retrying", error=repr(exc), retry_s=delay)
                 await sleep_or_stop(delay, stop)

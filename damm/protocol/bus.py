@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -22,7 +23,13 @@ async def connect(
     name: str = "damm",
     reconnect: bool = True,
     connect_timeout: float = 2.0,
+    on_disconnected: Callable[[], Awaitable[None]] | None = None,
+    on_reconnected: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
+    """Connect as ``user`` (replies on that user's own inbox), or anonymously as a device.
+
+    A long-lived process reconnects forever; a one-shot client (``reconnect=False``) fails fast.
+    """
     errors: list[Exception] = []
 
     async def _error(exc: Exception) -> None:
@@ -31,9 +38,13 @@ async def connect(
 
     async def _disconnected() -> None:
         _log.info("nats disconnected", name=name)
+        if on_disconnected is not None:
+            await on_disconnected()
 
     async def _reconnected() -> None:
         _log.info("nats reconnected", name=name)
+        if on_reconnected is not None:
+            await on_reconnected()
 
     options: dict[str, Any] = {
         "servers": [url],
