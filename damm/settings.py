@@ -70,7 +70,7 @@ def usage_period() -> UsagePeriod:
 
 @dataclass(frozen=True)
 class ControlSettings:
-    """The control plane's network model and timings (ARCHITECTURE.md's defaults)."""
+    """The control plane's network model and timings (defaults: README, Configuration)."""
 
     overlay: Overlay = field(default_factory=lambda: Overlay.parse("10.44.0.0/24"))
     dns: tuple[str, ...] = ("10.44.0.1",)

@@ -45,7 +45,7 @@ async def test_expected_sequence_conflict_and_retry(store: EventStore) -> None:
     subject = event_subject("gateway", "gw-0")
     await store.append_many([usage(0, expected=0, msg_id="a"), usage(3, expected=1, msg_id="b")])
     assert await store.last_seq(subject) == 2
-    # A retry of the landed one is recognised as ours (10071 before dedupe, PLATFORM.md) ...
+    # A retry of the landed one is recognised as ours (10071 before dedupe) ...
     retry = await store.append_many([usage(3, expected=1, msg_id="b")])
     assert retry[0].duplicate and retry[0].seqs == (2,)
     # ... a stale writer without that message id is a conflict, and nothing after it is lost.

@@ -1,4 +1,4 @@
-"""Every command the README and ARCHITECTURE.md promise exists and answers --help."""
+"""Every command the README promises exists and answers --help."""
 
 from __future__ import annotations
 

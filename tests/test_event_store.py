@@ -56,7 +56,7 @@ async def test_concurrent_appends_exactly_one_wins(store: EventStore) -> None:
 
 
 async def test_retry_recorded_once_even_with_expected_sequence(store: EventStore) -> None:
-    """PLATFORM.md: the sequence check runs before dedupe, so the retry gets 10071."""
+    """JetStream: the sequence check runs before dedupe, so the retry gets 10071."""
     item = tier_append("gold", expected=0, msg_id="req-42")
     first = await store.append(item)
     again = await store.append(item)

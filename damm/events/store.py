@@ -115,7 +115,7 @@ class EventStore:
         """Append all of ``items`` or none of them.
 
         A 10071 or 10201 on a message that carries a Msg-Id may mean our own earlier attempt
-        landed (PLATFORM.md: the sequence check runs before dedupe), so the subject's last
+        landed (JetStream runs the sequence check before dedupe), so the subject's last
         message is compared with ours before calling it a conflict.
         """
         if not items:
@@ -142,7 +142,7 @@ class EventStore:
         """Append independent messages with up to ``window`` acknowledgements in flight.
 
         Awaiting each round trip in series caps the log at a few thousand appends a second
-        (PLATFORM.md); bulk writers (usage reports, imports, benchmarks) pipeline instead.
+        (about 3-5k/s here, against 30-50k/s pipelined); bulk writers (usage reports, imports, benchmarks) pipeline instead.
         Unlike ``append_batch`` this is not atomic: when one item is refused, the rest of its
         window and all earlier windows may have landed; later windows are not sent. Retrying the
         whole call is safe when the items carry msg ids. Refusals raise like ``append``.
