@@ -8,8 +8,11 @@ type they do not know decodes to ``UnknownEvent`` so an old projector skips it i
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 import msgspec
+
+TierStatus = Literal["active", "retired"]
 
 
 class Actor(msgspec.Struct, frozen=True):
@@ -38,7 +41,7 @@ class TierDefined(_Event, frozen=True, tag="tier.defined"):
     session_limit: int | None = None
     byte_limit: int | None = None
     key_lifetime_s: int | None = None
-    status: str = "active"
+    status: TierStatus = "active"
 
 
 # --- enrollment tokens ------------------------------------------------------------------------

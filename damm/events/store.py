@@ -142,7 +142,8 @@ class EventStore:
         """Append independent messages with up to ``window`` acknowledgements in flight.
 
         Awaiting each round trip in series caps the log at a few thousand appends a second
-        (about 3-5k/s here, against 30-50k/s pipelined); bulk writers (usage reports, imports, benchmarks) pipeline instead.
+        (about 3-5k/s here, against 30-50k/s pipelined); bulk writers (usage reports, imports,
+        benchmarks) pipeline instead.
         Unlike ``append_batch`` this is not atomic: when one item is refused, the rest of its
         window and all earlier windows may have landed; later windows are not sent. Retrying the
         whole call is safe when the items carry msg ids. Refusals raise like ``append``.

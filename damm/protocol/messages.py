@@ -10,6 +10,8 @@ from datetime import datetime
 
 import msgspec
 
+from damm.events.model import TierStatus
+
 MAX_REQUEST_BYTES = 16 * 1024
 
 
@@ -40,7 +42,7 @@ class DefineTier(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     session_limit: int | None = None
     byte_limit: int | None = None
     key_lifetime_s: int | None = None
-    status: str = "active"
+    status: TierStatus = "active"
 
 
 class CreateToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
