@@ -28,6 +28,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     origin = typing.get_origin(tp)
     if origin in (types.UnionType, typing.Union):
         return st.one_of(*(strategy_for(arg) for arg in typing.get_args(tp)))
+    if origin is typing.Literal:
+        return st.sampled_from(typing.get_args(tp))
     if origin is tuple:
         item, _ = typing.get_args(tp)
         return st.lists(strategy_for(item), max_size=4).map(tuple)
