@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import nats.errors
@@ -164,7 +166,21 @@ def _wait_for(path: Path, seconds: float, proc: subprocess.Popen[str] | None = N
         time.sleep(0.1)
 
 
-def test_damm_up_starts_stops_and_reuses_data(tmp_path: Path) -> None:
+@pytest.fixture
+def stack_home() -> Iterator[Path]:
+    """A DAMM_HOME outside pytest's own temporary root.
+
+    Embedded Postgres runs as another user and needs to traverse every parent of its data
+    directory; pytest resets /tmp/pytest-of-<user> to 0700 whenever a session starts, which
+    made the server's checkpointer fail with "permission denied" mid-test.
+    """
+    root = Path(tempfile.mkdtemp(prefix="damm-test-home-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_damm_up_starts_stops_and_reuses_data(stack_home: Path) -> None:
+    tmp_path = stack_home
     env = {**os.environ, "DAMM_HOME": str(tmp_path / "home")}
     env.pop("DAMM_NATS_URL", None)
     env.pop("DAMM_DATABASE_URL", None)
