@@ -17,11 +17,11 @@ from damm.control.follower import StateFollower
 from damm.control.handlers.admin import AdminHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
-from damm.control.handlers.peersets import PeerSetHandlers
+from damm.control.handlers.peer_snapshot import PeerSetHandlers
 from damm.control.handlers.signing_keys import SigningKeys
 from damm.control.leadership import Leadership
 from damm.control.publishers.catalogs import CatalogPublisher
-from damm.control.publishers.peersets import PeerPublisher
+from damm.control.publishers.peer_changes import PeerPublisher
 from damm.control.reactors.key_expiry import KeyExpiryReactor
 from damm.control.reactors.quota import QuotaReactor
 from damm.control.state import DecisionState

@@ -1,7 +1,7 @@
 """Per-gateway peer-set changes, published on core NATS while this process leads.
 
 A gateway's peer set is every active device attached to it. Agents take a snapshot
-(``handlers/peersets.py``) and then apply the changes published on ``damm.peers.<gateway_id>``,
+(``handlers/peer_snapshot.py``) and then apply the changes published on ``damm.peers.<gateway_id>``,
 each carrying ``prev_revision``: a change that does not follow the agent's revision is a gap and
 the agent resyncs. A change lost here is repaired the same way.
 """

@@ -1,7 +1,7 @@
 """``gateway.peers``: the full peer set of the asking gateway, with its revision.
 
 An agent takes this snapshot on start and after any gap in the changes it follows
-(``publishers/peersets.py``). The revision is the stream sequence of the last event that changed
+(``publishers/peer_changes.py``). The revision is the stream sequence of the last event that changed
 the set, so every control-plane process answers the same revision from the same log.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from damm.control.context import Context
 from damm.control.handlers.gateway import GatewayHandlers
-from damm.control.publishers.peersets import entries
+from damm.control.publishers.peer_changes import entries
 from damm.protocol import messages as p
 from damm.protocol.router import Call, Route, route
 
