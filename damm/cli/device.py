@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
 import click
+import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import settings
-from damm.cli.common import Target, emit, json_option, run, target, with_nats
+from damm.cli.common import Target, emit, fail, json_option, run, target, with_nats
+from damm.companion.page import Preload, page_files
 from damm.device import files
+from damm.device.bundle import (
+    CONFIG_NAME,
+    Contents,
+    build_bundle,
+    read_contents,
+    write_bundle,
+)
 from damm.device.profile import save_enrollment
 from damm.device.profile import write_config as write_config  # re-exported (tests)
+from damm.errors import Code, DammError
 from damm.keys.rotation import prove
 from damm.protocol import messages as p
 from damm.protocol.client import call
@@ -243,6 +254,25 @@ async def diagnose(
         sys.exit(1)
 
 
+diagnostics_option = click.option(
+    "--diagnostics",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="a `damm device diagnose --export` file for the page to show too",
+)
+
+
+def _preload(contents: Contents, source: str) -> Preload:
+    return Preload(
+        name=CONFIG_NAME.removesuffix(".conf"),
+        source=source,
+        config=contents.config,
+        device=msgspec.to_builtins(contents.info),
+        catalog=contents.catalog,
+        diagnostics=msgspec.to_builtins(contents.diagnostics) if contents.diagnostics else None,
+    )
+
+
 @device.command()
 @state_dir_option
 @click.option(
@@ -251,25 +281,69 @@ async def diagnose(
     default=None,
     help="zip to write (default: <state-dir>/damm-bundle.zip)",
 )
+@diagnostics_option
 @click.pass_context
-def bundle(ctx: click.Context, state_dir: Path, out: Path | None) -> None:
-    """Write a zip with the config, install guidance per platform and public device info."""
-    import sys
-
-    from damm.device.bundle import write_bundle
-    from damm.errors import DammError
-
+def bundle(ctx: click.Context, state_dir: Path, out: Path | None, diagnostics: Path | None) -> None:
+    """Write a zip: config, its QR code, install steps and the companion page preloaded with it."""
     t = target(ctx)
     path = out or state_dir / "damm-bundle.zip"
     try:
-        write_bundle(state_dir, path)
+        contents = read_contents(state_dir, diagnostics)
+        source = f"the bundle of device {contents.info.device_id}"
+        write_bundle(path, build_bundle(contents, page_files(_preload(contents, source))))
     except DammError as err:
-        click.echo(f"error: {err.line()}", err=True)
-        sys.exit(1)
+        fail(err)
     emit(
         t,
         {"bundle": str(path)},
         lambda: click.echo(
-            f"bundle: {path} (mode 0600; it holds the device private key inside the config)"
+            f"bundle: {path} (mode 0600; its config and QR code hold the device private key)\n"
+            "unzip it and open index.html to inspect the profile"
         ),
     )
+
+
+@device.command()
+@state_dir_option
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default="any free port")
+@click.option("--open", "open_browser", is_flag=True, help="open the page in the default browser")
+@diagnostics_option
+@click.pass_context
+def companion(
+    ctx: click.Context, state_dir: Path, port: int, open_browser: bool, diagnostics: Path | None
+) -> None:
+    """Serve the companion page with this device's profile on 127.0.0.1 until Ctrl-C."""
+    from damm.companion.server import CompanionServer
+
+    t = target(ctx)
+
+    def load() -> Preload:
+        # read on every page load, so a reload shows what a failover just changed
+        return _preload(read_contents(state_dir, diagnostics), f"the files in {state_dir}")
+
+    try:
+        server = CompanionServer(load, port=port)  # loads once: fail now, not in the browser
+    except DammError as err:
+        fail(err)
+    except OSError as exc:
+        fail(DammError(Code.INVALID_ARGUMENT, f"cannot listen on port {port}: {exc.strerror}"))
+    emit(
+        t,
+        {"url": server.url},
+        lambda: click.echo(
+            f"companion: {server.url}\n"
+            "serving on 127.0.0.1 only; the page holds the private key, so keep the URL to "
+            "yourself. Ctrl-C stops."
+        ),
+    )
+    sys.stdout.flush()
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()

@@ -118,6 +118,7 @@ async def failover(
     except BaseException:
         write_atomic(config_path, config_text, mode=0o600)
         raise
+    files.save_catalog(state_dir, signed_bytes)  # the evidence, after the state that relies on it
 
     live_updated = False
     if backend is None and live_interface is not None:

@@ -14,6 +14,9 @@ from damm.private_files import write_atomic
 PRIVATE_KEY = "private.key"
 STATE = "device.json"
 CONFIG = "wg0.conf"
+# The signed catalog last accepted (by failover), as received: public, kept so the companion page
+# and a support desk can re-check the evidence a failover acted on.
+CATALOG = "catalog.signed"
 
 
 class DeviceFile(msgspec.Struct, kw_only=True):
@@ -75,3 +78,14 @@ def save(state_dir: Path, device: DeviceFile) -> None:
     write_atomic(
         state_dir / STATE, msgspec.json.format(msgspec.json.encode(device)).decode(), mode=0o600
     )
+
+
+def load_catalog(state_dir: Path) -> bytes | None:
+    try:
+        return (state_dir / CATALOG).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def save_catalog(state_dir: Path, signed: bytes) -> None:
+    write_atomic(state_dir / CATALOG, signed, mode=0o600)

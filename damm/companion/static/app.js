@@ -331,7 +331,7 @@
     var first = bytes.length ? bytes[0] : 0;
     var looksPacked = (first >= 0x80 && first <= 0x8f) || first === 0xde || first === 0xdf;
     if (/\.(signed|msgpack|bin)$/i.test(name) || text === null || looksPacked) return { kind: "catalog", bytes: bytes };
-    if (/^\s*[{[]/.test(text)) {
+    if (/^\s*\{/.test(text)) {
       var obj;
       try { obj = JSON.parse(text); } catch (e) { throw new Error(name + " is not valid JSON: " + e.message); }
       if (obj && Array.isArray(obj.checks)) return { kind: "diagnostics", value: checkDiagnostics(obj) };

@@ -28,6 +28,8 @@ var Damm = window.Damm || (window.Damm = {});
     this.detail = detail;
   }
 
+  function quote(s) { return "'" + s.replace(/\\/g, "\\\\").replace(/'/g, "\\'") + "'"; } // like Python's repr
+
   function malformed(detail) {
     return new Refusal("malformed_request", detail);
   }
@@ -197,8 +199,8 @@ var Damm = window.Damm || (window.Damm = {});
       await checkInvariants(catalog);
       var t = BigInt(now);
       if (catalog.region !== trust.region) {
-        throw new Refusal("catalog_wrong_region", "catalog is for region " + JSON.stringify(catalog.region) +
-          ", device is in " + JSON.stringify(trust.region));
+        throw new Refusal("catalog_wrong_region", "catalog is for region " + quote(catalog.region) +
+          ", device is in " + quote(trust.region));
       }
       if (catalog.expires_at + SKEW < t) {
         throw new Refusal("catalog_stale", "version " + catalog.version + " expired at " + catalog.expires_at + ", now is " + t);

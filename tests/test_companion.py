@@ -1,0 +1,620 @@
+"""The companion page in Debian's Chromium: what it shows, what it keeps, what it refuses.
+
+Every page test ends with `watch.assert_clean()`: the page asked only for its own files and the
+console logged no error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+from playwright.async_api import Browser, Page, expect
+
+from damm.catalog.document import SignedCatalog, decode_signed, encode_signed
+from damm.catalog.signing import CatalogSigner, signing_message
+from damm.companion.page import PRELOAD_MARKER, PRELOAD_NAME, Preload, page_files
+from damm.device import files
+from damm.device.diagnose import diagnose, export
+from damm.device.failover import CLOCK_SKEW_S, verify_for_device
+from damm.errors import DammError
+from tests.browser import artifact, decode_qr, launch, needs_chromium, open_page
+from tests.test_failover import KEY1, KEY2, make_device, signed_catalog
+
+pytestmark = needs_chromium
+
+WHAT_IT_IS = "It is not a VPN and cannot connect"
+EXPIRES = "2027-03-01T00:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    async for b in launch():
+        yield b
+
+
+def device(state: Path) -> Path:
+    make_device(state)
+    dev = files.load(state)
+    dev.key_expires_at = EXPIRES
+    dev.address6 = None
+    files.save(state, dev)
+    return state
+
+
+def write_page(folder: Path, preload: Preload | None) -> Path:
+    for name, data in page_files(preload).items():
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return folder / "index.html"
+
+
+def preload_for(state: Path, catalog: bytes | None = None) -> Preload:
+    return Preload(
+        name="damm-wg0",
+        source="a test device",
+        config=(state / files.CONFIG).read_text(),
+        device=msgspec.json.decode((state / files.STATE).read_bytes()),
+        catalog=catalog,
+    )
+
+
+def fingerprint(key_b64: str) -> str:
+    digest = hashlib.sha256(base64.b64decode(key_b64)).hexdigest()[:16]
+    return " ".join(digest[i : i + 4] for i in range(0, 16, 4))
+
+
+async def fields(page: Page) -> dict[str, str]:
+    out: dict[str, str] = await page.eval_on_selector_all(
+        "#fields dd",
+        "els => Object.fromEntries(els.map(e => [e.dataset.field, e.innerText.trim()]))",
+    )
+    return out
+
+
+async def load_files(page: Page, *paths: Path) -> None:
+    await page.set_input_files("#file-input", [str(p) for p in paths])
+
+
+def now() -> int:
+    return int(time.time())
+
+
+async def test_import_profile_shows_every_field(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    index = write_page(tmp_path / "page", None)
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        assert await page.locator("#profile").is_hidden()
+        await load_files(page, state / files.CONFIG, state / files.STATE)
+        await page.wait_for_selector("#profile:not([hidden])")
+        got = await fields(page)
+        dev = files.load(state)
+        assert dev.trust is not None
+        assert got["device-id"] == "dev-1"
+        assert got["address"] == "10.44.0.10/32"
+        assert got["dns"] == "10.44.0.1"
+        assert got["gateway"] == "gw1 (front door fd1)"
+        assert got["endpoint"] == "192.0.2.1:51820"
+        assert got["allowed-ips"] == "0.0.0.0/0"
+        assert got["tunnel-mode"].startswith("full tunnel for IPv4")
+        assert got["device-key"] == files.public_key(state)  # derived in the page (X25519)
+        assert got["device-fingerprint"] == fingerprint(files.public_key(state))
+        assert got["gateway-key"] == dev.gateway_public_key
+        assert got["gateway-fingerprint"] == fingerprint(dev.gateway_public_key)
+        assert got["catalog-keys"] == f"{KEY1.key_id} = {KEY1.public_key_b64}"
+        assert got["catalog-version"] == "accepts version 0 or newer"
+        assert got["catalog-region"] == "eu"
+        assert got["key-expiry"].startswith("2027-03-01T00:00:00Z (in ")
+        # the private key stays hidden until asked for
+        private = files.private_key(state)
+        assert private not in await page.inner_text("body")
+        await page.click("#reveal-key")
+        assert await page.inner_text("#private-key") == private
+        await page.click("#reveal-key")
+        assert private not in await page.inner_text("body")
+        # no device.json: the page says what it cannot know instead of guessing
+        split = tmp_path / "split.conf"
+        split.write_text(
+            (state / files.CONFIG).read_text().replace("0.0.0.0/0", "10.0.0.0/8, 192.168.0.0/16")
+        )
+        await load_files(page, split)
+        await expect(page.locator("[data-field=device-id]")).to_contain_text("no device.json")
+        got = await fields(page)
+        assert got["tunnel-mode"].startswith("split tunnel")
+        assert got["allowed-ips"].splitlines() == ["10.0.0.0/8", "192.168.0.0/16"]
+        assert got["catalog-keys"] == "none pinned"
+        assert "Load device.json" in await page.inner_text("#profile-warnings")
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_qr_code_decodes_to_the_profile_byte_for_byte(
+    browser: Browser, tmp_path: Path
+) -> None:
+    state = device(tmp_path / "dev")
+    index = write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        assert "private key" in await page.inner_text("#qr .warning")
+        assert await page.locator("#qr-canvas").is_hidden()
+        await page.click("#show-qr")
+        png = await page.locator("#qr-canvas").screenshot()
+        artifact("companion/qr.png").write_bytes(png)
+        assert decode_qr(png) == (state / files.CONFIG).read_bytes()
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_a_stored_copy_survives_a_reload(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    index = write_page(tmp_path / "page", None)
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        await load_files(page, state / files.CONFIG, state / files.STATE)
+        await page.click("#save-copy")
+        await page.wait_for_selector("#copy-list li[data-copy=wg0]")
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]", state="attached")
+        assert await page.locator("#profile").is_hidden()  # a fresh page, nothing loaded
+        item = page.locator("#copy-list li[data-copy=wg0]")
+        assert await item.count() == 1
+        await item.locator("input").fill("laptop")
+        await item.get_by_role("button", name="Rename").click()
+        item = page.locator("#copy-list li[data-copy=laptop]")
+        await item.wait_for()
+        await item.get_by_role("button", name="Open").click()
+        await page.wait_for_selector("#profile:not([hidden])")
+        assert (await fields(page))["device-id"] == "dev-1"  # device.json was kept too
+        async with page.expect_download() as info:
+            await item.get_by_role("button", name="Export").click()
+        download = await info.value
+        assert download.suggested_filename == "laptop.conf"
+        assert Path(await download.path()).read_bytes() == (state / files.CONFIG).read_bytes()
+        await item.get_by_role("button", name="Delete").click()
+        await page.wait_for_selector("#copy-list li", state="detached")
+        await page.reload()
+        await page.wait_for_selector("body[data-ready=true]", state="attached")
+        assert await page.locator("#copy-list li").count() == 0
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_support_export_holds_no_private_key(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    report = await diagnose(state, probe_endpoint=False)  # real checks; no NATS, so catalog skips
+    diag = tmp_path / "diagnostics.json"
+    export(report, diag)
+    private = files.private_key(state)
+    index = write_page(tmp_path / "page", None)
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        await load_files(page, state / files.CONFIG, state / files.STATE, diag)
+        await page.wait_for_selector("#checks li[data-check=files]")
+        for check in report.checks:
+            text = await page.inner_text(f"#checks li[data-check={check.name}]")
+            assert text.startswith(check.status.upper()) and check.reason in text
+        async with page.expect_download() as info:
+            await page.click("#export-support")
+        download = await info.value
+        text = Path(await download.path()).read_text()
+        artifact("companion/support.json").write_text(text)
+        raw = base64.b64decode(private)
+        for form in (
+            private,
+            private.rstrip("="),
+            raw.hex(),
+            base64.urlsafe_b64encode(raw).decode(),
+        ):
+            assert form not in text
+        data = json.loads(text)
+        assert data["device"]["device_id"] == "dev-1"
+        assert data["profile"]["device_public_key"] == files.public_key(state)
+        assert [c["name"] for c in data["diagnostics"]["checks"]] == [c.name for c in report.checks]
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_a_failed_check_says_what_to_do(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    (state / files.PRIVATE_KEY).chmod(0o644)
+    report = await diagnose(state, probe_endpoint=False)
+    diag = tmp_path / "diag.json"
+    export(report, diag)
+    index = write_page(tmp_path / "page", None)
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        await page.set_input_files("#diagnostics-input", str(diag))
+        li = page.locator("#checks li[data-check=files]")
+        await li.wait_for()
+        text = await li.inner_text()
+        assert text.startswith("FAIL") and "private.key has mode 0644" in text
+        assert "What to do: Run: chmod 700" in text
+        assert "1 check failed" in await page.inner_text("#diagnostics-summary")
+        # a JSON file that is no export is refused with a reason, not shown half
+        wrong = tmp_path / "wrong.json"
+        wrong.write_text('{"checks": [{"name": "x", "status": "maybe", "reason": ""}], "ok": true}')
+        await page.set_input_files("#diagnostics-input", str(wrong))
+        await page.wait_for_selector("#import-error:not([hidden])")
+        assert "check 1 is not" in await page.inner_text("#import-error")
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+MALFORMED = [
+    # (what to do to a good config's lines, the message the page must show)
+    (lambda ls: ls[:1] + ["PrivateKey = not-a-key"] + ls[2:], "line 2: PrivateKey is not a base64"),
+    (
+        lambda ls: ls[:2] + ["Adress = 10.44.0.10/32"] + ls[3:],
+        "line 3: unknown key \u201cAdress\u201d in [Interface]",
+    ),
+    (
+        lambda ls: ls[:2] + ["Address = 10.44.0.300/32"] + ls[3:],
+        "line 3: Address \u201c10.44.0.300/32\u201d is not",
+    ),
+    (
+        lambda ls: ls[:7] + ["Endpoint = 192.0.2.1"] + ls[8:],
+        "line 8: Endpoint \u201c192.0.2.1\u201d is not host:port",
+    ),
+    (lambda ls: ls[:6] + ["PublicKey"] + ls[7:], "line 7: expected \u201cKey = value\u201d"),
+    (lambda ls: ["[Interfaces]"] + ls[1:], "line 1: unknown section [Interfaces]"),
+    (lambda ls: ls + ["[Peer]", "Endpoint = 192.0.2.9:1"], "line 12: [Peer] has no PublicKey"),
+    (
+        lambda ls: ls[:3] + ["DNS = 10.44.0.1; rm -rf /"] + ls[4:],
+        "line 4: DNS entry \u201c10.44.0.1; rm -rf /\u201d",
+    ),
+    (lambda ls: ["Address = 10.44.0.10/32"] + ls, "line 1: Address appears before any"),
+]
+
+
+async def test_a_malformed_profile_names_its_line(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    lines = (state / files.CONFIG).read_text().splitlines()
+    assert lines[1].startswith("PrivateKey") and lines[7].startswith("Endpoint")
+    assert lines[6].startswith("PublicKey") and len(lines) == 11
+    index = write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        for i, (edit, message) in enumerate(MALFORMED):
+            bad = tmp_path / f"bad{i}.conf"
+            bad.write_text("\n".join(edit(list(lines))) + "\n")
+            await page.set_input_files("#file-input", str(bad))
+            await expect(page.locator("#import-error")).to_contain_text(f"bad{i}.conf, ")
+            shown = await page.inner_text("#import-error")
+            assert shown.startswith(f"bad{i}.conf, {message}"), shown
+            # the profile that was showing is still there: a bad file replaces nothing
+            assert (await fields(page))["device-id"] == "dev-1"
+        binary = tmp_path / "photo.jpg"
+        binary.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)))
+        await page.set_input_files("#file-input", str(binary))
+        await expect(page.locator("#catalog-verdict")).to_contain_text("Refused")
+        assert "malformed_request" in await page.inner_text("#catalog-verdict")
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+def tampered_payload(signed: bytes) -> bytes:
+    env = decode_signed(signed)
+    payload = bytearray(env.payload)
+    payload[-1] ^= 0x01
+    return encode_signed(SignedCatalog(bytes(payload), env.key_id, env.signature))
+
+
+CATALOG_CASES = [
+    ("tampered", lambda: tampered_payload(signed_catalog(now=now())), "catalog_bad_signature"),
+    ("other-key", lambda: signed_catalog(signer=KEY2, now=now()), "catalog_unknown_key"),
+    ("expired", lambda: signed_catalog(now=now() - 7200, ttl=3600), "catalog_stale"),
+    ("future", lambda: signed_catalog(now=now() + 3600), "catalog_stale"),
+    ("wrong-region", lambda: signed_catalog(now=now(), region="us"), "catalog_wrong_region"),
+    ("rollback", lambda: signed_catalog(now=now(), version=4), "catalog_rollback"),
+]
+
+
+async def test_a_tampered_catalog_is_refused_with_its_reason(
+    browser: Browser, tmp_path: Path
+) -> None:
+    state = device(tmp_path / "dev")
+    dev = files.load(state)
+    assert dev.trust is not None
+    dev.trust = msgspec.structs.replace(dev.trust, min_version=5)
+    files.save(state, dev)
+    good = signed_catalog(now=now(), version=7)
+    index = write_page(tmp_path / "page", preload_for(state, good))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        verdict = await page.inner_text("#catalog-verdict")
+        assert verdict.startswith("Verified: version 7 for region eu"), verdict
+        doors = await page.inner_text("#catalog-doors")
+        assert "fd1: 192.0.2.1:51820 udp, priority 10 (current)" in doors
+        for name, make, code in CATALOG_CASES:
+            signed = make()
+            with pytest.raises(DammError) as err:  # the CLI refuses it the same way
+                verify_for_device(signed, dev.trust, now=now())
+            assert err.value.code.slug == code
+            path = tmp_path / f"{name}.signed"
+            path.write_bytes(signed)
+            await page.set_input_files("#catalog-input", str(path))
+            await expect(page.locator("#catalog-verdict")).to_contain_text(code)
+            shown = await page.inner_text("#catalog-verdict")
+            assert shown.startswith(f"Refused: {code}: {err.value.code.message}: "), shown
+            assert err.value.detail.split(",")[0].split(" (")[0] in shown
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+def mutants(signed: bytes, count: int, seed: int) -> list[bytes]:
+    """Byte flips, truncations and extensions of a signed catalog (seeded, so reproducible)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        data = bytearray(signed)
+        kind = rng.random()
+        if kind < 0.7:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind < 0.85:
+            del data[rng.randrange(len(data)) :]
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 4)))
+        out.append(bytes(data))
+    return out
+
+
+def signed_raw(payload: bytes, signer: CatalogSigner = KEY1) -> bytes:
+    """Sign any bytes as a catalog payload: the page must refuse what the decoder refuses."""
+    sig = signer._key.sign(signing_message(payload)).signature
+    return encode_signed(SignedCatalog(payload, signer.key_id, sig))
+
+
+def catalog_payload(**fields: Any) -> bytes:
+    t = now()
+    base: dict[str, Any] = {"region": "eu", "version": 3, "issued_at": t, "expires_at": t + 60}
+    base.update(fields)
+    return msgspec.msgpack.encode({k: v for k, v in base.items() if v is not None})
+
+
+def edge_cases() -> list[bytes]:
+    t = now()
+    gw = {"id": "gw1", "region": "eu", "public_key": base64.b64encode(bytes(32)).decode()}
+    ann = KEY2.announcement()
+    cases = [
+        catalog_payload(),
+        catalog_payload(version=2**64 - 1, expires_at=2**64 - 1),
+        catalog_payload(version=1.0),
+        catalog_payload(version=True),
+        catalog_payload(version=-1),
+        catalog_payload(region=""),
+        catalog_payload(region="\u00e9" * 128),
+        catalog_payload(region="\u00e9" * 129),
+        catalog_payload(region=b"eu"),
+        catalog_payload(extra=1),
+        catalog_payload(gateways=None),
+        catalog_payload(gateways=[gw, gw]),
+        catalog_payload(gateways=[{**gw, "x": 1}]),
+        catalog_payload(gateways=[{**gw, "egress_countries": ["\u00e91"]}]),
+        catalog_payload(gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "ab"}]}]),
+        catalog_payload(
+            gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "a:1", "priority": 65536}]}]
+        ),
+        catalog_payload(
+            gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "a:1", "transport": ""}]}]
+        ),
+        catalog_payload(issued_at=t + 10, expires_at=t),
+        catalog_payload(issued_at=t - 100, expires_at=t - 61),
+        catalog_payload(issued_at=t - 100, expires_at=t - 59),
+        catalog_payload(issued_at=t + 59, expires_at=t + 100),
+        catalog_payload(issued_at=t + 61, expires_at=t + 100),
+        catalog_payload(version=4),
+        catalog_payload(version=5),
+        catalog_payload(next_keys=[msgspec.to_builtins(ann)]),
+        catalog_payload(next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY1.key_id}]),
+        catalog_payload(next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY2.key_id + "\n"}]),
+        catalog_payload() + b"\x00",
+        msgspec.msgpack.encode([1, 2]),
+        b"\x84\xa6region\xa2\xff\xfe\xa7version\x01\xa9issued_at\x01\xaaexpires_at\x02",
+        b"\x85\xa6region\xa2eu\xa7version\xcb"
+        + bytes(8)
+        + b"\xa7version\x05\xa9issued_at\x01\xaaexpires_at\x02",
+        b"\x85\xa6region\xa2eu\xa7version\x05\xa7version\x06\xa9issued_at"
+        + msgspec.msgpack.encode(t)
+        + b"\xaaexpires_at"
+        + msgspec.msgpack.encode(t + 9),
+    ]
+    out = [signed_raw(p) for p in cases]
+    env = {"payload": catalog_payload(), "key_id": KEY1.key_id, "signature": bytes(64)}
+    out += [
+        msgspec.msgpack.encode({**env, "extra": {"nested": [1, msgspec.msgpack.Ext(1, b"a")]}}),
+        msgspec.msgpack.encode({**env, "payload": "text"}),
+        msgspec.msgpack.encode({**env, "signature": bytes(63)}),
+        msgspec.msgpack.encode({**env, "key_id": KEY1.key_id + "\n"}),
+        msgspec.msgpack.encode({**env, "key_id": KEY1.key_id.upper()}),
+        msgspec.msgpack.encode({k: v for k, v in env.items() if k != "key_id"}),
+        b"",
+        b"\xc1",
+    ]
+    return out
+
+
+def python_verdict(signed: bytes, trust: Any) -> str:
+    try:
+        verify_for_device(signed, trust, now=now(), skew_seconds=CLOCK_SKEW_S)
+    except DammError as exc:
+        return exc.code.slug
+    return "ok"
+
+
+async def test_the_page_refuses_exactly_what_the_cli_refuses(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Differential: the same bytes through damm.catalog.verify and through the page's check."""
+    state = device(tmp_path / "dev")
+    dev = files.load(state)
+    assert dev.trust is not None
+    trust = msgspec.structs.replace(dev.trust, min_version=4)
+    good = signed_catalog(now=now(), version=4, announce=(KEY2,))
+    corpus = [good, *mutants(good, 400, seed=15), *edge_cases()]
+    index = write_page(tmp_path / "page", None)
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        verdicts = await page.evaluate(
+            """async ([corpus, trust]) => {
+                const out = [];
+                for (const b64 of corpus) {
+                    const r = await Damm.verifyCatalog(Damm.b64bytes(b64) || new Uint8Array(0),
+                        trust, Math.floor(Date.now() / 1000));
+                    out.push(r.ok ? "ok" : r.code);
+                }
+                return out;
+            }""",
+            [[base64.b64encode(c).decode() for c in corpus], msgspec.to_builtins(trust)],
+        )
+    finally:
+        await context.close()
+    expected = [python_verdict(c, trust) for c in corpus]
+    mismatches = [(i, corpus[i].hex(), expected[i], verdicts[i]) for i in range(len(corpus))
+                  if expected[i] != verdicts[i]]  # fmt: skip
+    assert mismatches == []
+    assert expected[0] == "ok"
+    kinds = set(expected)
+    assert {"ok", "malformed_request", "catalog_bad_signature", "catalog_stale"} <= kinds
+    assert {"catalog_rollback", "catalog_unknown_key"} <= kinds
+    watch.assert_clean()
+
+
+async def test_install_guides_for_each_platform(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    index = write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        selected = page.locator("#platform-tabs [aria-selected=true]")
+        assert await selected.get_attribute("data-platform") == "linux"  # headless Linux
+        labels = await page.locator("#platform-tabs button").all_inner_texts()
+        assert labels == ["Windows", "macOS", "iOS", "Android", "Linux (wg-quick)",
+                          "Linux (NetworkManager)"]  # fmt: skip
+        for platform in ("windows", "macos", "ios", "android", "linux", "networkmanager"):
+            await page.click(f"#platform-tabs [data-platform={platform}]")
+            assert await selected.get_attribute("data-platform") == platform
+            guide = await page.inner_text("#guide")
+            assert "Check that it works" in guide
+            assert guide.rstrip().endswith("ping 10.44.0.1"), guide
+            assert "damm-wg0" in guide
+        await page.click("#platform-tabs [data-platform=networkmanager]")
+        guide = await page.inner_text("#guide")
+        assert "nmcli connection import type wireguard file damm-wg0.conf" in guide
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_says_once_what_it_is_and_never_offers_to_connect(
+    browser: Browser, tmp_path: Path
+) -> None:
+    state = device(tmp_path / "dev")
+    index = write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
+    )
+    try:
+        await page.click("#show-qr")
+        body = await page.inner_text("body")
+        assert body.count(WHAT_IT_IS) == 1
+        assert body.count("not a VPN") == 1
+        controls = await page.eval_on_selector_all(
+            "button, a, input, [role=button], [role=tab]",
+            "els => els.map(e => (e.innerText || e.value || e.getAttribute('aria-label') || ''))",
+        )
+        assert controls and not [c for c in controls if "connect" in c.lower()], controls
+        for platform in ("windows", "macos", "ios", "android", "linux", "networkmanager"):
+            await page.click(f"#platform-tabs [data-platform={platform}]")
+            assert "connect" not in (await page.inner_text("#platform-tabs")).lower()
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+async def test_no_horizontal_scrolling_at_360_pixels(browser: Browser, tmp_path: Path) -> None:
+    state = device(tmp_path / "dev")
+    report = await diagnose(state, probe_endpoint=False)
+    diag = tmp_path / "diagnostics.json"
+    export(report, diag)
+    index = write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
+    context, page, watch = await open_page(
+        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/", width=360, height=740
+    )
+    try:
+        await page.set_input_files("#diagnostics-input", str(diag))
+        await page.wait_for_selector("#checks li")
+        await page.click("#show-qr")
+        await page.click("#reveal-key")
+        await page.click("#save-copy")
+        await page.wait_for_selector("#copy-list li")
+        widths = await page.evaluate(
+            "[document.documentElement.scrollWidth, document.documentElement.clientWidth,"
+            " document.body.scrollWidth]"
+        )
+        shot = artifact("companion/page-360px.png")
+        await page.screenshot(path=str(shot), full_page=True)
+        print(f"screenshot at 360 px: {shot}")
+        assert widths[1] == 360 and widths[0] <= 360 and widths[2] <= 360, widths
+        overflowing = await page.evaluate(
+            "[...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right"
+            " > 360.5).map(e => e.tagName + '#' + e.id)"
+        )
+        assert overflowing == []
+    finally:
+        await context.close()
+    watch.assert_clean()
+
+
+def test_the_packaged_page_has_no_preload_and_a_strict_policy() -> None:
+    pages = page_files(None)
+    index = pages["index.html"].decode()
+    assert PRELOAD_NAME not in pages and PRELOAD_MARKER not in index and PRELOAD_NAME not in index
+    assert "default-src 'none'" in index and "connect-src 'none'" in index
+    assert (
+        "<script>" not in index
+        and "unsafe-inline" not in index
+        and "http" not in index.split("<body>")[1].replace("http-equiv", "")
+    )
+    for name, data in pages.items():
+        if name.endswith(".js") and not name.startswith("vendor/"):
+            text = data.decode()
+            for api in ("fetch(", "XMLHttpRequest", "WebSocket", "sendBeacon", "EventSource"):
+                assert api not in text, (name, api)
+    assert {"vendor/qrcode.js", "vendor/README.md", "vendor/LICENSE-qrcode-generator.txt"} <= set(
+        pages
+    )
