@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from playwright.async_api import Browser, Page, expect
+from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from damm.catalog.document import SignedCatalog, decode_signed, encode_signed
 from damm.catalog.signing import CatalogSigner, signing_message
@@ -26,7 +26,7 @@ from damm.device import files
 from damm.device.diagnose import diagnose, export
 from damm.device.failover import CLOCK_SKEW_S, verify_for_device
 from damm.errors import DammError
-from tests.browser import artifact, decode_qr, launch, needs_chromium, open_page
+from tests.browser import Watch, artifact, decode_qr, launch, needs_chromium, open_page
 from tests.test_failover import KEY1, KEY2, make_device, signed_catalog
 
 pytestmark = needs_chromium
@@ -73,6 +73,12 @@ def fingerprint(key_b64: str) -> str:
     return " ".join(digest[i : i + 4] for i in range(0, 16, 4))
 
 
+async def open_folder(
+    browser: Browser, folder: Path, **size: int
+) -> tuple[BrowserContext, Page, Watch]:
+    return await open_page(browser, (folder / "index.html").as_uri(), folder.as_uri() + "/", **size)
+
+
 async def fields(page: Page) -> dict[str, str]:
     out: dict[str, str] = await page.eval_on_selector_all(
         "#fields dd",
@@ -91,10 +97,8 @@ def now() -> int:
 
 async def test_import_profile_shows_every_field(browser: Browser, tmp_path: Path) -> None:
     state = device(tmp_path / "dev")
-    index = write_page(tmp_path / "page", None)
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", None)
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         assert await page.locator("#profile").is_hidden()
         await load_files(page, state / files.CONFIG, state / files.STATE)
@@ -145,10 +149,8 @@ async def test_qr_code_decodes_to_the_profile_byte_for_byte(
     browser: Browser, tmp_path: Path
 ) -> None:
     state = device(tmp_path / "dev")
-    index = write_page(tmp_path / "page", preload_for(state))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         assert "private key" in await page.inner_text("#qr .warning")
         assert await page.locator("#qr-canvas").is_hidden()
@@ -163,10 +165,8 @@ async def test_qr_code_decodes_to_the_profile_byte_for_byte(
 
 async def test_a_stored_copy_survives_a_reload(browser: Browser, tmp_path: Path) -> None:
     state = device(tmp_path / "dev")
-    index = write_page(tmp_path / "page", None)
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", None)
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         await load_files(page, state / files.CONFIG, state / files.STATE)
         await page.click("#save-copy")
@@ -187,7 +187,8 @@ async def test_a_stored_copy_survives_a_reload(browser: Browser, tmp_path: Path)
             await item.get_by_role("button", name="Export").click()
         download = await info.value
         assert download.suggested_filename == "laptop.conf"
-        assert Path(await download.path()).read_bytes() == (state / files.CONFIG).read_bytes()
+        exported = await download.path()
+        assert exported.read_bytes() == (state / files.CONFIG).read_bytes()
         await item.get_by_role("button", name="Delete").click()
         await page.wait_for_selector("#copy-list li", state="detached")
         await page.reload()
@@ -204,10 +205,8 @@ async def test_support_export_holds_no_private_key(browser: Browser, tmp_path: P
     diag = tmp_path / "diagnostics.json"
     export(report, diag)
     private = files.private_key(state)
-    index = write_page(tmp_path / "page", None)
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", None)
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         await load_files(page, state / files.CONFIG, state / files.STATE, diag)
         await page.wait_for_selector("#checks li[data-check=files]")
@@ -217,7 +216,7 @@ async def test_support_export_holds_no_private_key(browser: Browser, tmp_path: P
         async with page.expect_download() as info:
             await page.click("#export-support")
         download = await info.value
-        text = Path(await download.path()).read_text()
+        text = (await download.path()).read_text()
         artifact("companion/support.json").write_text(text)
         raw = base64.b64decode(private)
         for form in (
@@ -242,10 +241,8 @@ async def test_a_failed_check_says_what_to_do(browser: Browser, tmp_path: Path) 
     report = await diagnose(state, probe_endpoint=False)
     diag = tmp_path / "diag.json"
     export(report, diag)
-    index = write_page(tmp_path / "page", None)
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", None)
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         await page.set_input_files("#diagnostics-input", str(diag))
         li = page.locator("#checks li[data-check=files]")
@@ -265,30 +262,24 @@ async def test_a_failed_check_says_what_to_do(browser: Browser, tmp_path: Path) 
     watch.assert_clean()
 
 
-MALFORMED = [
-    # (what to do to a good config's lines, the message the page must show)
-    (lambda ls: ls[:1] + ["PrivateKey = not-a-key"] + ls[2:], "line 2: PrivateKey is not a base64"),
-    (
-        lambda ls: ls[:2] + ["Adress = 10.44.0.10/32"] + ls[3:],
-        "line 3: unknown key \u201cAdress\u201d in [Interface]",
-    ),
-    (
-        lambda ls: ls[:2] + ["Address = 10.44.0.300/32"] + ls[3:],
-        "line 3: Address \u201c10.44.0.300/32\u201d is not",
-    ),
-    (
-        lambda ls: ls[:7] + ["Endpoint = 192.0.2.1"] + ls[8:],
-        "line 8: Endpoint \u201c192.0.2.1\u201d is not host:port",
-    ),
-    (lambda ls: ls[:6] + ["PublicKey"] + ls[7:], "line 7: expected \u201cKey = value\u201d"),
-    (lambda ls: ["[Interfaces]"] + ls[1:], "line 1: unknown section [Interfaces]"),
-    (lambda ls: ls + ["[Peer]", "Endpoint = 192.0.2.9:1"], "line 12: [Peer] has no PublicKey"),
-    (
-        lambda ls: ls[:3] + ["DNS = 10.44.0.1; rm -rf /"] + ls[4:],
-        "line 4: DNS entry \u201c10.44.0.1; rm -rf /\u201d",
-    ),
-    (lambda ls: ["Address = 10.44.0.10/32"] + ls, "line 1: Address appears before any"),
+# (line number, its new text or None to insert before, what the page must say)
+MALFORMED: list[tuple[int, str, bool, str]] = [
+    (2, "PrivateKey = not-a-key", True, "line 2: PrivateKey is not a base64"),
+    (3, "Adress = 10.44.0.10/32", True, "line 3: unknown key \u201cAdress\u201d in [Interface]"),
+    (3, "Address = 10.44.0.300/32", True, "line 3: Address \u201c10.44.0.300/32\u201d is not"),
+    (8, "Endpoint = 192.0.2.1", True, "line 8: Endpoint \u201c192.0.2.1\u201d is not host:port"),
+    (7, "PublicKey", True, "line 7: expected \u201cKey = value\u201d"),
+    (1, "[Interfaces]", True, "line 1: unknown section [Interfaces]"),
+    (12, "[Peer]\nEndpoint = 192.0.2.9:1", False, "line 12: [Peer] has no PublicKey"),
+    (4, "DNS = 10.44.0.1; rm -rf /", True, "line 4: DNS entry \u201c10.44.0.1; rm -rf /\u201d"),
+    (1, "Address = 10.44.0.10/32", False, "line 1: Address appears before any"),
 ]
+
+
+def edited(lines: list[str], number: int, text: str, replace: bool) -> str:
+    out = list(lines)
+    out[number - 1 : number - 1 + replace] = text.splitlines()
+    return "\n".join(out) + "\n"
 
 
 async def test_a_malformed_profile_names_its_line(browser: Browser, tmp_path: Path) -> None:
@@ -296,14 +287,12 @@ async def test_a_malformed_profile_names_its_line(browser: Browser, tmp_path: Pa
     lines = (state / files.CONFIG).read_text().splitlines()
     assert lines[1].startswith("PrivateKey") and lines[7].startswith("Endpoint")
     assert lines[6].startswith("PublicKey") and len(lines) == 11
-    index = write_page(tmp_path / "page", preload_for(state))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
-        for i, (edit, message) in enumerate(MALFORMED):
+        for i, (number, text, replace, message) in enumerate(MALFORMED):
             bad = tmp_path / f"bad{i}.conf"
-            bad.write_text("\n".join(edit(list(lines))) + "\n")
+            bad.write_text(edited(lines, number, text, replace))
             await page.set_input_files("#file-input", str(bad))
             await expect(page.locator("#import-error")).to_contain_text(f"bad{i}.conf, ")
             shown = await page.inner_text("#import-error")
@@ -346,10 +335,8 @@ async def test_a_tampered_catalog_is_refused_with_its_reason(
     dev.trust = msgspec.structs.replace(dev.trust, min_version=5)
     files.save(state, dev)
     good = signed_catalog(now=now(), version=7)
-    index = write_page(tmp_path / "page", preload_for(state, good))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", preload_for(state, good))
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         verdict = await page.inner_text("#catalog-verdict")
         assert verdict.startswith("Verified: version 7 for region eu"), verdict
@@ -406,6 +393,7 @@ def catalog_payload(**fields: Any) -> bytes:
 def edge_cases() -> list[bytes]:
     t = now()
     gw = {"id": "gw1", "region": "eu", "public_key": base64.b64encode(bytes(32)).decode()}
+    fd = {"id": "f", "endpoint": "a:1"}
     ann = KEY2.announcement()
     cases = [
         catalog_payload(),
@@ -423,12 +411,9 @@ def edge_cases() -> list[bytes]:
         catalog_payload(gateways=[{**gw, "x": 1}]),
         catalog_payload(gateways=[{**gw, "egress_countries": ["\u00e91"]}]),
         catalog_payload(gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "ab"}]}]),
-        catalog_payload(
-            gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "a:1", "priority": 65536}]}]
-        ),
-        catalog_payload(
-            gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "a:1", "transport": ""}]}]
-        ),
+        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "priority": 65536}]}]),
+        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "priority": 65535}]}]),
+        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "transport": ""}]}]),
         catalog_payload(issued_at=t + 10, expires_at=t),
         catalog_payload(issued_at=t - 100, expires_at=t - 61),
         catalog_payload(issued_at=t - 100, expires_at=t - 59),
@@ -483,10 +468,8 @@ async def test_the_page_refuses_exactly_what_the_cli_refuses(
     trust = msgspec.structs.replace(dev.trust, min_version=4)
     good = signed_catalog(now=now(), version=4, announce=(KEY2,))
     corpus = [good, *mutants(good, 400, seed=15), *edge_cases()]
-    index = write_page(tmp_path / "page", None)
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", None)
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         verdicts = await page.evaluate(
             """async ([corpus, trust]) => {
@@ -515,10 +498,8 @@ async def test_the_page_refuses_exactly_what_the_cli_refuses(
 
 async def test_install_guides_for_each_platform(browser: Browser, tmp_path: Path) -> None:
     state = device(tmp_path / "dev")
-    index = write_page(tmp_path / "page", preload_for(state))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", preload_for(state))
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         selected = page.locator("#platform-tabs [aria-selected=true]")
         assert await selected.get_attribute("data-platform") == "linux"  # headless Linux
@@ -544,10 +525,8 @@ async def test_says_once_what_it_is_and_never_offers_to_connect(
     browser: Browser, tmp_path: Path
 ) -> None:
     state = device(tmp_path / "dev")
-    index = write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/"
-    )
+    write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
+    context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
         await page.click("#show-qr")
         body = await page.inner_text("body")
@@ -571,10 +550,8 @@ async def test_no_horizontal_scrolling_at_360_pixels(browser: Browser, tmp_path:
     report = await diagnose(state, probe_endpoint=False)
     diag = tmp_path / "diagnostics.json"
     export(report, diag)
-    index = write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
-    context, page, watch = await open_page(
-        browser, index.as_uri(), (tmp_path / "page").as_uri() + "/", width=360, height=740
-    )
+    write_page(tmp_path / "page", preload_for(state, signed_catalog(now=now())))
+    context, page, watch = await open_folder(browser, tmp_path / "page", width=360, height=740)
     try:
         await page.set_input_files("#diagnostics-input", str(diag))
         await page.wait_for_selector("#checks li")

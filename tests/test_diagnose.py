@@ -1,21 +1,18 @@
-"""`damm device diagnose` and `damm device bundle`: honest checks, no private key in exports."""
+"""`damm device diagnose`: honest checks, no private key in exports (bundles: test_bundle.py)."""
 
 from __future__ import annotations
 
 import json
 import os
-import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 from click.testing import CliRunner
 from nats.aio.client import Client as NATS
 
 from damm.cli.main import cli
 from damm.device import files
-from damm.device.bundle import CONFIG_NAME, build_bundle
 from damm.device.diagnose import FAIL, PASS, SKIP, diagnose, export
 from damm.protocol.bus import connect
 from damm.stack.nats_server import NatsServer
@@ -125,34 +122,3 @@ def test_cli_diagnose_json_and_export(tmp_path: Path) -> None:
     lines = text.output.strip().splitlines()
     assert lines[0].startswith("pass  files")
     assert any(line.startswith("fail  catalog") for line in lines)
-
-
-def test_bundle_has_config_guidance_and_no_key_file(tmp_path: Path) -> None:
-    state = tmp_path / "dev"
-    make_device(state)
-    private = files.private_key(state)
-    out = tmp_path / "bundle.zip"
-    result = CliRunner().invoke(cli, ["device", "bundle", "--state-dir", str(state),
-                                      "--out", str(out)])  # fmt: skip
-    assert result.exit_code == 0, result.output
-    assert out.stat().st_mode & 0o777 == 0o600
-    with zipfile.ZipFile(out) as zf:
-        names = set(zf.namelist())
-        assert names == {CONFIG_NAME, "README.txt", "device.json"}
-        assert zf.read(CONFIG_NAME) == (state / files.CONFIG).read_bytes()
-        readme = zf.read("README.txt").decode()
-        for platform in ("Linux", "wg-quick", "macOS", "Windows", "iOS", "Android", "QR"):
-            assert platform in readme
-        assert "PRIVATE KEY" in readme
-        # the key is only inside the config, nowhere else
-        for name in names - {CONFIG_NAME}:
-            assert private not in zf.read(name).decode()
-        info = msgspec.json.decode(zf.read("device.json"))
-        assert info["public_key"] == files.public_key(state)
-    assert build_bundle(state) == build_bundle(state)  # deterministic
-
-
-def test_bundle_without_enrollment_is_a_clean_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["device", "bundle", "--state-dir", str(tmp_path / "x")])
-    assert result.exit_code != 0
-    assert "state_missing" in result.output
