@@ -41,6 +41,7 @@ COMMANDS = [
     "device bundle",
     "device diagnose",
     "device show",
+    "device companion",
 ]
 
 

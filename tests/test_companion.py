@@ -121,6 +121,7 @@ async def test_import_profile_shows_every_field(browser: Browser, tmp_path: Path
         assert got["catalog-version"] == "accepts version 0 or newer"
         assert got["catalog-region"] == "eu"
         assert got["key-expiry"].startswith("2027-03-01T00:00:00Z (in ")
+        got_first = got
         # the private key stays hidden until asked for
         private = files.private_key(state)
         assert private not in await page.inner_text("body")
@@ -140,6 +141,18 @@ async def test_import_profile_shows_every_field(browser: Browser, tmp_path: Path
         assert got["allowed-ips"].splitlines() == ["10.0.0.0/8", "192.168.0.0/16"]
         assert got["catalog-keys"] == "none pinned"
         assert "Load device.json" in await page.inner_text("#profile-warnings")
+        # drag and drop takes the same files as the picker
+        transfer = await page.evaluate_handle(
+            """(items) => {
+                const dt = new DataTransfer();
+                for (const [name, text] of items) dt.items.add(new File([text], name));
+                return dt;
+            }""",
+            [[p.name, p.read_text()] for p in (state / files.CONFIG, state / files.STATE)],
+        )
+        await page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+        await expect(page.locator("[data-field=device-id]")).to_have_text("dev-1")
+        assert await fields(page) == got_first
     finally:
         await context.close()
     watch.assert_clean()
