@@ -367,6 +367,10 @@ async def test_a_tampered_catalog_is_refused_with_its_reason(
             shown = await page.inner_text("#catalog-verdict")
             assert shown.startswith(f"Refused: {code}: {err.value.code.message}: "), shown
             assert err.value.detail.split(",")[0].split(" (")[0] in shown
+        # without device.json there is no pinned key to check against, and the page says so
+        await page.set_input_files("#file-input", [str(state / files.CONFIG), str(path)])
+        await expect(page.locator("#catalog-verdict")).to_contain_text("state_missing")
+        assert "load device.json with the catalog" in await page.inner_text("#catalog-verdict")
     finally:
         await context.close()
     watch.assert_clean()

@@ -178,7 +178,8 @@ var Damm = window.Damm || (window.Damm = {});
   // Resolves to {ok: true, catalog, keyId} or {ok: false, code, message, detail}.
   Damm.verifyCatalog = async function (signedBytes, trust, now) {
     try {
-      if (!trust || typeof trust !== "object" || !trust.pinned || typeof trust.region !== "string") {
+      if (!trust || typeof trust !== "object" || !trust.pinned || typeof trust.pinned !== "object" ||
+          typeof trust.region !== "string" || !Number.isSafeInteger(trust.min_version)) {
         throw new Refusal("state_missing", "device.json has no catalog trust (load device.json with the catalog)");
       }
       var signed = decode(SignedSchema, signedBytes, "signed catalog");
@@ -209,7 +210,7 @@ var Damm = window.Damm || (window.Damm = {});
         throw new Refusal("catalog_stale", "version " + catalog.version + " is issued at " + catalog.issued_at +
           ", in the future (now is " + t + "); check the device clock");
       }
-      if (catalog.version < BigInt(trust.min_version || 0)) {
+      if (catalog.version < BigInt(trust.min_version)) {
         throw new Refusal("catalog_rollback", "version " + catalog.version + " is older than accepted version " + trust.min_version);
       }
       return { ok: true, catalog: catalog, keyId: signed.key_id };
