@@ -17,17 +17,20 @@ from typing import Any
 
 import msgspec
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 from playwright.async_api import Browser, BrowserContext, Page, expect
 
 from damm.catalog.document import SignedCatalog, decode_signed, encode_signed
 from damm.catalog.signing import CatalogSigner, signing_message
+from damm.catalog.verify import initial_trust
 from damm.companion.page import PRELOAD_MARKER, PRELOAD_NAME, Preload, page_files
 from damm.device import files
 from damm.device.diagnose import diagnose, export
 from damm.device.failover import CLOCK_SKEW_S, verify_for_device
 from damm.errors import DammError
 from tests.browser import Watch, artifact, decode_qr, launch, needs_chromium, open_page
-from tests.test_failover import KEY1, KEY2, make_device, signed_catalog
+from tests.test_failover import KEY1, KEY2, NOW, make_device, signed_catalog
 
 pytestmark = needs_chromium
 
@@ -400,48 +403,51 @@ def signed_raw(payload: bytes, signer: CatalogSigner = KEY1) -> bytes:
     return encode_signed(SignedCatalog(payload, signer.key_id, sig))
 
 
-def catalog_payload(**fields: Any) -> bytes:
-    t = now()
+def catalog_payload(t: int, **fields: Any) -> bytes:
     base: dict[str, Any] = {"region": "eu", "version": 3, "issued_at": t, "expires_at": t + 60}
     base.update(fields)
     return msgspec.msgpack.encode({k: v for k, v in base.items() if v is not None})
 
 
-def edge_cases() -> list[bytes]:
-    t = now()
+def edge_cases(t: int) -> list[bytes]:
     gw = {"id": "gw1", "region": "eu", "public_key": base64.b64encode(bytes(32)).decode()}
     fd = {"id": "f", "endpoint": "a:1"}
     ann = KEY2.announcement()
     cases = [
-        catalog_payload(),
-        catalog_payload(version=2**64 - 1, expires_at=2**64 - 1),
-        catalog_payload(version=1.0),
-        catalog_payload(version=True),
-        catalog_payload(version=-1),
-        catalog_payload(region=""),
-        catalog_payload(region="\u00e9" * 128),
-        catalog_payload(region="\u00e9" * 129),
-        catalog_payload(region=b"eu"),
-        catalog_payload(extra=1),
-        catalog_payload(gateways=None),
-        catalog_payload(gateways=[gw, gw]),
-        catalog_payload(gateways=[{**gw, "x": 1}]),
-        catalog_payload(gateways=[{**gw, "egress_countries": ["\u00e91"]}]),
-        catalog_payload(gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "ab"}]}]),
-        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "priority": 65536}]}]),
-        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "priority": 65535}]}]),
-        catalog_payload(gateways=[{**gw, "front_doors": [{**fd, "transport": ""}]}]),
-        catalog_payload(issued_at=t + 10, expires_at=t),
-        catalog_payload(issued_at=t - 100, expires_at=t - 61),
-        catalog_payload(issued_at=t - 100, expires_at=t - 59),
-        catalog_payload(issued_at=t + 59, expires_at=t + 100),
-        catalog_payload(issued_at=t + 61, expires_at=t + 100),
-        catalog_payload(version=4),
-        catalog_payload(version=5),
-        catalog_payload(next_keys=[msgspec.to_builtins(ann)]),
-        catalog_payload(next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY1.key_id}]),
-        catalog_payload(next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY2.key_id + "\n"}]),
-        catalog_payload() + b"\x00",
+        catalog_payload(
+            t,
+        ),
+        catalog_payload(t, version=2**64 - 1, expires_at=2**64 - 1),
+        catalog_payload(t, version=1.0),
+        catalog_payload(t, version=True),
+        catalog_payload(t, version=-1),
+        catalog_payload(t, region=""),
+        catalog_payload(t, region="\u00e9" * 128),
+        catalog_payload(t, region="\u00e9" * 129),
+        catalog_payload(t, region=b"eu"),
+        catalog_payload(t, extra=1),
+        catalog_payload(t, gateways=None),
+        catalog_payload(t, gateways=[gw, gw]),
+        catalog_payload(t, gateways=[{**gw, "x": 1}]),
+        catalog_payload(t, gateways=[{**gw, "egress_countries": ["\u00e91"]}]),
+        catalog_payload(t, gateways=[{**gw, "front_doors": [{"id": "f", "endpoint": "ab"}]}]),
+        catalog_payload(t, gateways=[{**gw, "front_doors": [{**fd, "priority": 65536}]}]),
+        catalog_payload(t, gateways=[{**gw, "front_doors": [{**fd, "priority": 65535}]}]),
+        catalog_payload(t, gateways=[{**gw, "front_doors": [{**fd, "transport": ""}]}]),
+        catalog_payload(t, issued_at=t + 10, expires_at=t),
+        catalog_payload(t, issued_at=t - 100, expires_at=t - 61),
+        catalog_payload(t, issued_at=t - 100, expires_at=t - 59),
+        catalog_payload(t, issued_at=t + 59, expires_at=t + 100),
+        catalog_payload(t, issued_at=t + 61, expires_at=t + 100),
+        catalog_payload(t, version=4),
+        catalog_payload(t, version=5),
+        catalog_payload(t, next_keys=[msgspec.to_builtins(ann)]),
+        catalog_payload(t, next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY1.key_id}]),
+        catalog_payload(t, next_keys=[{**msgspec.to_builtins(ann), "key_id": KEY2.key_id + "\n"}]),
+        catalog_payload(
+            t,
+        )
+        + b"\x00",
         msgspec.msgpack.encode([1, 2]),
         b"\x84\xa6region\xa2\xff\xfe\xa7version\x01\xa9issued_at\x01\xaaexpires_at\x02",
         b"\x85\xa6region\xa2eu\xa7version\xcb"
@@ -453,7 +459,13 @@ def edge_cases() -> list[bytes]:
         + msgspec.msgpack.encode(t + 9),
     ]
     out = [signed_raw(p) for p in cases]
-    env = {"payload": catalog_payload(), "key_id": KEY1.key_id, "signature": bytes(64)}
+    env = {
+        "payload": catalog_payload(
+            t,
+        ),
+        "key_id": KEY1.key_id,
+        "signature": bytes(64),
+    }
     out += [
         msgspec.msgpack.encode({**env, "extra": {"nested": [1, msgspec.msgpack.Ext(1, b"a")]}}),
         msgspec.msgpack.encode({**env, "payload": "text"}),
@@ -467,9 +479,26 @@ def edge_cases() -> list[bytes]:
     return out
 
 
-def python_verdict(signed: bytes, trust: Any) -> str:
+async def page_verdicts(page: Page, corpus: list[bytes], trust: Any, at: int) -> list[str]:
+    """The page's verdict on each signed catalog, in one round trip to the browser."""
+    verdicts: list[str] = await page.evaluate(
+        """async ([corpus, trust, at]) => {
+            const out = [];
+            for (const b64 of corpus) {
+                const r = await Damm.verifyCatalog(Damm.b64bytes(b64) || new Uint8Array(0),
+                                                   trust, at);
+                out.push(r.ok ? "ok" : r.code);
+            }
+            return out;
+        }""",
+        [[base64.b64encode(c).decode() for c in corpus], msgspec.to_builtins(trust), at],
+    )
+    return verdicts
+
+
+def python_verdict(signed: bytes, trust: Any, at: int) -> str:
     try:
-        verify_for_device(signed, trust, now=now(), skew_seconds=CLOCK_SKEW_S)
+        verify_for_device(signed, trust, now=at, skew_seconds=CLOCK_SKEW_S)
     except DammError as exc:
         return exc.code.slug
     return "ok"
@@ -483,26 +512,16 @@ async def test_the_page_refuses_exactly_what_the_cli_refuses(
     dev = files.load(state)
     assert dev.trust is not None
     trust = msgspec.structs.replace(dev.trust, min_version=4)
-    good = signed_catalog(now=now(), version=4, announce=(KEY2,))
-    corpus = [good, *mutants(good, 400, seed=15), *edge_cases()]
+    at = now()
+    good = signed_catalog(now=at, version=4, announce=(KEY2,))
+    corpus = [good, *mutants(good, 400, seed=15), *edge_cases(at)]
     write_page(tmp_path / "page", None)
     context, page, watch = await open_folder(browser, tmp_path / "page")
     try:
-        verdicts = await page.evaluate(
-            """async ([corpus, trust]) => {
-                const out = [];
-                for (const b64 of corpus) {
-                    const r = await Damm.verifyCatalog(Damm.b64bytes(b64) || new Uint8Array(0),
-                        trust, Math.floor(Date.now() / 1000));
-                    out.push(r.ok ? "ok" : r.code);
-                }
-                return out;
-            }""",
-            [[base64.b64encode(c).decode() for c in corpus], msgspec.to_builtins(trust)],
-        )
+        verdicts = await page_verdicts(page, corpus, trust, at)
     finally:
         await context.close()
-    expected = [python_verdict(c, trust) for c in corpus]
+    expected = [python_verdict(c, trust, at) for c in corpus]
     mismatches = [(i, corpus[i].hex(), expected[i], verdicts[i]) for i in range(len(corpus))
                   if expected[i] != verdicts[i]]  # fmt: skip
     assert mismatches == []
@@ -612,3 +631,92 @@ def test_the_packaged_page_has_no_preload_and_a_strict_policy() -> None:
     assert {"vendor/qrcode.js", "vendor/README.md", "vendor/LICENSE-qrcode-generator.txt"} <= set(
         pages
     )
+
+
+AT = NOW
+KEY_B64 = st.sampled_from(
+    [KEY2.public_key_b64, base64.b64encode(bytes(32)).decode(), "A" * 44, "short", "A" * 43 + "="]
+)
+IDENT = st.sampled_from(["gw1", "gw2", "eu", "us", "", "\u00e9" * 128, "x" * 129])
+VALID_INT = st.integers(0, 9)
+INTS = st.one_of(
+    VALID_INT, VALID_INT, VALID_INT, st.integers(-2, 2**64 - 1), st.floats(), st.booleans()
+)
+OFFSET = st.sampled_from([-7200, -61, -60, -59, 0, 59, 60, 61, 3600])
+FRONT_DOOR = st.fixed_dictionaries(
+    {"id": IDENT, "endpoint": st.sampled_from(["192.0.2.1:51820", "192.0.2.2:51820", "ab"])},
+    optional={"transport": st.sampled_from(["udp", "", "x" * 17]), "priority": INTS},
+)
+GATEWAY = st.fixed_dictionaries(
+    {"id": st.sampled_from(["gw1", "gw2"]), "region": IDENT, "public_key": KEY_B64},
+    optional={
+        "front_doors": st.lists(FRONT_DOOR, max_size=3),
+        "egress_countries": st.lists(st.sampled_from(["DE", "NL", "D", "DEU", "\u00e91"])),
+        "surprise": st.integers(-(2**63), 2**64 - 1),
+    },
+)
+ANNOUNCEMENT = st.one_of(
+    st.just(msgspec.to_builtins(KEY2.announcement())),
+    st.fixed_dictionaries(
+        {
+            "key_id": st.sampled_from([KEY1.key_id, KEY2.key_id, KEY2.key_id + "\n", "xyz"]),
+            "public_key": KEY_B64,
+        },
+        optional={"not_before": INTS},
+    ),
+)
+PAYLOAD = st.fixed_dictionaries(
+    {
+        "region": st.sampled_from(["eu", "eu", "eu", "us", "", "e" * 129]),
+        "version": INTS,
+        "issued_at": OFFSET.map(lambda o: AT + o),
+        "expires_at": OFFSET.map(lambda o: AT + o),
+    },
+    optional={
+        "gateways": st.lists(GATEWAY, max_size=3),
+        "next_keys": st.lists(ANNOUNCEMENT, max_size=2),
+        "surprise": st.text(max_size=3),
+    },
+)
+
+
+@st.composite
+def signed_cases(draw: st.DrawFn) -> bytes:
+    payload = dict(draw(PAYLOAD))
+    dropped = draw(st.sampled_from([None, None, None, "region", "version", "expires_at"]))
+    if dropped is not None:
+        del payload[dropped]
+    signed = signed_raw(msgspec.msgpack.encode(payload), draw(st.sampled_from([KEY1, KEY1, KEY2])))
+    if draw(st.booleans()) and draw(st.booleans()):  # a quarter of them tampered
+        data = bytearray(signed)
+        data[draw(st.integers(0, len(data) - 1))] ^= 1 << draw(st.integers(0, 7))
+        signed = bytes(data)
+    return signed
+
+
+@pytest.fixture(scope="module")
+async def verifier(
+    browser: Browser, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Page]:
+    folder = tmp_path_factory.mktemp("verifier")
+    write_page(folder, None)
+    context, page, watch = await open_folder(browser, folder)
+    yield page
+    await context.close()
+    watch.assert_clean()
+
+
+@settings(max_examples=30, deadline=None)
+@given(corpus=st.lists(signed_cases(), min_size=10, max_size=10), min_version=st.integers(0, 6))
+async def test_generated_catalogs_get_the_same_verdict_in_the_page(
+    verifier: Page, corpus: list[bytes], min_version: int
+) -> None:
+    """Structured catalogs (types, ranges, lengths, duplicates, announcements, times around the
+    skew, wrong keys, bit flips), each judged by damm.catalog.verify and by the page."""
+    trust = initial_trust("eu", KEY1.key_id, KEY1.public_key_b64, min_version)
+    verdicts = await page_verdicts(verifier, corpus, trust, AT)
+    expected = [python_verdict(c, trust, AT) for c in corpus]
+    for verdict in expected:
+        event(verdict)  # --hypothesis-show-statistics shows how the verdicts spread
+    mismatched = [c.hex() for c, v, e in zip(corpus, verdicts, expected, strict=True) if v != e]
+    assert verdicts == expected, mismatched
