@@ -318,8 +318,15 @@ async def test_a_malformed_profile_names_its_line(browser: Browser, tmp_path: Pa
         binary = tmp_path / "photo.jpg"
         binary.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)))
         await page.set_input_files("#file-input", str(binary))
+        await expect(page.locator("#import-error")).to_contain_text("photo.jpg is none of")
+        # bytes that claim to be a catalog are judged as one, and refused with the reason
+        packed = tmp_path / "catalog.signed"
+        packed.write_bytes(b"\x83\xa7payload")
+        await page.set_input_files("#file-input", str(packed))
         await expect(page.locator("#catalog-verdict")).to_contain_text("Refused")
         assert "malformed_request" in await page.inner_text("#catalog-verdict")
+        assert "truncated" in await page.inner_text("#catalog-verdict")
+        assert (await fields(page))["device-id"] == "dev-1"
     finally:
         await context.close()
     watch.assert_clean()

@@ -330,7 +330,10 @@
     try { text = utf8.decode(bytes); } catch (e) { text = null; }
     var first = bytes.length ? bytes[0] : 0;
     var looksPacked = (first >= 0x80 && first <= 0x8f) || first === 0xde || first === 0xdf;
-    if (/\.(signed|msgpack|bin)$/i.test(name) || text === null || looksPacked) return { kind: "catalog", bytes: bytes };
+    if (/\.(signed|msgpack|bin)$/i.test(name) || looksPacked) return { kind: "catalog", bytes: bytes };
+    if (text === null) {
+      throw new Error(name + " is none of: a WireGuard profile, device.json, a diagnostics export, a signed catalog");
+    }
     if (/^\s*\{/.test(text)) {
       var obj;
       try { obj = JSON.parse(text); } catch (e) { throw new Error(name + " is not valid JSON: " + e.message); }
