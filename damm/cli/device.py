@@ -327,21 +327,21 @@ def companion(
         fail(err)
     except OSError as exc:
         fail(DammError(Code.INVALID_ARGUMENT, f"cannot listen on port {port}: {exc.strerror}"))
-    emit(
-        t,
-        {"url": server.url},
-        lambda: click.echo(
-            f"companion: {server.url}\n"
-            "serving on 127.0.0.1 only; the page holds the private key, so keep the URL to "
-            "yourself. Ctrl-C stops."
-        ),
-    )
-    sys.stdout.flush()
-    if open_browser:
-        import webbrowser
+    try:  # from here on, Ctrl-C at any moment is a clean stop
+        emit(
+            t,
+            {"url": server.url},
+            lambda: click.echo(
+                f"companion: {server.url}\n"
+                "serving on 127.0.0.1 only; the page holds the private key, so keep the URL to "
+                "yourself. Ctrl-C stops."
+            ),
+        )
+        sys.stdout.flush()
+        if open_browser:
+            import webbrowser
 
-        webbrowser.open(server.url)
-    try:
+            webbrowser.open(server.url)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
