@@ -193,3 +193,24 @@ async def test_unzipped_bundle_opens_from_disk_showing_the_device(
     watch.assert_clean()
     info = json.loads((folder / INFO_NAME).read_text())
     assert info["device_id"] == "dev-1"
+
+
+@pytest.mark.parametrize(
+    ("address", "dns", "probe"),
+    [
+        ("10.44.0.10", ("10.44.0.1",), "10.44.0.1"),  # DAMM's default: the gateway is the DNS
+        ("10.44.0.10", ("1.1.1.1",), "10.44.0.1"),  # DNS outside the tunnel: the first host
+        ("10.44.3.7/16", ("9.9.9.9", "10.44.0.53"), "10.44.0.53"),
+        ("10.44.0.10", (), "10.44.0.1"),
+    ],
+)
+def test_the_readme_pings_what_the_page_pings(
+    address: str, dns: tuple[str, ...], probe: str
+) -> None:
+    from damm.device.bundle import PublicInfo, probe_address
+
+    info = PublicInfo(
+        device_id="d", public_key="k", address=address, address6=None, gateway_id="g",
+        gateway_public_key="k", front_door_id="f", endpoint="e:1", region=None, dns=dns,
+    )  # fmt: skip
+    assert probe_address(info) == probe

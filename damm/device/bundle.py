@@ -11,6 +11,7 @@ necessarily carry the same key, and the README and the page say so plainly.
 from __future__ import annotations
 
 import io
+import ipaddress
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -173,8 +174,23 @@ def qr_svg(config: str) -> bytes:
 
 
 def probe_address(info: PublicInfo) -> str:
-    """What to ping through the tunnel: the DNS server DAMM hands out is the gateway itself."""
-    return info.dns[0] if info.dns else "the gateway's tunnel address"
+    """What to ping through the tunnel, chosen as the page chooses it: a DNS server inside the
+    tunnel network (DAMM's default DNS is the gateway itself), else the network's first host.
+    A /32 device address says nothing about the network, so a /24 is assumed then."""
+    try:
+        iface = ipaddress.ip_interface(info.address)
+    except ValueError:
+        return "the gateway's tunnel address"
+    prefix = 24 if iface.version == 4 and iface.network.prefixlen >= 31 else iface.network.prefixlen
+    network = ipaddress.ip_network(f"{iface.ip}/{prefix}", strict=False)
+    for server in info.dns:
+        try:
+            ip = ipaddress.ip_address(server)
+        except ValueError:
+            continue
+        if ip in network and ip != iface.ip:
+            return str(ip)
+    return str(network.network_address + 1)
 
 
 def build_bundle(contents: Contents, page: Mapping[str, bytes] | None = None) -> bytes:
