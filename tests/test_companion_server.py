@@ -93,6 +93,11 @@ async def test_companion_serves_the_device_on_loopback_until_ctrl_c(
             await expect(page.locator("[data-field=device-id]")).to_have_text("dev-1")
             assert await page.inner_text("[data-field=endpoint]") == "198.51.100.9:51820"
             await page.click("#show-qr")
+            async with page.expect_download() as info:
+                await page.click("#download-profile")
+            download = await info.value
+            assert download.suggested_filename == "damm-wg0.conf"
+            assert (await download.path()).read_bytes() == config.read_bytes()
         finally:
             await context.close()
         watch.assert_clean()

@@ -449,6 +449,9 @@
       this.textContent = canvas.hidden ? "Show QR code" : "Hide QR code";
     });
     $("save-copy").addEventListener("click", saveCopy);
+    $("download-profile").addEventListener("click", function () {
+      download(state.name + ".conf", state.config, "text/plain");
+    });
     $("export-support").addEventListener("click", function () {
       try {
         download("damm-support" + (state.device ? "-" + state.device.device_id : "") + ".json", supportFile(), "application/json");
