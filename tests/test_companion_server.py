@@ -18,6 +18,7 @@ from playwright.async_api import Browser, expect
 
 from damm.cli.main import cli
 from damm.device import files
+from damm.device.diagnose import diagnose, export
 from damm.device.wgconfig import replace_endpoint
 from tests.browser import launch, needs_chromium, open_page
 from tests.test_failover import make_device
@@ -65,7 +66,9 @@ async def test_companion_serves_the_device_on_loopback_until_ctrl_c(
 ) -> None:
     state = tmp_path / "dev"
     make_device(state)
-    proc, url = await start(state)
+    diag = tmp_path / "diag.json"
+    export(await diagnose(state, probe_endpoint=False), diag)
+    proc, url = await start(state, "--diagnostics", str(diag))
     try:
         parts = urlsplit(url)
         assert parts.hostname == "127.0.0.1" and parts.port and parts.port > 0
@@ -76,6 +79,7 @@ async def test_companion_serves_the_device_on_loopback_until_ctrl_c(
         assert b'<script src="preload.js"></script>' in body
         status, _, preload = await asyncio.to_thread(get, url + "preload.js")
         assert status == 200 and b'"device_id":"dev-1"' in preload
+        assert b'"checks":[{"name":"files","status":"pass"' in preload
         assert files.private_key(state).encode() in preload  # the page needs the profile
         # only under the per-run token, and only for its own Host
         root = f"http://127.0.0.1:{parts.port}/"
@@ -92,6 +96,7 @@ async def test_companion_serves_the_device_on_loopback_until_ctrl_c(
         try:
             await expect(page.locator("[data-field=device-id]")).to_have_text("dev-1")
             assert await page.inner_text("[data-field=endpoint]") == "198.51.100.9:51820"
+            assert await page.locator("#checks li[data-check=files]").count() == 1
             await page.click("#show-qr")
             async with page.expect_download() as info:
                 await page.click("#download-profile")
