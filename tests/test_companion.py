@@ -727,3 +727,73 @@ async def test_generated_catalogs_get_the_same_verdict_in_the_page(
         event(verdict)  # --hypothesis-show-statistics shows how the verdicts spread
     mismatched = [c.hex() for c, v, e in zip(corpus, verdicts, expected, strict=True) if v != e]
     assert verdicts == expected, mismatched
+
+
+WG_KEY = st.binary(min_size=32, max_size=32).map(lambda b: base64.b64encode(b).decode())
+V4 = st.ip_addresses(v=4).map(str)
+V6 = st.ip_addresses(v=6).map(str)
+HOSTNAME = st.from_regex(r"\A[a-z0-9](?:[a-z0-9.-]{0,20}[a-z0-9])?\Z")
+PORT = st.integers(1, 65535)
+ENDPOINT = st.one_of(
+    st.tuples(V4, PORT).map(lambda t: f"{t[0]}:{t[1]}"),
+    st.tuples(V6, PORT).map(lambda t: f"[{t[0]}]:{t[1]}"),
+    st.tuples(HOSTNAME, PORT).map(lambda t: f"{t[0]}:{t[1]}"),
+)
+NETWORK = st.one_of(
+    st.tuples(V4, st.integers(0, 32)).map(lambda t: f"{t[0]}/{t[1]}"),
+    st.tuples(V6, st.integers(0, 128)).map(lambda t: f"{t[0]}/{t[1]}"),
+)
+
+
+@st.composite
+def rendered_profiles(draw: st.DrawFn) -> str:
+    from damm.device.wgconfig import render_wg_quick
+
+    return render_wg_quick(
+        draw(WG_KEY),
+        f"{draw(V4)}/{draw(st.integers(8, 32))}",
+        draw(st.none() | V6.map(lambda a: f"{a}/128")),
+        tuple(draw(st.lists(V4 | V6 | HOSTNAME, max_size=3))),
+        draw(WG_KEY),
+        draw(ENDPOINT),
+        tuple(draw(st.lists(NETWORK, min_size=1, max_size=4))),
+        draw(st.integers(0, 65535)),
+    )
+
+
+def python_reading(text: str) -> dict[str, Any]:
+    """What the lines say, read naively: `Key = a, b` per line, sections in order."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(" = ")
+        if sep:
+            out[key] = value.split(", ") if key in ("Address", "DNS", "AllowedIPs") else value
+    return out
+
+
+@settings(max_examples=20, deadline=None)
+@given(profiles=st.lists(rendered_profiles(), min_size=10, max_size=10))
+async def test_the_page_reads_every_profile_damm_renders(
+    verifier: Page, profiles: list[str]
+) -> None:
+    """Whatever render_wg_quick writes (IPv4/IPv6, names, split or full tunnels), the page
+    accepts and reads back field for field."""
+    readings = await verifier.evaluate(
+        """(texts) => texts.map((text) => {
+            try {
+                const p = Damm.parseConfig(text);
+                const peer = p.peers[0];
+                const out = {PrivateKey: p.interface.PrivateKey, Address: p.interface.Address,
+                             PublicKey: peer.PublicKey, Endpoint: peer.Endpoint,
+                             AllowedIPs: peer.AllowedIPs,
+                             PersistentKeepalive: peer.PersistentKeepalive};
+                if (p.interface.DNS) out.DNS = p.interface.DNS;
+                for (const k of Object.keys(out)) if (out[k] === undefined) delete out[k];
+                return out;
+            } catch (e) {
+                return {error: e.message};
+            }
+        })""",
+        profiles,
+    )
+    assert readings == [python_reading(text) for text in profiles]
