@@ -297,7 +297,7 @@ def bundle(ctx: click.Context, state_dir: Path, out: Path | None, diagnostics: P
         t,
         {"bundle": str(path)},
         lambda: click.echo(
-            f"bundle: {path} (mode 0600; its config and QR code hold the device private key)\n"
+            f"bundle: {path} (mode 0600; the config, QR code and page hold the private key)\n"
             "unzip it and open index.html to inspect the profile"
         ),
     )
