@@ -339,6 +339,13 @@ def tampered_payload(signed: bytes) -> bytes:
     return encode_signed(SignedCatalog(bytes(payload), env.key_id, env.signature))
 
 
+ADVICE = {  # the plain-words meaning the page adds to each refusal
+    "catalog_bad_signature": "changed after it was signed",
+    "catalog_unknown_key": "never pinned",
+    "catalog_stale": "past its expiry",
+    "catalog_wrong_region": "another region",
+    "catalog_rollback": "replaying an old catalog",
+}
 CATALOG_CASES = [
     ("tampered", lambda: tampered_payload(signed_catalog(now=now())), "catalog_bad_signature"),
     ("other-key", lambda: signed_catalog(signer=KEY2, now=now()), "catalog_unknown_key"),
@@ -377,6 +384,7 @@ async def test_a_tampered_catalog_is_refused_with_its_reason(
             shown = await page.inner_text("#catalog-verdict")
             assert shown.startswith(f"Refused: {code}: {err.value.code.message}: "), shown
             assert err.value.detail.split(",")[0].split(" (")[0] in shown
+            assert ADVICE[code] in await page.inner_text("#catalog-doors .advice")
         # without device.json there is no pinned key to check against, and the page says so
         await page.set_input_files("#file-input", [str(state / files.CONFIG), str(path)])
         await expect(page.locator("#catalog-verdict")).to_contain_text("state_missing")

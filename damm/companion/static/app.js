@@ -288,6 +288,15 @@
   }
 
   // Catalog
+  var CATALOG_ADVICE = {
+    malformed_request: "The file is damaged or is not a DAMM catalog; failover would refuse it too.",
+    catalog_bad_signature: "The catalog was changed after it was signed, or signed by someone else: do not trust anything in it.",
+    catalog_unknown_key: "The catalog is signed by a key this device never pinned: it may be forged, or the device missed a key rotation (re-enroll).",
+    catalog_stale: "The catalog is past its expiry (or dated in the future): check the device clock, then fetch a fresh one with damm device failover or diagnose.",
+    catalog_rollback: "The catalog is older than one this device already accepted: someone may be replaying an old catalog.",
+    catalog_wrong_region: "The catalog is for another region than the device's: it lists gateways this device was never placed on.",
+    state_missing: "Load the device's device.json with the catalog: it holds the pinned key to check against.",
+  };
   async function renderCatalog() {
     var verdict = $("catalog-verdict");
     var doors = $("catalog-doors");
@@ -303,6 +312,7 @@
     if (!r.ok) {
       verdict.className = "refused";
       verdict.textContent = "Refused: " + r.code + ": " + r.message + ": " + r.detail;
+      if (CATALOG_ADVICE[r.code]) doors.appendChild(el("li", { class: "advice", text: CATALOG_ADVICE[r.code] }));
       return;
     }
     var c = r.catalog;
