@@ -564,6 +564,18 @@ async def test_install_guides_for_each_platform(browser: Browser, tmp_path: Path
             assert "Check that it works" in guide
             assert guide.rstrip().endswith("ping 10.44.0.1"), guide
             assert "damm-wg0" in guide
+        detected = await page.evaluate(
+            """(navs) => navs.map((n) => Damm.detectPlatform(n))""",
+            [
+                {"platform": "Win32", "userAgent": "Mozilla/5.0 (Windows NT 10.0; Win64; x64)"},
+                {"platform": "MacIntel", "userAgent": "Mozilla/5.0 (Macintosh; Intel Mac OS X)"},
+                {"platform": "iPhone", "userAgent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0)"},
+                {"platform": "Linux armv8l", "userAgent": "Mozilla/5.0 (Linux; Android 14)"},
+                {"platform": "Linux x86_64", "userAgent": "Mozilla/5.0 (X11; Linux x86_64)"},
+                {"userAgentData": {"platform": "Windows"}, "platform": ""},
+            ],
+        )
+        assert detected == ["windows", "macos", "ios", "android", "linux", "windows"]
         await page.click("#platform-tabs [data-platform=networkmanager]")
         guide = await page.inner_text("#guide")
         assert "nmcli connection import type wireguard file damm-wg0.conf" in guide
