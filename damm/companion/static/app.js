@@ -361,8 +361,9 @@
       state.config = cfg.text;
       state.parsed = parsed;
       state.name = cfg.name;
-      state.device = null;
+      state.device = null; // a new profile starts clean: nothing of the last one carries over
       state.catalog = null;
+      state.diagnostics = null;
     }
     items.forEach(function (i) {
       if (i.kind === "device") state.device = i.value;
@@ -411,10 +412,10 @@
       });
       open.addEventListener("click", async function () {
         showError("");
-        state.diagnostics = row.diagnostics || null;
         await load([{ kind: "config", text: row.config, name: row.name }].concat(
           row.device ? [{ kind: "device", value: row.device }] : [],
-          row.catalog ? [{ kind: "catalog", bytes: Damm.b64bytes(row.catalog) }] : []));
+          row.catalog ? [{ kind: "catalog", bytes: Damm.b64bytes(row.catalog) }] : [],
+          row.diagnostics ? [{ kind: "diagnostics", value: row.diagnostics }] : []));
         status("Opened the copy \u201c" + row.name + "\u201d.");
       });
       exp.addEventListener("click", function () { download(row.name + ".conf", row.config, "text/plain"); });
