@@ -246,6 +246,15 @@ async def test_support_export_holds_no_private_key(browser: Browser, tmp_path: P
         assert data["device"]["device_id"] == "dev-1"
         assert data["profile"]["device_public_key"] == files.public_key(state)
         assert [c["name"] for c in data["diagnostics"]["checks"]] == [c.name for c in report.checks]
+        # another device's profile starts clean: its support file carries none of the above
+        other = device(tmp_path / "other")
+        await load_files(page, other / files.CONFIG)
+        await expect(page.locator("#checks li")).to_have_count(0)
+        async with page.expect_download() as info:
+            await page.click("#export-support")
+        data = json.loads((await (await info.value).path()).read_text())
+        assert set(data) == {"kind", "written_at", "note", "profile"}
+        assert data["profile"]["device_public_key"] == files.public_key(other)
     finally:
         await context.close()
     watch.assert_clean()
