@@ -138,3 +138,21 @@ def test_companion_without_enrollment_is_a_clean_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["device", "companion", "--state-dir", str(tmp_path / "x")])
     assert result.exit_code == 1
     assert "state_missing" in result.output and "Traceback" not in result.output
+
+
+def test_a_port_in_use_is_a_clean_error(tmp_path: Path) -> None:
+    import socket
+
+    state = tmp_path / "dev"
+    make_device(state)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(
+            cli, ["device", "companion", "--state-dir", str(state), "--port", str(port)]
+        )
+    assert result.exit_code == 2
+    assert f"invalid_argument: an argument is invalid: cannot listen on port {port}" in (
+        result.output
+    )
