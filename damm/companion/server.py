@@ -77,7 +77,7 @@ class CompanionServer:
         return Handler
 
     def respond(self, path: str, host: str) -> tuple[int, bytes, str]:
-        """(status, body, content type) for a GET; a pure function of the path and Host."""
+        """(status, body, content type) for a GET of `path` sent with this Host header."""
         text = "text/plain; charset=utf-8"
         if host not in (f"127.0.0.1:{self.port}", f"localhost:{self.port}"):
             return HTTPStatus.FORBIDDEN, b"wrong Host header\n", text
