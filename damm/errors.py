@@ -48,6 +48,7 @@ class Code(enum.Enum):
     NO_HEALTHY_GATEWAY = ErrorSpec("no healthy gateway can take this device", True)
     NO_EGRESS = ErrorSpec("no egress pool serves that exit country", True)
     POOL_EXHAUSTED = ErrorSpec("the address pool is exhausted")
+    EGRESS_IN_USE = ErrorSpec("devices still leave from an egress address the change would drop")
     # gateways
     GATEWAY_NOT_REGISTERED = ErrorSpec("the gateway has not registered")
     WG_BACKEND = ErrorSpec("the WireGuard interface refused or failed an operation", True)

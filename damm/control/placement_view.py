@@ -39,19 +39,24 @@ def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
 
 
 def pools(state: DecisionState) -> list[pl.EgressPool]:
-    return [
-        pl.EgressPool(
-            e.pool_id,
-            e.provider,
-            e.region,
-            frozenset(e.countries),
-            e.ips,
-            e.load,
-            e.headroom,
-            e.active,
+    """Pools with load and headroom measured from the devices assigned to them in the log; the
+    figures an operator once typed into ``egress.defined`` are not evidence and are ignored."""
+    out = []
+    for e in state.pools.values():
+        load = state.pool_load(e.pool_id)
+        out.append(
+            pl.EgressPool(
+                e.pool_id,
+                e.provider,
+                e.region,
+                frozenset(e.countries),
+                e.ips,
+                load,
+                1.0 - load,
+                e.active,
+            )
         )
-        for e in state.pools.values()
-    ]
+    return out
 
 
 def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:

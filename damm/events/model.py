@@ -170,6 +170,9 @@ class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
     key_expires_at: datetime | None = None
     region: str = ""
     exit_country: str | None = None
+    # The pool address this device's traffic leaves from (damm.domain.egress.assign); None for
+    # devices enrolled before egress reached the packet plane, or in a pool without IPv4.
+    egress_address: str | None = None
 
 
 class DeviceRevoked(_Event, frozen=True, tag="device.revoked"):
