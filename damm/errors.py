@@ -52,6 +52,7 @@ class Code(enum.Enum):
     # gateways
     GATEWAY_NOT_REGISTERED = ErrorSpec("the gateway has not registered")
     WG_BACKEND = ErrorSpec("the WireGuard interface refused or failed an operation", True)
+    EGRESS_BACKEND = ErrorSpec("nftables refused or failed an egress NAT change", True)
     # catalogs and failover
     CATALOG_STALE = ErrorSpec("the catalog has expired")
     CATALOG_BAD_SIGNATURE = ErrorSpec("the catalog signature does not verify")
