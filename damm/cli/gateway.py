@@ -86,6 +86,11 @@ def gateway() -> None:
     show_default=True,
     help="Source-NAT each device to its egress address (nftables table `ip damm`).",
 )
+@click.option(
+    "--egress-netns",
+    default=None,
+    help="Network namespace holding the uplink, when it is not the agent's own.",
+)
 @run
 async def run_cmd(
     gateway_id: str,
@@ -100,6 +105,7 @@ async def run_cmd(
     usage_interval: float,
     capacity: int,
     egress_kind: str,
+    egress_netns: str | None,
 ) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure(settings.log_level(), json=settings.log_json())
@@ -121,7 +127,8 @@ async def run_cmd(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        egress = EgressReconciler(Nftables()) if egress_kind == "nftables" else None
+        wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
+        egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
         await GatewayAgent(config, backend, egress).run(stop)
     finally:
         await backend.close()
