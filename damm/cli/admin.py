@@ -338,12 +338,19 @@ admin.command("resume")(_lifecycle("admin.device.resume", "resumed"))
 @click.option("--tier", "tier_name", required=True)
 @click.option("--region")
 @click.option("--exit-country")
+@json_option
 @click.pass_context
 @run
 async def explain_placement(
-    ctx: click.Context, tier_name: str, region: str | None, exit_country: str | None
+    ctx: click.Context,
+    tier_name: str,
+    region: str | None,
+    exit_country: str | None,
+    as_json: bool,
 ) -> None:
-    """Show where a device with these hints would land, and why every other candidate lost."""
+    """Show where a device with these hints would land: every eligible gateway ranked with its
+    load, peers, heartbeat age, front door and egress headroom, the winner marked, and why every
+    other candidate was rejected."""
     t = target(ctx)
     res = await admin_call(
         t,
@@ -361,6 +368,21 @@ async def explain_placement(
         else:
             assert res.error is not None
             click.echo(f"no placement: {res.error.code}: {res.error.detail}")
+        if res.candidates:
+            click.echo(f"candidates, ranked by {'; then '.join(res.ranking)}:")
+            for c in res.candidates:
+                mark = "*" if c.chosen else " "
+                pool = (
+                    f"egress {c.egress_pool_id} headroom {c.egress_headroom:.0%}"
+                    if c.egress_pool_id is not None and c.egress_headroom is not None
+                    else "egress -"
+                )
+                click.echo(
+                    f" {mark}{c.rank:>3} {c.gateway_id} ({c.region}) load {c.load:.2f} "
+                    f"peers {c.peer_count} heartbeat {c.heartbeat_age_s:.0f}s ago "
+                    f"door {c.front_door_id} priority {c.front_door_priority} {pool}"
+                    + ("  <- chosen" if c.chosen else "")
+                )
         for r in res.rejected:
             click.echo(f"  rejected {r.kind} {r.id}: {r.reason}")
 

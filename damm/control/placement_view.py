@@ -83,4 +83,24 @@ def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
         egress_pool_id=chosen.egress_pool.id if chosen and chosen.egress_pool else None,
         error=error,
         rejected=tuple(p.Rejected(r.kind, r.id, r.reason) for r in result.rejections),
+        candidates=tuple(_scored(c) for c in result.scores),
+        ranking=pl.RANKING,
+    )
+
+
+def _scored(c: pl.CandidateScore) -> p.ScoredCandidate:
+    pool = c.egress_pool
+    return p.ScoredCandidate(
+        rank=c.rank,
+        chosen=c.chosen,
+        gateway_id=c.gateway.id,
+        region=c.gateway.region,
+        load=c.load,
+        peer_count=c.gateway.peer_count,
+        heartbeat_age_s=round(c.heartbeat_age_s, 3),
+        front_door_id=c.front_door.id,
+        front_door_priority=c.front_door.priority,
+        egress_pool_id=pool.id if pool else None,
+        egress_load=pool.load if pool else None,
+        egress_headroom=c.egress_headroom,
     )
