@@ -276,8 +276,13 @@ def egress() -> None:
 @click.option("--countries", required=True, help="comma-separated ISO codes")
 @click.option("--ips", default="", help="comma-separated addresses or CIDRs")
 @click.option("--provider", default="static")
-@click.option("--load", type=float, default=0.0)
-@click.option("--headroom", type=float, default=1.0)
+@click.option(
+    "--devices-per-address",
+    type=click.IntRange(1, 65535),
+    default=128,
+    show_default=True,
+    help="capacity: devices one source address carries (load is measured against it)",
+)
 @click.pass_context
 @run
 async def egress_add(
@@ -287,10 +292,10 @@ async def egress_add(
     countries: str,
     ips: str,
     provider: str,
-    load: float,
-    headroom: float,
+    devices_per_address: int,
 ) -> None:
-    """Add or redefine an egress pool."""
+    """Add or redefine an egress pool. Its load and headroom are measured from the devices
+    assigned to its addresses; a redefinition may not drop an address devices still use."""
     t = target(ctx)
     done = await admin_call(
         t,
@@ -301,8 +306,7 @@ async def egress_add(
             region=region,
             countries=_csv(countries),
             ips=_csv(ips),
-            load=load,
-            headroom=headroom,
+            devices_per_address=devices_per_address,
         ),
         p.Done,
     )
@@ -639,9 +643,19 @@ _LISTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "pools": (
-        "SELECT pool_id, provider, region, countries, ips, load, headroom, active"
-        " FROM egress_pools ORDER BY pool_id",
-        ("pool_id", "provider", "region", "countries", "ips", "load", "headroom", "active"),
+        "SELECT p.pool_id, p.provider, p.region, p.countries, p.ips, p.devices_per_address,"
+        " (SELECT count(*) FROM devices d WHERE d.egress_pool_id = p.pool_id"
+        "  AND d.status <> 'revoked') AS assigned, p.active FROM egress_pools p ORDER BY pool_id",
+        (
+            "pool_id",
+            "provider",
+            "region",
+            "countries",
+            "ips",
+            "devices_per_address",
+            "assigned",
+            "active",
+        ),
     ),
 }
 

@@ -162,7 +162,10 @@ class DecisionState:
 
     def pool_load(self, pool_id: str) -> float:
         """How full the pool is, from the devices assigned to it in the log."""
-        return egress.load(self.pool_assigned[pool_id], len(self.pool_addresses.get(pool_id, ())))
+        pool = self.pools.get(pool_id)
+        per_address = pool.devices_per_address if pool else egress.DEVICES_PER_ADDRESS
+        addresses = len(self.pool_addresses.get(pool_id, ()))
+        return egress.load(self.pool_assigned[pool_id], addresses, per_address)
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)

@@ -125,9 +125,11 @@ class EgressPoolDefined(_Event, frozen=True, tag="egress.defined"):
     region: str
     countries: tuple[str, ...]
     ips: tuple[str, ...]
-    load: float = 0.0
-    headroom: float = 1.0
+    load: float = 0.0  # typed by operators before load was measured; ignored
+    headroom: float = 1.0  # likewise
     active: bool = True
+    # Capacity: how many devices one source address carries; load = assigned / (addresses x this).
+    devices_per_address: int = 128
 
 
 # --- addresses and keys -----------------------------------------------------------------------

@@ -103,9 +103,10 @@ class DefineEgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     region: str
     countries: tuple[str, ...]
     ips: tuple[str, ...] = ()
-    load: float = 0.0
-    headroom: float = 1.0
+    load: float = 0.0  # ignored: load is measured from assignments
+    headroom: float = 1.0  # ignored likewise
     active: bool = True
+    devices_per_address: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 128
 
 
 class DeviceAction(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

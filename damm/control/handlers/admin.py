@@ -255,6 +255,7 @@ class AdminHandlers:
             load=req.load,
             headroom=req.headroom,
             active=req.active,
+            devices_per_address=req.devices_per_address,
         )
         subject = event_subject("egress", req.pool_id)
         await self.ctx.follower.sync()  # assignments other replicas made count too
