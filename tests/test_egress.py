@@ -151,3 +151,12 @@ def test_desired_map_uses_the_ipv4_host_route() -> None:
         "k3": (("fd00::c/128",), "198.51.100.2"),
     }
     assert nat.desired_map(peers) == {"10.44.0.10": "198.51.100.1"}
+
+
+def test_pool_load_is_the_tighter_of_devices_and_traffic() -> None:
+    assert egress.traffic_load(500, 2, None) == 0.0  # no allowance declared: not a constraint
+    assert egress.traffic_load(500, 2, 1000) == 0.25
+    assert egress.traffic_load(5000, 2, 1000) == 1.0
+    assert egress.pool_load(64, 0, 1, 128) == 0.5
+    assert egress.pool_load(64, 900, 1, 128, 1000) == 0.9
+    assert egress.pool_load(0, 900, 0, 128, 1000) == 1.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -15,8 +16,9 @@ from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
+from damm.reports.report import generate
 from damm.subjects import peers_subject
-from tests.fleet import enroll, setup_fleet
+from tests.fleet import enroll, keypair, setup_fleet
 from tests.test_peersets import snapshot, wait_for
 
 
@@ -115,5 +117,50 @@ async def test_pool_load_comes_from_assignments_not_typed_numbers(
     # Tie, then a-small carries 1 of 128, then b-big carries 1 of 14 x 128: b-big again.
     assert pools == ["a-small", "b-big", "b-big"]
     state = control.ctx.state  # type: ignore[union-attr]
-    assert state.pool_load("a-small") == pytest.approx(1 / 128)
-    assert state.pool_load("b-big") == pytest.approx(2 / (14 * 128))
+    now = datetime.now(UTC)
+    assert state.pool_load("a-small", now) == pytest.approx(1 / 128)
+    assert state.pool_load("b-big", now) == pytest.approx(2 / (14 * 128))
+
+
+async def test_traffic_against_a_declared_allowance_feeds_placement_and_the_report(
+    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS, dsn: str
+) -> None:
+    fleet = await setup_fleet(admin_nc, gateway_nc, countries=("DE",))
+    await define(admin_nc, "a-metered", "198.51.100.1", transfer_per_address=1000)
+    await define(admin_nc, "b-plain", "198.51.100.2")
+    keys = [keypair() for _ in range(3)]
+    first = await enroll(device_nc, fleet["token"], public_key=keys[0][1], exit_country="DE")
+    second = await enroll(device_nc, fleet["token"], public_key=keys[1][1], exit_country="DE")
+    assert (first.egress_pool_id, second.egress_pool_id) == ("a-metered", "b-plain")
+    await call(
+        gateway_nc,
+        "gateway.usage",
+        p.ReportUsage(
+            gateway_id="gw1",
+            token=fleet["gw1_token"],
+            report_id="r1",
+            entries=(p.UsageEntry(keys[0][1], 600, 300),),
+        ),
+        p.Done,
+    )
+    state = control.ctx.state  # type: ignore[union-attr]
+    await wait_for(lambda: state.pool_load("a-metered", datetime.now(UTC)) == pytest.approx(0.9))
+    # One device each; a-metered would win the tie on its id, but 900 of 1000 bytes are gone.
+    third = await enroll(device_nc, fleet["token"], public_key=keys[2][1], exit_country="DE")
+    assert third.egress_pool_id == "b-plain"
+    res = await call(
+        admin_nc,
+        "admin.explain_placement",
+        p.ExplainPlacement(tier="gold", exit_country="DE"),
+        p.PlacementExplained,
+    )
+    assert res.candidates[0].egress_pool_id == "b-plain"
+    await control.wait_projected()
+    rep = await generate(dsn)
+    pools = {row.pool_id: row for row in rep.egress_pools}
+    metered = pools["a-metered"]
+    assert (metered.traffic_bytes, metered.transfer_per_address) == (900, 1000)
+    assert metered.load == pytest.approx(0.9) and metered.headroom == pytest.approx(0.1)
+    assert metered.low_headroom and pools["b-plain"].devices_assigned == 2
+    advice = [r.message for r in rep.recommendations if r.subject == "a-metered"]
+    assert len(advice) == 1 and "900 B of 1000 B" in advice[0]

@@ -283,6 +283,11 @@ def egress() -> None:
     show_default=True,
     help="capacity: devices one source address carries (load is measured against it)",
 )
+@click.option(
+    "--transfer-per-address",
+    default=None,
+    help="capacity: bytes one address may move per usage period, e.g. 20TiB (optional)",
+)
 @click.pass_context
 @run
 async def egress_add(
@@ -293,6 +298,7 @@ async def egress_add(
     ips: str,
     provider: str,
     devices_per_address: int,
+    transfer_per_address: str | None,
 ) -> None:
     """Add or redefine an egress pool. Its load and headroom are measured from the devices
     assigned to its addresses; a redefinition may not drop an address devices still use."""
@@ -307,6 +313,7 @@ async def egress_add(
             countries=_csv(countries),
             ips=_csv(ips),
             devices_per_address=devices_per_address,
+            transfer_per_address=parse_size(transfer_per_address) if transfer_per_address else None,
         ),
         p.Done,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from damm.control.context import Context
 from damm.control.state import DecisionState
@@ -38,12 +38,12 @@ def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
     return out
 
 
-def pools(state: DecisionState) -> list[pl.EgressPool]:
+def pools(state: DecisionState, now: datetime) -> list[pl.EgressPool]:
     """Pools with load and headroom measured from the devices assigned to them in the log; the
     figures an operator once typed into ``egress.defined`` are not evidence and are ignored."""
     out = []
     for e in state.pools.values():
-        load = state.pool_load(e.pool_id)
+        load = state.pool_load(e.pool_id, now)
         out.append(
             pl.EgressPool(
                 e.pool_id,
@@ -63,12 +63,13 @@ def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
     tier = ctx.state.tiers.get(req.tier)
     if tier is None:
         raise DammError(Code.NOT_FOUND, f"tier {req.tier!r}")
+    now = ctx.now()
     result = pl.explain(
         pl.PlacementRequest(req.region, req.exit_country),
         tier_policy(tier),
         candidates(ctx.state),
-        pools(ctx.state),
-        now=ctx.now(),
+        pools(ctx.state, now),
+        now=now,
         heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
     )
     chosen = result.chosen

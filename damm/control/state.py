@@ -19,6 +19,7 @@ from damm import log
 from damm.domain import egress
 from damm.domain.ipam import AddressPool, Overlay
 from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
+from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
 from damm.subjects import EVENT_PREFIX
@@ -132,6 +133,7 @@ class DecisionState:
         self.pool_addresses: dict[str, tuple[str, ...]] = {}
         self.egress_in_use: dict[str, Counter[str]] = {}
         self.pool_assigned: Counter[str] = Counter()
+        self.pool_traffic: Counter[tuple[str, str]] = Counter()  # (pool, usage period) -> bytes
         self.devices: dict[str, DeviceState] = {}
         self.devices_by_gateway: dict[str, dict[str, DeviceState]] = {}
         self.bound_keys: dict[str, str] = {}
@@ -160,12 +162,16 @@ class DecisionState:
             if (peer := peer_of(dev)) is not None
         ]
 
-    def pool_load(self, pool_id: str) -> float:
-        """How full the pool is, from the devices assigned to it in the log."""
+    def pool_load(self, pool_id: str, now: datetime) -> float:
+        """How full the pool is, from the devices assigned to it and what they moved this period."""
         pool = self.pools.get(pool_id)
-        per_address = pool.devices_per_address if pool else egress.DEVICES_PER_ADDRESS
-        addresses = len(self.pool_addresses.get(pool_id, ()))
-        return egress.load(self.pool_assigned[pool_id], addresses, per_address)
+        return egress.pool_load(
+            self.pool_assigned[pool_id],
+            self.pool_traffic[(pool_id, period_at(now))],
+            len(self.pool_addresses.get(pool_id, ())),
+            pool.devices_per_address if pool else egress.DEVICES_PER_ADDRESS,
+            pool.transfer_per_address if pool else None,
+        )
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
@@ -303,6 +309,14 @@ class DecisionState:
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
                     self._transition(dev, e)
+            case m.UsageReported():
+                # The same period label as the usage read model, so both agree on "this period".
+                period = period_at(e.measured_at or env.occurred_at)
+                for delta in e.deltas:
+                    dev = self.devices.get(delta.device_id)
+                    if dev is not None and dev.egress_pool_id is not None:
+                        moved = max(0, delta.rx_bytes) + max(0, delta.tx_bytes)
+                        self.pool_traffic[(dev.egress_pool_id, period)] += moved
             case _:
                 pass
 

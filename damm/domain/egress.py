@@ -5,9 +5,11 @@ reads the same address from the log instead of re-deriving it from a fleet that 
 The rule is "fewest devices already on that address, then the lowest address", so a pool's
 addresses fill evenly and two replicas given the same counts pick the same one.
 
-A pool's load is its share of capacity in use: devices assigned over addresses times how many
-devices one address carries (one IPv4 source address has about 64k ports to share out). It is
-computed from assignments in the log, never typed in by an operator.
+A pool's load is its share of capacity in use, the larger of two measures, both from the log:
+devices assigned over addresses times how many devices one address carries (one IPv4 source
+address has about 64k ports to share out), and, when the operator declared a transfer allowance
+per address for the usage period, the bytes its devices moved this period over that allowance.
+Nobody types a load in.
 """
 
 from __future__ import annotations
@@ -67,7 +69,30 @@ def orphaned(new_addresses: Sequence[str], in_use: Mapping[str, int]) -> tuple[s
 
 
 def load(assigned: int, address_count: int, per_address: int = DEVICES_PER_ADDRESS) -> float:
-    """Share of the pool's capacity in use, 0..1; a pool without addresses is full."""
+    """Share of the pool's device capacity in use, 0..1; a pool without addresses is full."""
     if address_count <= 0 or per_address <= 0:
         return 1.0
     return min(1.0, max(0, assigned) / (address_count * per_address))
+
+
+def traffic_load(moved: int, address_count: int, transfer_per_address: int | None) -> float:
+    """Share of the period's transfer allowance used, 0..1; 0 when no allowance is declared."""
+    if not transfer_per_address:
+        return 0.0
+    if address_count <= 0:
+        return 1.0
+    return min(1.0, max(0, moved) / (address_count * transfer_per_address))
+
+
+def pool_load(
+    assigned: int,
+    moved: int,
+    address_count: int,
+    per_address: int = DEVICES_PER_ADDRESS,
+    transfer_per_address: int | None = None,
+) -> float:
+    """The figure placement and the report use: whichever capacity is closer to running out."""
+    return max(
+        load(assigned, address_count, per_address),
+        traffic_load(moved, address_count, transfer_per_address),
+    )

@@ -130,6 +130,7 @@ class EgressPoolDefined(_Event, frozen=True, tag="egress.defined"):
     active: bool = True
     # Capacity: how many devices one source address carries; load = assigned / (addresses x this).
     devices_per_address: int = 128
+    transfer_per_address: int | None = None  # bytes per usage period; None: not a constraint
 
 
 # --- addresses and keys -----------------------------------------------------------------------

@@ -66,10 +66,12 @@ _FRONT_DOOR = (
 )
 _EGRESS = (
     "INSERT INTO egress_pools (pool_id, provider, region, countries, ips, load, headroom, active,"
-    " devices_per_address) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9) ON CONFLICT (pool_id) DO UPDATE SET"
+    " devices_per_address, transfer_per_address) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+    " ON CONFLICT (pool_id) DO UPDATE SET"
     " provider=EXCLUDED.provider, region=EXCLUDED.region, countries=EXCLUDED.countries,"
     " ips=EXCLUDED.ips, load=EXCLUDED.load, headroom=EXCLUDED.headroom, active=EXCLUDED.active,"
-    " devices_per_address=EXCLUDED.devices_per_address"
+    " devices_per_address=EXCLUDED.devices_per_address,"
+    " transfer_per_address=EXCLUDED.transfer_per_address"
 )
 _ADDRESS = (
     "INSERT INTO addresses (pool, idx, address, address6, device_id) VALUES ($1,$2,$3,$4,$5)"
@@ -207,6 +209,7 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
                     e.headroom,
                     e.active,
                     e.devices_per_address,
+                    e.transfer_per_address,
                 ),
             )
         case m.AddressAllocated():

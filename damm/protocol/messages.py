@@ -107,6 +107,7 @@ class DefineEgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     headroom: float = 1.0  # ignored likewise
     active: bool = True
     devices_per_address: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 128
+    transfer_per_address: Annotated[int, msgspec.Meta(ge=1, le=2**62)] | None = None
 
 
 class DeviceAction(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -71,8 +71,9 @@ class FrontDoorRow(msgspec.Struct, kw_only=True):
 
 
 class PoolRow(msgspec.Struct, kw_only=True):
-    """``load`` is measured: devices assigned (not revoked) over addresses x devices per
-    address, the same figure placement uses; ``traffic_bytes`` is this period's usage of them."""
+    """``load`` is measured, the same figure placement uses: devices assigned (not revoked) over
+    addresses x devices per address, or, if higher, ``traffic_bytes`` (this period) over
+    addresses x ``transfer_per_address`` when the operator declared that allowance."""
 
     pool_id: str
     provider: str
@@ -88,6 +89,7 @@ class PoolRow(msgspec.Struct, kw_only=True):
     devices_per_address: int = 0
     devices_assigned: int = 0
     traffic_bytes: int = 0
+    transfer_per_address: int | None = None
 
 
 class TierRow(msgspec.Struct, kw_only=True):
@@ -196,6 +198,7 @@ ORDER BY f.gateway_id, f.priority, f.front_door_id
 """
 _POOLS = """
 SELECT p.pool_id, p.provider, p.region, p.countries, p.ips, p.active, p.devices_per_address,
+       p.transfer_per_address,
        coalesce(n.active, 0) AS devices_active, coalesce(n.assigned, 0) AS devices_assigned,
        coalesce(u.bytes, 0) AS traffic_bytes
 FROM egress_pools p LEFT JOIN (
@@ -303,7 +306,14 @@ def _pool(r: dict[str, Any]) -> PoolRow:
     except DammError:  # an inventory recorded before it was checked
         addresses = 0
     per_address = int(r["devices_per_address"])
-    load = egress.load(int(r["devices_assigned"]), addresses, per_address)
+    transfer = r.get("transfer_per_address")
+    load = egress.pool_load(
+        int(r["devices_assigned"]),
+        int(r["traffic_bytes"]),
+        addresses,
+        per_address,
+        int(transfer) if transfer is not None else None,
+    )
     return PoolRow(
         pool_id=r["pool_id"],
         provider=r["provider"],
@@ -319,6 +329,7 @@ def _pool(r: dict[str, Any]) -> PoolRow:
         devices_per_address=per_address,
         devices_assigned=int(r["devices_assigned"]),
         traffic_bytes=int(r["traffic_bytes"]),
+        transfer_per_address=int(transfer) if transfer is not None else None,
     )
 
 
@@ -487,6 +498,12 @@ def recommend(report: Report) -> list[Recommendation]:
             )
     for p in report.egress_pools:
         if p.low_headroom:
+            moved = (
+                f"; {p.traffic_bytes} B of {p.addresses * p.transfer_per_address} B allowed "
+                "moved this period"
+                if p.transfer_per_address
+                else ""
+            )
             out.append(
                 Recommendation(
                     severity="warning",
@@ -495,8 +512,8 @@ def recommend(report: Report) -> list[Recommendation]:
                     message=(
                         f"egress pool {p.pool_id} ({p.region}, {','.join(p.countries)}) has "
                         f"{p.headroom:.0%} headroom: {p.devices_assigned} device(s) on "
-                        f"{p.addresses} address(es) at {p.devices_per_address} per address: "
-                        "add IPs or another pool for these countries"
+                        f"{p.addresses} address(es) at {p.devices_per_address} per address"
+                        f"{moved}: add IPs or another pool for these countries"
                     ),
                 )
             )

@@ -256,6 +256,7 @@ class AdminHandlers:
             headroom=req.headroom,
             active=req.active,
             devices_per_address=req.devices_per_address,
+            transfer_per_address=req.transfer_per_address,
         )
         subject = event_subject("egress", req.pool_id)
         await self.ctx.follower.sync()  # assignments other replicas made count too

@@ -176,7 +176,7 @@ def decide_enrollment(
         pl.PlacementRequest(req.region, req.exit_country),
         tier_policy(tier),
         candidates(state),
-        pools(state),
+        pools(state, now),
         now=now,
         heartbeat_ttl=timedelta(seconds=settings.heartbeat_ttl_s),
     )
