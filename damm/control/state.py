@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from damm import log
+from damm import log, settings
 from damm.domain import egress
 from damm.domain.ipam import AddressPool, Overlay
 from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
 from damm.domain.periods import period_at
 from damm.errors import DammError
 from damm.events import model as m
+from damm.settings import UsagePeriod
 from damm.subjects import EVENT_PREFIX
 
 _log = log.get("damm.state")
@@ -121,8 +122,10 @@ def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
 
 
 class DecisionState:
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, usage_period: UsagePeriod | None = None) -> None:
         self.overlay = overlay
+        # The same period labels as the usage read model, so both agree on "this period".
+        self.usage_period = usage_period or settings.usage_period()
         self.addresses = AddressPool(overlay)
         self.tiers: dict[str, m.TierDefined] = {}
         self.tokens: dict[str, TokenState] = {}
@@ -167,7 +170,7 @@ class DecisionState:
         pool = self.pools.get(pool_id)
         return egress.pool_load(
             self.pool_assigned[pool_id],
-            self.pool_traffic[(pool_id, period_at(now))],
+            self.pool_traffic[(pool_id, period_at(now, self.usage_period))],
             len(self.pool_addresses.get(pool_id, ())),
             pool.devices_per_address if pool else egress.DEVICES_PER_ADDRESS,
             pool.transfer_per_address if pool else None,
@@ -310,8 +313,7 @@ class DecisionState:
                     dev.key_expires_at = e.key_expires_at
                     self._transition(dev, e)
             case m.UsageReported():
-                # The same period label as the usage read model, so both agree on "this period".
-                period = period_at(e.measured_at or env.occurred_at)
+                period = period_at(e.measured_at or env.occurred_at, self.usage_period)
                 for delta in e.deltas:
                     dev = self.devices.get(delta.device_id)
                     if dev is not None and dev.egress_pool_id is not None:
