@@ -10,8 +10,9 @@ import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm.control.follower import StateFollower
 from damm.control.process import ControlPlane
-from damm.control.state import DecisionState, StateFollower
+from damm.control.state import DecisionState
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
