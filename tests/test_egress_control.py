@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from datetime import UTC, datetime
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 from nats.aio.client import Client as NATS
 
+from damm.cli.admin import admin
+from damm.cli.common import Target
 from damm.control.follower import StateFollower
 from damm.control.process import ControlPlane
 from damm.control.state import DecisionState
@@ -18,6 +22,7 @@ from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.reports.report import generate
+from damm.stack.nats_server import NatsServer
 from damm.subjects import peers_subject
 from tests.fleet import enroll, keypair, setup_fleet
 from tests.test_peersets import snapshot, wait_for
@@ -87,12 +92,31 @@ async def test_addresses_fill_evenly_and_reach_the_peer_set(
 
 
 async def test_a_pool_cannot_drop_an_address_devices_leave_from(
-    control: ControlPlane, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+    control: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
+    nats_server: NatsServer,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     fleet = await setup_fleet(admin_nc, gateway_nc, countries=("DE",))
     await define(admin_nc, "eu-de", "198.51.100.1", "198.51.100.2")
     dev = await enroll(device_nc, fleet["token"], exit_country="DE")
     assert egress_of(control, dev.device_id) == "198.51.100.1"
+    # The operator sees it too: the read model records the address.
+    await control.wait_projected()
+    monkeypatch.setenv("DAMM_ADMIN_PASSWORD", nats_server.passwords["admin"])
+    shown = await asyncio.to_thread(
+        CliRunner().invoke,
+        admin,
+        ["device", dev.device_id, "--json"],
+        obj=Target(nats_server.url, dsn),
+        catch_exceptions=False,
+    )
+    assert shown.exit_code == 0, shown.output
+    row = json.loads(shown.output)
+    assert (row["egress_pool_id"], row["egress_address"]) == ("eu-de", "198.51.100.1")
     with pytest.raises(DammError) as info:
         await define(admin_nc, "eu-de", "198.51.100.2", "198.51.100.3")
     assert info.value.code is Code.EGRESS_IN_USE and "198.51.100.1 (1 devices)" in info.value.detail

@@ -472,6 +472,8 @@ async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None
             "endpoint",
             "address",
             "address6",
+            "egress_pool_id",
+            "egress_address",
             "public_key",
             "key_expires_at",
             "enrolled_at",
