@@ -83,6 +83,7 @@ class GatewayAgent:
         self.revision = 0
         self.desired: dict[str, Peer] = {}
         self.egress_of: dict[str, str] = {}  # public key -> egress address, from the peer set
+        self._warned_no_egress = False
         self.public_key: str | None = None
         self.nc: NATS | None = None
         self.ledger = UsageLedger(config.state_dir)
@@ -304,6 +305,12 @@ class GatewayAgent:
         periodic reconcile retries.
         """
         if self.egress is None:
+            if self.egress_of and not self._warned_no_egress:
+                self._warned_no_egress = True
+                _log.warning(
+                    "the peer set names egress addresses but source NAT is off (--egress)",
+                    peers_with_egress=len(self.egress_of),
+                )
             return
         want = self.nat_map()
         try:
