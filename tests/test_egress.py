@@ -105,6 +105,19 @@ def test_missing_or_tampered_table_is_rebuilt(want: dict[str, str]) -> None:
         assert p.rebuild and nat.after(state.elements, p) == want
 
 
+def test_a_rule_for_another_overlay_is_not_ours() -> None:
+    with_overlay = nat.NatPlan(rebuild=True, overlay="10.44.0.0/24").commands()
+    rule = next(c["add"]["rule"] for c in with_overlay if "rule" in c.get("add", {}))
+    assert rule["expr"][0]["match"]["op"] == "!="
+    built = listing({})
+    for item in built["nftables"]:
+        if "rule" in item:
+            item["rule"]["expr"] = rule["expr"]
+    assert nat.parse(built, "10.44.0.0/24").intact
+    assert not nat.parse(built, "10.45.0.0/24").intact
+    assert not nat.parse(built).intact
+
+
 def test_foreign_rule_in_our_chain_is_not_intact() -> None:
     tampered = listing({"10.44.0.10": "198.51.100.1"})
     tampered["nftables"].append(

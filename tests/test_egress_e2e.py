@@ -36,6 +36,7 @@ if shutil.which("nft") is None:
 
 PORT = 51820
 INTERNET = "192.0.2.10"
+OVERLAY = "10.44.0.0/24"
 POOLS = {"DE": ("eu-de", "198.51.100.0/30"), "NL": ("eu-nl", "203.0.113.0/30")}
 ECHO = """
 import socket, sys
@@ -64,7 +65,7 @@ class World:
         self.gateway = Site(lab, tmp, nats_server)
         self.devices: dict[str, Site] = {}
         self.inet_ns = ""
-        self.echo: asyncio.subprocess.Process | None = None
+        self.echoes: list[asyncio.subprocess.Process] = []
         self.seen = tmp / "seen.txt"
 
     async def build(self, admin: NATS) -> str:
@@ -114,48 +115,64 @@ class World:
         created = await call(
             admin, "admin.token.create", p.CreateToken(tier="gold"), p.TokenCreated
         )
-        script = self.tmp / "echo.py"
-        script.write_text(ECHO)
-        self.echo = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", self.inet_ns, sys.executable, str(script), INTERNET, "9999",
-            str(self.seen), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        await eventually(self._echo_ready, 10, "echo server listening")
+        await self.start_echo(self.inet_ns, INTERNET, 9999, self.seen)
         return created.token
 
-    async def _echo_ready(self) -> bool:
-        return self.seen.exists() and "ready" in self.seen.read_text()
+    async def start_echo(self, ns: str, bind: str, port: int, record: Path) -> None:
+        """A UDP echo server in ``ns`` that writes the source of every datagram to ``record``."""
+        script = self.tmp / "echo.py"
+        script.write_text(ECHO)
+        self.echoes.append(
+            await asyncio.create_subprocess_exec(
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                sys.executable,
+                str(script),
+                bind,
+                str(port),
+                str(record),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
 
-    async def send(self, role: str, tag: str) -> bool:
-        """One datagram from a device to the internet; True when its echo came back."""
+        async def ready() -> bool:
+            return _listening(record)
+
+        await eventually(ready, 10, f"echo server listening in {ns}")
+
+    async def send(self, role: str, tag: str, to: str = INTERNET, port: int = 9999) -> bool:
+        """One datagram from a device (to the internet by default); True when echoed back."""
         dev = self.devices[role]
         result = await netlab.exec_in(
-            dev.dev_ns, sys.executable, "-c", SEND, INTERNET, "9999", tag, check=False
+            dev.dev_ns, sys.executable, "-c", SEND, to, str(port), tag, check=False
         )
         return result.ok
 
-    def sources(self, tag_prefix: str) -> set[str]:
+    def sources(self, tag_prefix: str, record: Path | None = None) -> set[str]:
         out = set()
-        for line in self.seen.read_text().splitlines()[1:]:
+        for line in (record or self.seen).read_text().splitlines()[1:]:
             src, _, tag = line.partition(" ")
             if tag.startswith(tag_prefix):
                 out.add(src)
         return out
 
     async def kernel_map(self) -> nat.NatState:
-        return nat.parse(
-            await nat.Nftables(wrapper=("ip", "netns", "exec", self.gateway.gw_ns)).read()
-        )
+        backend = nat.Nftables(wrapper=("ip", "netns", "exec", self.gateway.gw_ns))
+        return nat.parse(await backend.read(), OVERLAY)  # the agent's rule spares the overlay
 
     async def close(self) -> None:
         self.gateway.stop_agent()
-        if self.echo is not None and self.echo.returncode is None:
-            self.echo.terminate()
+        for echo in self.echoes:
+            if echo.returncode is None:
+                echo.terminate()
             try:
-                await asyncio.wait_for(self.echo.wait(), 5)
+                await asyncio.wait_for(echo.wait(), 5)
             except TimeoutError:
-                self.echo.kill()
-                await self.echo.wait()
+                echo.kill()
+                await echo.wait()
 
 
 @pytest.fixture
@@ -227,6 +244,16 @@ async def test_each_device_leaves_from_its_own_pool(
     assert world.sources("a-") == {egress_of["a"]}
     assert world.sources("b-") == {egress_of["b"]}
 
+    # Between devices, traffic stays in the overlay and keeps its real source address.
+    between = world.tmp / "between.txt"
+    await world.start_echo(world.devices["b"].dev_ns, "0.0.0.0", 9998, between)
+
+    async def a_to_b() -> bool:
+        return await world.send("a", "peer-1", to="10.44.0.11", port=9998)
+
+    await eventually(a_to_b, 5, "device a reaches device b through the gateway")
+    assert world.sources("peer-", between) == {"10.44.0.10"}
+
     # Revoking b takes its NAT element (and its peer) off the gateway.
     await call(
         admin_nc, "admin.device.revoke", p.DeviceAction(device_id=enrolled["b"].device_id), p.Done
@@ -265,6 +292,10 @@ async def test_each_device_leaves_from_its_own_pool(
     assert "counter" not in ruleset and "10.44.0.99" not in ruleset
     assert await _send_eventually(world, "a", "a-after-restart")
     assert world.sources("a-") == {egress_of["a"]}
+
+
+def _listening(record: Path) -> bool:
+    return record.exists() and "ready" in record.read_text()
 
 
 async def _send_eventually(world: World, role: str, tag: str) -> bool:

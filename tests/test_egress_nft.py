@@ -65,6 +65,20 @@ async def test_full_change_tamper_and_removal(ns: str) -> None:
     assert await kernel_map(backend) == want3
 
 
+async def test_the_rule_spares_the_overlay_and_reads_back_as_ours(ns: str) -> None:
+    backend = nat.Nftables(wrapper=("ip", "netns", "exec", ns))
+    rec = nat.EgressReconciler(backend, overlay="10.44.0.0/24")
+    want = {"10.44.0.10": "198.51.100.1"}
+    assert (await rec.full(want)).rebuild
+    assert (await rec.full(want)).is_empty  # nft's echo of our rule parses as ours
+    ruleset = (await netlab.exec_in(ns, "nft", "list", "ruleset")).stdout
+    assert "ip daddr != 10.44.0.0/24 snat to ip saddr map @egress" in ruleset
+    # A new overlay makes the old rule foreign: the next reconcile rebuilds it.
+    rec.overlay = "10.45.0.0/16"
+    assert (await rec.full(want)).rebuild
+    assert "ip daddr != 10.45.0.0/16" in (await netlab.exec_in(ns, "nft", "list", "ruleset")).stdout
+
+
 async def test_other_tables_are_left_alone(ns: str) -> None:
     await netlab.exec_in(ns, "nft", "add", "table", "ip", "operator")
     await netlab.exec_in(

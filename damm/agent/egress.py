@@ -1,9 +1,11 @@
 """Source NAT for egress pools: each device's traffic leaves from the address its peer set names.
 
 The gateway keeps one nftables table of its own, ``ip damm``: a ``postrouting`` chain at
-``srcnat`` priority holding a single rule, ``snat to ip saddr map @egress``, and the map from a
-device's tunnel address to its egress address. One rule and a map, not one rule per device, so
-the packet path does one lookup however many devices there are, and a change is a map element.
+``srcnat`` priority holding a single rule, ``ip daddr != OVERLAY snat to ip saddr map @egress``,
+and the map from a device's tunnel address to its egress address. One rule and a map, not one
+rule per device, so the packet path does one lookup however many devices there are, and a change
+is a map element. Traffic between devices stays inside the overlay and keeps its real source.
+The table stays when the agent stops: like the peers, the packet path does not need the agent.
 
 Reconciling works like the peer set: read what the kernel has (``nft -j list table``), compute a
 plan (``plan``: pure, printable, tested), apply it as one ``nft -j -f`` batch, which the kernel
@@ -34,7 +36,7 @@ MAP = "egress"
 SRCNAT_PRIORITY = 100
 
 _CHAIN = {"type": "nat", "hook": "postrouting", "prio": SRCNAT_PRIORITY, "policy": "accept"}
-_RULE_EXPR = [
+_SNAT = [
     {
         "snat": {
             "addr": {
@@ -47,6 +49,16 @@ _RULE_EXPR = [
     }
 ]
 _WHERE = {"family": FAMILY, "table": TABLE}
+
+
+def rule_expr(overlay: str | None) -> list[dict[str, Any]]:
+    """The one rule: source NAT through the map, for traffic that leaves the overlay."""
+    if overlay is None:
+        return _SNAT
+    net = ipaddress.IPv4Network(overlay, strict=False)
+    daddr = {"payload": {"protocol": "ip", "field": "daddr"}}
+    prefix = {"prefix": {"addr": str(net.network_address), "len": net.prefixlen}}
+    return [{"match": {"op": "!=", "left": daddr, "right": prefix}}, *_SNAT]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +79,7 @@ class NatPlan:
     rebuild: bool = False
     remove: tuple[str, ...] = ()
     add: tuple[tuple[str, str], ...] = ()
+    overlay: str | None = None  # what the rule excludes, when rebuilding
 
     @property
     def is_empty(self) -> bool:
@@ -87,7 +100,7 @@ class NatPlan:
                 {"add": {"table": table}},
                 {"add": {"chain": {**_WHERE, "name": CHAIN, **_CHAIN}}},
                 {"add": {"map": {**_WHERE, "name": MAP, "type": "ipv4_addr", "map": "ipv4_addr"}}},
-                {"add": {"rule": {**_WHERE, "chain": CHAIN, "expr": _RULE_EXPR}}},
+                {"add": {"rule": {**_WHERE, "chain": CHAIN, "expr": rule_expr(self.overlay)}}},
             ]
         if self.remove:
             out.append({"delete": {"element": {**_WHERE, "name": MAP, "elem": list(self.remove)}}})
@@ -97,8 +110,9 @@ class NatPlan:
         return out
 
 
-def parse(listing: Mapping[str, Any] | None) -> NatState:
-    """Read ``nft -j list table ip damm`` output (None: no such table)."""
+def parse(listing: Mapping[str, Any] | None, overlay: str | None = None) -> NatState:
+    """Read ``nft -j list table ip damm`` output (None: no such table); ``overlay`` is what
+    our rule must exclude, so a rule written for another overlay counts as foreign."""
     if listing is None:
         return NatState(exists=False, intact=False)
     chains: list[dict[str, Any]] = []
@@ -132,7 +146,7 @@ def parse(listing: Mapping[str, Any] | None) -> NatState:
             and nat_map.get("map") == "ipv4_addr"
             and "flags" not in nat_map
             and rule.get("chain") == CHAIN
-            and _without_family(rule.get("expr")) == _RULE_EXPR
+            and _without_family(rule.get("expr")) == rule_expr(overlay)
         )
     for nat_map in maps:
         if nat_map.get("name") != MAP:
@@ -159,10 +173,10 @@ def _without_family(expr: Any) -> Any:
     return expr
 
 
-def plan(actual: NatState, desired: Mapping[str, str]) -> NatPlan:
+def plan(actual: NatState, desired: Mapping[str, str], overlay: str | None = None) -> NatPlan:
     """Full reconcile: from what the kernel holds to exactly ``desired`` (source → egress)."""
     if not actual.intact:
-        return NatPlan(rebuild=True, add=tuple(sorted(desired.items())))
+        return NatPlan(rebuild=True, add=tuple(sorted(desired.items())), overlay=overlay)
     return plan_change(actual.elements, desired, set(actual.elements) | set(desired))
 
 
@@ -284,13 +298,14 @@ class EgressReconciler:
     a full reconcile from a fresh read repairs it; the agent also runs one periodically.
     """
 
-    def __init__(self, backend: NatBackend) -> None:
+    def __init__(self, backend: NatBackend, overlay: str | None = None) -> None:
         self.backend = backend
+        self.overlay = overlay  # the agent sets it from its registration
         self.applied: dict[str, str] | None = None
 
     async def full(self, desired: Mapping[str, str]) -> NatPlan:
-        actual = parse(await self.backend.read())
-        p = plan(actual, desired)
+        actual = parse(await self.backend.read(), self.overlay)
+        p = plan(actual, desired, self.overlay)
         if not p.is_empty:
             await self.backend.apply(p.commands())
         self.applied = dict(desired)

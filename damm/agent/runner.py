@@ -203,6 +203,9 @@ class GatewayAgent:
                 gateway_address=reply.gateway_address,
             )
             self.registration = reply
+            if self.egress is not None and self.egress.overlay != reply.overlay:
+                self.egress.overlay = reply.overlay
+                self.egress.applied = None  # the rule changes: next reconcile is a full one
             self.registered.set()
             return True
         return False
