@@ -48,9 +48,11 @@ class Code(enum.Enum):
     NO_HEALTHY_GATEWAY = ErrorSpec("no healthy gateway can take this device", True)
     NO_EGRESS = ErrorSpec("no egress pool serves that exit country", True)
     POOL_EXHAUSTED = ErrorSpec("the address pool is exhausted")
+    EGRESS_IN_USE = ErrorSpec("devices still leave from an egress address the change would drop")
     # gateways
     GATEWAY_NOT_REGISTERED = ErrorSpec("the gateway has not registered")
     WG_BACKEND = ErrorSpec("the WireGuard interface refused or failed an operation", True)
+    EGRESS_BACKEND = ErrorSpec("nftables refused or failed an egress NAT change", True)
     # catalogs and failover
     CATALOG_STALE = ErrorSpec("the catalog has expired")
     CATALOG_BAD_SIGNATURE = ErrorSpec("the catalog signature does not verify")

@@ -83,6 +83,7 @@ class Site:
     token: str = ""
     gw_token: str = ""
     agent: subprocess.Popen[bytes] | None = None
+    agent_args: tuple[str, ...] = ()
     gw: UapiBackend = field(init=False)
     dev: UapiBackend = field(init=False)
 
@@ -139,6 +140,7 @@ class Site:
                 "1",
                 "--usage-interval",
                 "0.5",
+                *self.agent_args,
             ],
             env=env,
             stdout=log,

@@ -106,8 +106,7 @@ async def fleet(
             region="eu",
             countries=("DE",),
             ips=("203.0.113.0/30",),
-            load=0.85,
-            headroom=0.1,
+            devices_per_address=2,  # 2 addresses x 2: four devices fill it
         ),
         p.Done,
     )
@@ -119,8 +118,6 @@ async def fleet(
             region="us",
             countries=("US",),
             ips=("203.0.113.64/28",),
-            load=0.3,
-            headroom=0.6,
         ),
         p.Done,
     )
@@ -201,6 +198,12 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
     pools = {pl.pool_id: pl for pl in rep.egress_pools}
     assert pools["pool-a"].low_headroom and not pools["pool-b"].low_headroom
     assert pools["pool-a"].ips == ["203.0.113.0/30"]
+    # Measured, not typed: four devices hold an address (d4 was revoked) of a capacity of four,
+    # and the pool carried the bytes its devices used this period.
+    a = pools["pool-a"]
+    assert (a.devices_assigned, a.addresses, a.load, a.headroom) == (4, 2, 1.0, 0.0)
+    assert a.traffic_bytes == 1200 + 850 + 100
+    assert (pools["pool-b"].devices_assigned, pools["pool-b"].load) == (0, 0.0)
 
     used_doors = {(fleet.placed[dev], "fd1") for dev in d.values()}
     recs = {(r.kind, r.subject) for r in rep.recommendations}

@@ -27,6 +27,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.agent import egress as nat
 from damm.agent.identity import load_or_create_key
 from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
@@ -70,11 +71,19 @@ AppliedHook = Callable[[PeerDiff, float], None]
 
 
 class GatewayAgent:
-    def __init__(self, config: AgentConfig, backend: WireGuardBackend) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        backend: WireGuardBackend,
+        egress: nat.EgressReconciler | None = None,
+    ) -> None:
         self.config = config
         self.backend = backend
+        self.egress = egress  # None: this gateway does no source NAT
         self.revision = 0
         self.desired: dict[str, Peer] = {}
+        self.egress_of: dict[str, str] = {}  # public key -> egress address, from the peer set
+        self._warned_no_egress = False
         self.public_key: str | None = None
         self.nc: NATS | None = None
         self.ledger = UsageLedger(config.state_dir)
@@ -194,6 +203,9 @@ class GatewayAgent:
                 gateway_address=reply.gateway_address,
             )
             self.registration = reply
+            if self.egress is not None and self.egress.overlay != reply.overlay:
+                self.egress.overlay = reply.overlay
+                self.egress.applied = None  # the rule changes: next reconcile is a full one
             self.registered.set()
             return True
         return False
@@ -257,6 +269,7 @@ class GatewayAgent:
         )
         desired = {e.public_key: Peer.build(e.public_key, e.allowed_ips) for e in snap.peers}
         async with self._wg:
+            self.egress_of = {e.public_key: e.egress for e in snap.peers if e.egress}
             change = await self._reconcile(desired)
             self.revision = snap.revision
         self.resyncs += 1
@@ -278,11 +291,46 @@ class GatewayAgent:
             await self.backend.apply(change)
             self._applied(change)
         self.desired = desired
+        await self._nat(None)
         return change
+
+    def nat_map(self, peers: dict[str, Peer] | None = None) -> dict[str, str]:
+        """Tunnel source → egress address for the peers we carry."""
+        peers = self.desired if peers is None else peers
+        return nat.desired_map(
+            {k: (peer.allowed_ips, self.egress_of.get(k)) for k, peer in peers.items()}
+        )
+
+    async def _nat(self, touched: set[str] | None) -> None:
+        """Bring the NAT map to the peer set: fully, or only for ``touched`` sources.
+
+        A NAT failure is logged, not raised: WireGuard peers must still move, and the next
+        periodic reconcile retries.
+        """
+        if self.egress is None:
+            if self.egress_of and not self._warned_no_egress:
+                self._warned_no_egress = True
+                _log.warning(
+                    "the peer set names egress addresses but source NAT is off (--egress)",
+                    peers_with_egress=len(self.egress_of),
+                )
+            return
+        want = self.nat_map()
+        try:
+            if touched is None:
+                plan = await self.egress.full(want)
+            else:
+                plan = await self.egress.change(want, touched)
+        except DammError as err:
+            _log.warning("egress NAT not applied", error=err.line())
+            return
+        if not plan.is_empty:
+            _log.info("egress NAT applied", plan=plan.summary(), rules=len(want))
 
     async def _apply_changes(self) -> None:
         """Apply queued changes that follow our revision, as one diff over the touched keys."""
         new = dict(self.desired)
+        egress_of = dict(self.egress_of)
         touched: set[str] = set()
         revision = self.revision
         removes = False
@@ -302,10 +350,15 @@ class GatewayAgent:
                 break
             for key in ch.removes:
                 new.pop(key, None)
+                egress_of.pop(key, None)
                 touched.add(key)
                 removes = True
             for entry in ch.upserts:
                 new[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
+                if entry.egress:
+                    egress_of[entry.public_key] = entry.egress
+                else:
+                    egress_of.pop(entry.public_key, None)
                 touched.add(entry.public_key)
             revision = ch.revision
         if revision == self.revision and not touched:
@@ -323,8 +376,16 @@ class GatewayAgent:
             if not change.is_empty:
                 await self.backend.apply(change)
                 self._applied(change)
+            sources = {
+                src
+                for peers in (self.desired, new)
+                for k in touched
+                if k in peers and (src := nat.source_of(peers[k].allowed_ips)) is not None
+            }
             self.desired = new
+            self.egress_of = egress_of
             self.revision = revision
+            await self._nat(sources)
 
     def _applied(self, change: PeerDiff) -> None:
         now = time.monotonic()

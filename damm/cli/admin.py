@@ -276,8 +276,18 @@ def egress() -> None:
 @click.option("--countries", required=True, help="comma-separated ISO codes")
 @click.option("--ips", default="", help="comma-separated addresses or CIDRs")
 @click.option("--provider", default="static")
-@click.option("--load", type=float, default=0.0)
-@click.option("--headroom", type=float, default=1.0)
+@click.option(
+    "--devices-per-address",
+    type=click.IntRange(1, 65535),
+    default=128,
+    show_default=True,
+    help="capacity: devices one source address carries (load is measured against it)",
+)
+@click.option(
+    "--transfer-per-address",
+    default=None,
+    help="capacity: bytes one address may move per usage period, e.g. 20TiB (optional)",
+)
 @click.pass_context
 @run
 async def egress_add(
@@ -287,10 +297,11 @@ async def egress_add(
     countries: str,
     ips: str,
     provider: str,
-    load: float,
-    headroom: float,
+    devices_per_address: int,
+    transfer_per_address: str | None,
 ) -> None:
-    """Add or redefine an egress pool."""
+    """Add or redefine an egress pool. Its load and headroom are measured from the devices
+    assigned to its addresses; a redefinition may not drop an address devices still use."""
     t = target(ctx)
     done = await admin_call(
         t,
@@ -301,8 +312,8 @@ async def egress_add(
             region=region,
             countries=_csv(countries),
             ips=_csv(ips),
-            load=load,
-            headroom=headroom,
+            devices_per_address=devices_per_address,
+            transfer_per_address=parse_size(transfer_per_address) if transfer_per_address else None,
         ),
         p.Done,
     )
@@ -338,12 +349,19 @@ admin.command("resume")(_lifecycle("admin.device.resume", "resumed"))
 @click.option("--tier", "tier_name", required=True)
 @click.option("--region")
 @click.option("--exit-country")
+@json_option
 @click.pass_context
 @run
 async def explain_placement(
-    ctx: click.Context, tier_name: str, region: str | None, exit_country: str | None
+    ctx: click.Context,
+    tier_name: str,
+    region: str | None,
+    exit_country: str | None,
+    as_json: bool,
 ) -> None:
-    """Show where a device with these hints would land, and why every other candidate lost."""
+    """Show where a device with these hints would land: every eligible gateway ranked with its
+    load, peers, heartbeat age, front door and egress headroom, the winner marked, and why every
+    other candidate was rejected."""
     t = target(ctx)
     res = await admin_call(
         t,
@@ -361,6 +379,21 @@ async def explain_placement(
         else:
             assert res.error is not None
             click.echo(f"no placement: {res.error.code}: {res.error.detail}")
+        if res.candidates:
+            click.echo(f"candidates, ranked by {'; then '.join(res.ranking)}:")
+            for c in res.candidates:
+                mark = "*" if c.chosen else " "
+                pool = (
+                    f"egress {c.egress_pool_id} headroom {c.egress_headroom:.0%}"
+                    if c.egress_pool_id is not None and c.egress_headroom is not None
+                    else "egress -"
+                )
+                click.echo(
+                    f" {mark}{c.rank:>3} {c.gateway_id} ({c.region}) load {c.load:.2f} "
+                    f"peers {c.peer_count} heartbeat {c.heartbeat_age_s:.0f}s ago "
+                    f"door {c.front_door_id} priority {c.front_door_priority} {pool}"
+                    + ("  <- chosen" if c.chosen else "")
+                )
         for r in res.rejected:
             click.echo(f"  rejected {r.kind} {r.id}: {r.reason}")
 
@@ -439,6 +472,8 @@ async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None
             "endpoint",
             "address",
             "address6",
+            "egress_pool_id",
+            "egress_address",
             "public_key",
             "key_expires_at",
             "enrolled_at",
@@ -617,9 +652,19 @@ _LISTS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
     "pools": (
-        "SELECT pool_id, provider, region, countries, ips, load, headroom, active"
-        " FROM egress_pools ORDER BY pool_id",
-        ("pool_id", "provider", "region", "countries", "ips", "load", "headroom", "active"),
+        "SELECT p.pool_id, p.provider, p.region, p.countries, p.ips, p.devices_per_address,"
+        " (SELECT count(*) FROM devices d WHERE d.egress_pool_id = p.pool_id"
+        "  AND d.status <> 'revoked') AS assigned, p.active FROM egress_pools p ORDER BY pool_id",
+        (
+            "pool_id",
+            "provider",
+            "region",
+            "countries",
+            "ips",
+            "devices_per_address",
+            "assigned",
+            "active",
+        ),
     ),
 }
 

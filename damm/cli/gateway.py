@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from damm import log, settings
+from damm.agent.egress import EgressReconciler, Nftables
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.cli.common import Target, run
 from damm.errors import Code, DammError
@@ -77,6 +78,19 @@ def gateway() -> None:
 @click.option(
     "--capacity", default=1000, show_default=True, type=int, help="Peers at which load reads 1.0."
 )
+@click.option(
+    "--egress",
+    "egress_kind",
+    type=click.Choice(["nftables", "off"]),
+    default="off",
+    show_default=True,
+    help="Source-NAT each device to its egress address (nftables table `ip damm`).",
+)
+@click.option(
+    "--egress-netns",
+    default=None,
+    help="Network namespace holding the uplink, when it is not the agent's own.",
+)
 @run
 async def run_cmd(
     gateway_id: str,
@@ -90,6 +104,8 @@ async def run_cmd(
     heartbeat_interval: float,
     usage_interval: float,
     capacity: int,
+    egress_kind: str,
+    egress_netns: str | None,
 ) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure(settings.log_level(), json=settings.log_json())
@@ -111,7 +127,9 @@ async def run_cmd(
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     try:
-        await GatewayAgent(config, backend).run(stop)
+        wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
+        egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
+        await GatewayAgent(config, backend, egress).run(stop)
     finally:
         await backend.close()
 

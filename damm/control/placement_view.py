@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from damm.control.context import Context
 from damm.control.state import DecisionState
@@ -38,32 +38,38 @@ def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
     return out
 
 
-def pools(state: DecisionState) -> list[pl.EgressPool]:
-    return [
-        pl.EgressPool(
-            e.pool_id,
-            e.provider,
-            e.region,
-            frozenset(e.countries),
-            e.ips,
-            e.load,
-            e.headroom,
-            e.active,
+def pools(state: DecisionState, now: datetime) -> list[pl.EgressPool]:
+    """Pools with load and headroom measured from the devices assigned to them in the log; the
+    figures an operator once typed into ``egress.defined`` are not evidence and are ignored."""
+    out = []
+    for e in state.pools.values():
+        load = state.pool_load(e.pool_id, now)
+        out.append(
+            pl.EgressPool(
+                e.pool_id,
+                e.provider,
+                e.region,
+                frozenset(e.countries),
+                e.ips,
+                load,
+                1.0 - load,
+                e.active,
+            )
         )
-        for e in state.pools.values()
-    ]
+    return out
 
 
 def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
     tier = ctx.state.tiers.get(req.tier)
     if tier is None:
         raise DammError(Code.NOT_FOUND, f"tier {req.tier!r}")
+    now = ctx.now()
     result = pl.explain(
         pl.PlacementRequest(req.region, req.exit_country),
         tier_policy(tier),
         candidates(ctx.state),
-        pools(ctx.state),
-        now=ctx.now(),
+        pools(ctx.state, now),
+        now=now,
         heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
     )
     chosen = result.chosen
@@ -78,4 +84,24 @@ def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
         egress_pool_id=chosen.egress_pool.id if chosen and chosen.egress_pool else None,
         error=error,
         rejected=tuple(p.Rejected(r.kind, r.id, r.reason) for r in result.rejections),
+        candidates=tuple(_scored(c) for c in result.scores),
+        ranking=pl.RANKING,
+    )
+
+
+def _scored(c: pl.CandidateScore) -> p.ScoredCandidate:
+    pool = c.egress_pool
+    return p.ScoredCandidate(
+        rank=c.rank,
+        chosen=c.chosen,
+        gateway_id=c.gateway.id,
+        region=c.gateway.region,
+        load=c.load,
+        peer_count=c.gateway.peer_count,
+        heartbeat_age_s=round(c.heartbeat_age_s, 3),
+        front_door_id=c.front_door.id,
+        front_door_priority=c.front_door.priority,
+        egress_pool_id=pool.id if pool else None,
+        egress_load=pool.load if pool else None,
+        egress_headroom=c.egress_headroom,
     )

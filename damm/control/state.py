@@ -10,14 +10,19 @@ one's own appends immediately and seeing them again from the stream harmless.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from damm import log
+from damm import log, settings
+from damm.domain import egress
 from damm.domain.ipam import AddressPool, Overlay
 from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
+from damm.domain.periods import period_at
+from damm.errors import DammError
 from damm.events import model as m
+from damm.settings import UsagePeriod
 from damm.subjects import EVENT_PREFIX
 
 _log = log.get("damm.state")
@@ -78,13 +83,15 @@ class DeviceState:
     reason: str = ""
     key_expires_at: datetime | None = None
     egress_pool_id: str | None = None
+    egress_address: str | None = None
 
 
 @dataclass(frozen=True)
 class PeerChange:
     """One change to one gateway's peer set, as the fold saw it (see ``DecisionState.apply``).
 
-    ``upserts`` are (public_key, allowed_ips) pairs; ``removes`` are public keys.
+    ``upserts`` are (public_key, allowed_ips) pairs; ``removes`` are public keys; ``egress``
+    maps an upserted key to the address its traffic leaves from.
     """
 
     gateway_id: str
@@ -92,6 +99,7 @@ class PeerChange:
     revision: int
     upserts: tuple[tuple[str, tuple[str, ...]], ...]
     removes: tuple[str, ...]
+    egress: tuple[tuple[str, str], ...] = ()
 
 
 PeerListener = Callable[[PeerChange], None]
@@ -114,14 +122,21 @@ def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
 
 
 class DecisionState:
-    def __init__(self, overlay: Overlay) -> None:
+    def __init__(self, overlay: Overlay, usage_period: UsagePeriod | None = None) -> None:
         self.overlay = overlay
+        # The same period labels as the usage read model, so both agree on "this period".
+        self.usage_period = usage_period or settings.usage_period()
         self.addresses = AddressPool(overlay)
         self.tiers: dict[str, m.TierDefined] = {}
         self.tokens: dict[str, TokenState] = {}
         self.tokens_by_hash: dict[str, TokenState] = {}
         self.gateways: dict[str, GatewayState] = {}
         self.pools: dict[str, m.EgressPoolDefined] = {}
+        # Per pool: its usable source addresses, and how many non-revoked devices each carries.
+        self.pool_addresses: dict[str, tuple[str, ...]] = {}
+        self.egress_in_use: dict[str, Counter[str]] = {}
+        self.pool_assigned: Counter[str] = Counter()
+        self.pool_traffic: Counter[tuple[str, str]] = Counter()  # (pool, usage period) -> bytes
         self.devices: dict[str, DeviceState] = {}
         self.devices_by_gateway: dict[str, dict[str, DeviceState]] = {}
         self.bound_keys: dict[str, str] = {}
@@ -141,6 +156,25 @@ class DecisionState:
 
     def peer_set(self, gateway_id: str) -> list[tuple[str, tuple[str, ...]]]:
         return [peer for dev in self.on_gateway(gateway_id) if (peer := peer_of(dev)) is not None]
+
+    def peer_entries(self, gateway_id: str) -> list[tuple[str, tuple[str, ...], str | None]]:
+        """The peer set with each peer's egress address, for the gateway's NAT rules."""
+        return [
+            (*peer, dev.egress_address)
+            for dev in self.on_gateway(gateway_id)
+            if (peer := peer_of(dev)) is not None
+        ]
+
+    def pool_load(self, pool_id: str, now: datetime) -> float:
+        """How full the pool is, from the devices assigned to it and what they moved this period."""
+        pool = self.pools.get(pool_id)
+        return egress.pool_load(
+            self.pool_assigned[pool_id],
+            self.pool_traffic[(pool_id, period_at(now, self.usage_period))],
+            len(self.pool_addresses.get(pool_id, ())),
+            pool.devices_per_address if pool else egress.DEVICES_PER_ADDRESS,
+            pool.transfer_per_address if pool else None,
+        )
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
@@ -166,12 +200,13 @@ class DecisionState:
         after = peer_of(dev)
         if before == after or dev is None:
             return
+        nat = ((after[0], dev.egress_address),) if after and dev.egress_address else ()
         removes = (before[0],) if before and (after is None or after[0] != before[0]) else ()
         upserts = (after,) if after else ()
         prev = self.peer_revisions.get(dev.gateway_id, 0)
         revision = max(prev, env.seq)
         self.peer_revisions[dev.gateway_id] = revision
-        change = PeerChange(dev.gateway_id, prev, revision, upserts, removes)
+        change = PeerChange(dev.gateway_id, prev, revision, upserts, removes, nat)
         for listener in self.peer_listeners:
             listener(change)
 
@@ -231,6 +266,10 @@ class DecisionState:
                     gw.peer_count = e.peer_count
             case m.EgressPoolDefined():
                 self.pools[e.pool_id] = e
+                try:
+                    self.pool_addresses[e.pool_id] = egress.addresses(e.ips)
+                except DammError:  # recorded before the inventory was checked
+                    self.pool_addresses[e.pool_id] = ()
             case m.AddressAllocated():
                 if self.addresses.is_free(e.index):
                     self.addresses.claim(e.index)
@@ -255,12 +294,17 @@ class DecisionState:
                     self.overlay.index_of(e.address),
                     key_expires_at=e.key_expires_at,
                     egress_pool_id=e.egress_pool_id,
+                    egress_address=e.egress_address,
                 )
+                self._count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
             case m.DeviceRevoked() | m.DeviceSuspended() | m.DeviceResumed():
                 if dev := self.devices.get(e.device_id):
+                    was_revoked = dev.status == "revoked"
                     self._transition(dev, e)
+                    if dev.status == "revoked" and not was_revoked:
+                        self._count_egress(dev, -1)
                     if dev.status == "revoked" and (tok := self.tokens.get(dev.token_id)):
                         tok.sessions.discard(dev.device_id)
             case m.DeviceKeyRotated():
@@ -268,5 +312,22 @@ class DecisionState:
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
                     self._transition(dev, e)
+            case m.UsageReported():
+                period = period_at(e.measured_at or env.occurred_at, self.usage_period)
+                for delta in e.deltas:
+                    dev = self.devices.get(delta.device_id)
+                    if dev is not None and dev.egress_pool_id is not None:
+                        moved = max(0, delta.rx_bytes) + max(0, delta.tx_bytes)
+                        self.pool_traffic[(dev.egress_pool_id, period)] += moved
             case _:
                 pass
+
+    def _count_egress(self, dev: DeviceState, delta: int) -> None:
+        """A revoked device gives its egress address back; a suspended one keeps it."""
+        if dev.egress_pool_id is None:
+            return
+        self.pool_assigned[dev.egress_pool_id] += delta
+        if dev.egress_address is not None:
+            self.egress_in_use.setdefault(dev.egress_pool_id, Counter())[dev.egress_address] += (
+                delta
+            )

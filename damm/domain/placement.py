@@ -89,12 +89,41 @@ class Placement:
     rejected: tuple[Rejection, ...]
 
 
+# How eligible gateways are ordered, first key first; front doors and pools are picked within
+# the winner (front door: lowest priority; pool: lowest load, then most headroom).
+RANKING = ("gateway load (lower wins)", "peer count (fewer wins)", "gateway id")
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateScore:
+    """One eligible gateway with every figure placement looked at; rank 1 is the winner.
+
+    Freshness and front-door priority are shown for the operator (a gateway about to go stale,
+    a door about to be used) but do not reorder gateways: every gateway shown is fresh enough.
+    """
+
+    rank: int
+    chosen: bool
+    gateway: GatewayCandidate
+    heartbeat_age_s: float
+    front_door: FrontDoor
+    egress_pool: EgressPool | None
+
+    @property
+    def load(self) -> float:
+        return self.gateway.load
+
+    @property
+    def egress_headroom(self) -> float | None:
+        return self.egress_pool.headroom if self.egress_pool else None
+
+
 @dataclass(frozen=True, slots=True)
 class PlacementExplanation:
     """What ``place`` would do, as data: the choice or the error, never both.
 
     ``candidates`` are the gateways that passed every check, best first, so an operator can see
-    where devices go when the chosen one drops out.
+    where devices go when the chosen one drops out; ``scores`` are the same, with their figures.
     """
 
     request: PlacementRequest
@@ -103,6 +132,7 @@ class PlacementExplanation:
     error: DammError | None
     rejections: tuple[Rejection, ...]
     candidates: tuple[GatewayCandidate, ...]
+    scores: tuple[CandidateScore, ...] = ()
 
 
 def _seconds(delta: timedelta) -> str:
@@ -285,9 +315,22 @@ def explain(
             err = DammError(Code.NO_HEALTHY_GATEWAY, f"{where}: no gateways known")
         return PlacementExplanation(req, tier.name, None, err, rejections, ranked)
 
+    scores = tuple(
+        CandidateScore(
+            rank=i + 1,
+            chosen=i == 0,
+            gateway=c_gw,
+            heartbeat_age_s=(now - c_gw.last_heartbeat).total_seconds()
+            if c_gw.last_heartbeat
+            else 0.0,
+            front_door=_best_front_door(c_gw),
+            egress_pool=c_pool,
+        )
+        for i, (c_gw, c_pool) in enumerate(candidates)
+    )
     gw, pool = candidates[0]
-    chosen = Placement(gw, _best_front_door(gw), pool, rejections)
-    return PlacementExplanation(req, tier.name, chosen, None, rejections, ranked)
+    chosen = Placement(gw, scores[0].front_door, pool, rejections)
+    return PlacementExplanation(req, tier.name, chosen, None, rejections, ranked, scores)
 
 
 def _pool_rejections(

@@ -125,9 +125,12 @@ class EgressPoolDefined(_Event, frozen=True, tag="egress.defined"):
     region: str
     countries: tuple[str, ...]
     ips: tuple[str, ...]
-    load: float = 0.0
-    headroom: float = 1.0
+    load: float = 0.0  # typed by operators before load was measured; ignored
+    headroom: float = 1.0  # likewise
     active: bool = True
+    # Capacity: how many devices one source address carries; load = assigned / (addresses x this).
+    devices_per_address: int = 128
+    transfer_per_address: int | None = None  # bytes per usage period; None: not a constraint
 
 
 # --- addresses and keys -----------------------------------------------------------------------
@@ -170,6 +173,9 @@ class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
     key_expires_at: datetime | None = None
     region: str = ""
     exit_country: str | None = None
+    # The pool address this device's traffic leaves from (damm.domain.egress.assign); None for
+    # devices enrolled before egress reached the packet plane, or in a pool without IPv4.
+    egress_address: str | None = None
 
 
 class DeviceRevoked(_Event, frozen=True, tag="device.revoked"):

@@ -65,10 +65,13 @@ _FRONT_DOOR = (
     " active=EXCLUDED.active"
 )
 _EGRESS = (
-    "INSERT INTO egress_pools (pool_id, provider, region, countries, ips, load, headroom, active)"
-    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT (pool_id) DO UPDATE SET"
+    "INSERT INTO egress_pools (pool_id, provider, region, countries, ips, load, headroom, active,"
+    " devices_per_address, transfer_per_address) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+    " ON CONFLICT (pool_id) DO UPDATE SET"
     " provider=EXCLUDED.provider, region=EXCLUDED.region, countries=EXCLUDED.countries,"
-    " ips=EXCLUDED.ips, load=EXCLUDED.load, headroom=EXCLUDED.headroom, active=EXCLUDED.active"
+    " ips=EXCLUDED.ips, load=EXCLUDED.load, headroom=EXCLUDED.headroom, active=EXCLUDED.active,"
+    " devices_per_address=EXCLUDED.devices_per_address,"
+    " transfer_per_address=EXCLUDED.transfer_per_address"
 )
 _ADDRESS = (
     "INSERT INTO addresses (pool, idx, address, address6, device_id) VALUES ($1,$2,$3,$4,$5)"
@@ -79,7 +82,8 @@ _ADDRESS_RELEASED = "DELETE FROM addresses WHERE pool=$1 AND idx=$2 AND device_i
 _DEVICE = (
     "INSERT INTO devices (device_id, public_key, token_id, tier, gateway_id, front_door_id,"
     " egress_pool_id, address, address6, region, exit_country, status, key_expires_at,"
-    " enrolled_at, updated_at) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,'active',$12,$13,$13)"
+    " enrolled_at, updated_at, egress_address)"
+    " VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,'active',$12,$13,$13,$14)"
     " ON CONFLICT (device_id) DO NOTHING"
 )
 _DEVICE_STATUS = (
@@ -204,6 +208,8 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
                     e.load,
                     e.headroom,
                     e.active,
+                    e.devices_per_address,
+                    e.transfer_per_address,
                 ),
             )
         case m.AddressAllocated():
@@ -228,6 +234,7 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
                     e.exit_country,
                     e.key_expires_at,
                     at,
+                    e.egress_address,
                 ),
             )
         case m.DeviceRevoked():

@@ -7,12 +7,18 @@ stable code from the error catalog, so every client can turn it back into a ``Da
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
 
 from damm.events.model import TierStatus
 
 MAX_REQUEST_BYTES = 16 * 1024
+
+# A dotted-quad IPv4 address: the egress source a gateway writes into its NAT rules.
+IPv4Text = Annotated[
+    str, msgspec.Meta(min_length=7, max_length=15, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
+]
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -97,9 +103,11 @@ class DefineEgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     region: str
     countries: tuple[str, ...]
     ips: tuple[str, ...] = ()
-    load: float = 0.0
-    headroom: float = 1.0
+    load: float = 0.0  # ignored: load is measured from assignments
+    headroom: float = 1.0  # ignored likewise
     active: bool = True
+    devices_per_address: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 128
+    transfer_per_address: Annotated[int, msgspec.Meta(ge=1, le=2**62)] | None = None
 
 
 class DeviceAction(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -124,6 +132,23 @@ class Rejected(msgspec.Struct, frozen=True):
     reason: str
 
 
+class ScoredCandidate(msgspec.Struct, frozen=True, kw_only=True):
+    """One eligible gateway with what placement compared; ``rank`` 1 is the winner."""
+
+    rank: int
+    chosen: bool
+    gateway_id: str
+    region: str
+    load: float
+    peer_count: int
+    heartbeat_age_s: float
+    front_door_id: str
+    front_door_priority: int
+    egress_pool_id: str | None
+    egress_load: float | None
+    egress_headroom: float | None
+
+
 class PlacementExplained(msgspec.Struct, frozen=True):
     gateway_id: str | None
     front_door_id: str | None
@@ -131,6 +156,8 @@ class PlacementExplained(msgspec.Struct, frozen=True):
     egress_pool_id: str | None
     error: ErrorBody | None
     rejected: tuple[Rejected, ...]
+    candidates: tuple[ScoredCandidate, ...] = ()
+    ranking: tuple[str, ...] = ()
 
 
 class Done(msgspec.Struct, frozen=True):
@@ -259,8 +286,14 @@ class HeartbeatAck(msgspec.Struct, frozen=True):
 
 
 class PeerEntry(msgspec.Struct, frozen=True, array_like=True):
+    """``egress``: the address this peer's traffic leaves the gateway from (source NAT), if any.
+
+    Added last with a default, so an agent that predates it decodes the entry and ignores it.
+    """
+
     public_key: str
     allowed_ips: tuple[str, ...]
+    egress: IPv4Text | None = None
 
 
 class PeerSnapshot(msgspec.Struct, frozen=True):

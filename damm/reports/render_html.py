@@ -343,7 +343,18 @@ def render_html(report: Report) -> str:
         numeric=(3, 5),
     )
     pools = _table(
-        ("pool", "provider", "region", "countries", "IPs", "load", "headroom", "active devices"),
+        (
+            "pool",
+            "provider",
+            "region",
+            "countries",
+            "IPs",
+            "load",
+            "headroom",
+            "assigned / capacity",
+            "active devices",
+            "traffic",
+        ),
         [
             [
                 escape(p.pool_id),
@@ -353,11 +364,13 @@ def render_html(report: Report) -> str:
                 escape(", ".join(p.ips)),
                 pct(p.load),
                 pct(p.headroom) + (" " + _pill("low", RED) if p.low_headroom else ""),
+                f"{p.devices_assigned} / {p.addresses * p.devices_per_address}",
                 str(p.devices_active),
+                human_bytes(p.traffic_bytes),
             ]
             for p in report.egress_pools
         ],
-        numeric=(5, 6, 7),
+        numeric=(5, 6, 7, 8, 9),
     )
     tiers = _table(
         ("tier", "byte limit", "session limit", "active", "suspended", "revoked"),

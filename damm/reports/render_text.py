@@ -150,7 +150,18 @@ def render_text(report: Report, width: int = 120, color: bool = False) -> str:
     _table(
         console,
         "Egress pools",
-        ("pool", "provider", "region", "countries", "IPs", "load", "headroom", "active devices"),
+        (
+            "pool",
+            "provider",
+            "region",
+            "countries",
+            "IPs",
+            "load",
+            "headroom",
+            "assigned / capacity",
+            "active devices",
+            "traffic",
+        ),
         [
             [
                 p.pool_id,
@@ -160,7 +171,9 @@ def render_text(report: Report, width: int = 120, color: bool = False) -> str:
                 ",".join(p.ips),
                 pct(p.load),
                 pct(p.headroom) + (" LOW" if p.low_headroom else ""),
+                f"{p.devices_assigned} / {p.addresses * p.devices_per_address}",
                 p.devices_active,
+                human_bytes(p.traffic_bytes),
             ]
             for p in report.egress_pools
         ],

@@ -20,8 +20,10 @@ from typing import Any
 import msgspec
 
 from damm import settings
+from damm.domain import egress
 from damm.domain.health import GatewayHealth, gateway_health
 from damm.domain.periods import period_at
+from damm.errors import DammError
 
 NEAR_CAPACITY_LOAD = 0.8  # a region whose healthy gateways average this load is near capacity
 LOW_HEADROOM = 0.2  # an egress pool with less headroom than this needs more IPs
@@ -69,6 +71,10 @@ class FrontDoorRow(msgspec.Struct, kw_only=True):
 
 
 class PoolRow(msgspec.Struct, kw_only=True):
+    """``load`` is measured, the same figure placement uses: devices assigned (not revoked) over
+    addresses x devices per address, or, if higher, ``traffic_bytes`` (this period) over
+    addresses x ``transfer_per_address`` when the operator declared that allowance."""
+
     pool_id: str
     provider: str
     region: str
@@ -79,6 +85,11 @@ class PoolRow(msgspec.Struct, kw_only=True):
     active: bool
     devices_active: int
     low_headroom: bool
+    addresses: int = 0
+    devices_per_address: int = 0
+    devices_assigned: int = 0
+    traffic_bytes: int = 0
+    transfer_per_address: int | None = None
 
 
 class TierRow(msgspec.Struct, kw_only=True):
@@ -186,11 +197,18 @@ FROM front_doors f LEFT JOIN (
 ORDER BY f.gateway_id, f.priority, f.front_door_id
 """
 _POOLS = """
-SELECT p.pool_id, p.provider, p.region, p.countries, p.ips, p.load, p.headroom, p.active,
-       coalesce(n.n, 0) AS devices_active
+SELECT p.pool_id, p.provider, p.region, p.countries, p.ips, p.active, p.devices_per_address,
+       p.transfer_per_address,
+       coalesce(n.active, 0) AS devices_active, coalesce(n.assigned, 0) AS devices_assigned,
+       coalesce(u.bytes, 0) AS traffic_bytes
 FROM egress_pools p LEFT JOIN (
-    SELECT egress_pool_id, count(*) AS n FROM devices WHERE status = 'active' GROUP BY 1
-) n ON n.egress_pool_id = p.pool_id
+    SELECT egress_pool_id, count(*) FILTER (WHERE status = 'active') AS active,
+           count(*) FILTER (WHERE status <> 'revoked') AS assigned
+    FROM devices GROUP BY 1
+) n ON n.egress_pool_id = p.pool_id LEFT JOIN (
+    SELECT d.egress_pool_id, sum(t.rx_bytes + t.tx_bytes) AS bytes
+    FROM usage_totals t JOIN devices d USING (device_id) WHERE t.period = $1 GROUP BY 1
+) u ON u.egress_pool_id = p.pool_id
 ORDER BY p.region, p.pool_id
 """
 _TIERS = "SELECT tier, byte_limit, session_limit, status FROM tiers ORDER BY tier"
@@ -236,7 +254,7 @@ async def gather(
         rows.gateways = await fetch(_GATEWAYS)
         rows.gateway_devices = await fetch(_GATEWAY_DEVICES)
         rows.front_doors = await fetch(_FRONT_DOORS)
-        rows.pools = await fetch(_POOLS)
+        rows.pools = await fetch(_POOLS, period)
         rows.tiers = await fetch(_TIERS)
         rows.tier_devices = await fetch(_TIER_DEVICES)
         rows.top_usage = await fetch(_TOP, period, top)
@@ -279,6 +297,39 @@ def _usage(row: dict[str, Any]) -> UsageRow:
         used=used,
         byte_limit=limit,
         share=(used / limit) if limit else None,
+    )
+
+
+def _pool(r: dict[str, Any]) -> PoolRow:
+    try:
+        addresses = len(egress.addresses(list(r["ips"])))
+    except DammError:  # an inventory recorded before it was checked
+        addresses = 0
+    per_address = int(r["devices_per_address"])
+    transfer = r.get("transfer_per_address")
+    load = egress.pool_load(
+        int(r["devices_assigned"]),
+        int(r["traffic_bytes"]),
+        addresses,
+        per_address,
+        int(transfer) if transfer is not None else None,
+    )
+    return PoolRow(
+        pool_id=r["pool_id"],
+        provider=r["provider"],
+        region=r["region"],
+        countries=list(r["countries"]),
+        ips=list(r["ips"]),
+        load=load,
+        headroom=1.0 - load,
+        active=bool(r["active"]),
+        devices_active=int(r["devices_active"]),
+        low_headroom=bool(r["active"]) and 1.0 - load < LOW_HEADROOM,
+        addresses=addresses,
+        devices_per_address=per_address,
+        devices_assigned=int(r["devices_assigned"]),
+        traffic_bytes=int(r["traffic_bytes"]),
+        transfer_per_address=int(transfer) if transfer is not None else None,
     )
 
 
@@ -338,21 +389,7 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
         for r in rows.front_doors
     ]
 
-    pools = [
-        PoolRow(
-            pool_id=r["pool_id"],
-            provider=r["provider"],
-            region=r["region"],
-            countries=list(r["countries"]),
-            ips=list(r["ips"]),
-            load=float(r["load"]),
-            headroom=float(r["headroom"]),
-            active=bool(r["active"]),
-            devices_active=int(r["devices_active"]),
-            low_headroom=bool(r["active"]) and float(r["headroom"]) < LOW_HEADROOM,
-        )
-        for r in rows.pools
-    ]
+    pools = [_pool(r) for r in rows.pools]
 
     by_tier: dict[str, dict[str, int]] = {}
     by_status: dict[str, int] = {}
@@ -461,6 +498,12 @@ def recommend(report: Report) -> list[Recommendation]:
             )
     for p in report.egress_pools:
         if p.low_headroom:
+            moved = (
+                f"; {p.traffic_bytes} B of {p.addresses * p.transfer_per_address} B allowed "
+                "moved this period"
+                if p.transfer_per_address
+                else ""
+            )
             out.append(
                 Recommendation(
                     severity="warning",
@@ -468,8 +511,9 @@ def recommend(report: Report) -> list[Recommendation]:
                     subject=p.pool_id,
                     message=(
                         f"egress pool {p.pool_id} ({p.region}, {','.join(p.countries)}) has "
-                        f"{p.headroom:.0%} headroom at {p.load:.0%} load with {len(p.ips)} IP "
-                        "range(s): add IPs or another pool for these countries"
+                        f"{p.headroom:.0%} headroom: {p.devices_assigned} device(s) on "
+                        f"{p.addresses} address(es) at {p.devices_per_address} per address"
+                        f"{moved}: add IPs or another pool for these countries"
                     ),
                 )
             )

@@ -9,12 +9,14 @@ import asyncio
 import ipaddress
 import secrets
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from datetime import timedelta
 
 from damm import settings
 from damm.control.context import Context
 from damm.control.placement_view import explain_for
+from damm.domain import egress
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
 from damm.events import model as m
@@ -243,6 +245,7 @@ class AdminHandlers:
                 raise DammError(Code.INVALID_ARGUMENT, f"{name} must be within 0..1, got {score}")
         if not req.countries:
             raise DammError(Code.INVALID_ARGUMENT, "an egress pool serves at least one country")
+        usable = egress.addresses(ips)
         event = m.EgressPoolDefined(
             pool_id=req.pool_id,
             provider=req.provider,
@@ -252,9 +255,21 @@ class AdminHandlers:
             load=req.load,
             headroom=req.headroom,
             active=req.active,
+            devices_per_address=req.devices_per_address,
+            transfer_per_address=req.transfer_per_address,
         )
         subject = event_subject("egress", req.pool_id)
-        return await self._record(subject, event, call)
+        await self.ctx.follower.sync()  # assignments other replicas made count too
+
+        def decide() -> list[Append]:
+            # Devices' NAT rules name their address: it cannot vanish from under them.
+            in_use = self.ctx.state.egress_in_use.get(req.pool_id, Counter())
+            if dropped := egress.orphaned(usable, in_use):
+                shown = ", ".join(f"{a} ({in_use[a]} devices)" for a in dropped[:5])
+                raise DammError(Code.EGRESS_IN_USE, f"pool {req.pool_id} would drop {shown}")
+            return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+
+        return await self._done(decide)
 
     # --- device lifecycle --------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from damm import log
 from damm.control.context import Context, Planned
 from damm.control.placement_view import candidates, pools, tier_policy
 from damm.control.state import DecisionState, DeviceState, TokenState
+from damm.domain import egress
 from damm.domain import placement as pl
 from damm.domain.lifecycle import OVER_QUOTA
 from damm.errors import Code, DammError
@@ -49,6 +50,18 @@ class Tentative:
     keys: set[str] = field(default_factory=set)
     requests: set[str] = field(default_factory=set)
     subjects: set[str] = field(default_factory=set)
+    egress: dict[str, Counter[str]] = field(default_factory=dict)
+
+    def egress_address(self, state: DecisionState, pool_id: str) -> str | None:
+        """Assign from the pool counting this group's own assignments, and record the choice."""
+        taken = self.egress.setdefault(pool_id, Counter())
+        address = egress.assign(
+            state.pool_addresses.get(pool_id, ()),
+            state.egress_in_use.get(pool_id, Counter()) + taken,
+        )
+        if address is not None:
+            taken[address] += 1
+        return address
 
     def expect(self, state: DecisionState, subject: str) -> int | None:
         """Only a subject's first message in a batch carries the expectation."""
@@ -163,12 +176,14 @@ def decide_enrollment(
         pl.PlacementRequest(req.region, req.exit_country),
         tier_policy(tier),
         candidates(state),
-        pools(state),
+        pools(state, now),
         now=now,
         heartbeat_ttl=timedelta(seconds=settings.heartbeat_ttl_s),
     )
     if index is None:
         raise DammError(Code.POOL_EXHAUSTED, f"no free address in {settings.overlay.network}")
+    pool = placement.egress_pool
+    egress_address = tentative.egress_address(state, pool.id) if pool else None
     overlay = settings.overlay
     address = str(overlay.address(index))
     six = overlay.address6(index)
@@ -222,6 +237,7 @@ def decide_enrollment(
                 key_expires_at=expires,
                 region=placement.gateway.region,
                 exit_country=req.exit_country,
+                egress_address=egress_address,
             ),
             actor,
             # The request id is the device event's correlation id: a retry finds it in the fold.

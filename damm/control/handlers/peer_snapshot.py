@@ -29,6 +29,8 @@ class PeerSetHandlers:
         await self.ctx.follower.sync()  # a snapshot older than the agent's last change is useless
         state = self.ctx.state
         # No await between these two lines: the peers and the revision describe one state.
-        peers = state.peer_set(gw.gateway_id)
+        peers = state.peer_entries(gw.gateway_id)
         revision = state.peer_revisions.get(gw.gateway_id, 0)
-        return p.PeerSnapshot(gw.gateway_id, revision, entries(peers))
+        nat = {key: address for key, _, address in peers if address is not None}
+        wire = entries([(key, ips) for key, ips, _ in peers], nat)
+        return p.PeerSnapshot(gw.gateway_id, revision, wire)

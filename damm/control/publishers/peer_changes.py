@@ -24,8 +24,12 @@ _log = log.get("damm.peersets")
 _encoder = msgspec.json.Encoder()
 
 
-def entries(peers: list[tuple[str, tuple[str, ...]]]) -> tuple[p.PeerEntry, ...]:
-    return tuple(p.PeerEntry(key, ips) for key, ips in sorted(peers))
+def entries(
+    peers: list[tuple[str, tuple[str, ...]]], egress: dict[str, str] | None = None
+) -> tuple[p.PeerEntry, ...]:
+    """Wire entries, each with the egress address its traffic leaves from, if it has one."""
+    nat = egress or {}
+    return tuple(p.PeerEntry(key, ips, nat.get(key)) for key, ips in sorted(peers))
 
 
 def encode_change(change: PeerChange) -> bytes:
@@ -34,7 +38,7 @@ def encode_change(change: PeerChange) -> bytes:
             change.gateway_id,
             change.prev_revision,
             change.revision,
-            entries(list(change.upserts)),
+            entries(list(change.upserts), dict(change.egress)),
             change.removes,
         )
     )
