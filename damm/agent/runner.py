@@ -32,6 +32,7 @@ from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
 from damm.clock import sleep_or_stop
 from damm.errors import Code, DammError
+from damm.metrics import AgentMetrics
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -88,6 +89,12 @@ class GatewayAgent:
         self._need_resync = True
         self._flush = asyncio.Event()
         self._wg = asyncio.Lock()
+        self.metrics = AgentMetrics()
+        self.metrics.follow(
+            peers=lambda: len(self.desired),
+            usage_reports_pending=lambda: len(self.ledger.pending),
+            nats_connected=lambda: self.nc is not None and self.nc.is_connected,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -271,6 +278,7 @@ class GatewayAgent:
 
     async def _reconcile(self, desired: dict[str, Peer]) -> PeerDiff:
         """Full reconcile (caller holds the lock); meters from the same read before removals."""
+        started = time.monotonic()
         state = await self.backend.read()
         self._observe(state)
         change = diff(state.configured_peers(), desired)
@@ -278,6 +286,7 @@ class GatewayAgent:
             await self.backend.apply(change)
             self._applied(change)
         self.desired = desired
+        self.metrics.reconcile_seconds.labels("full").observe(time.monotonic() - started)
         return change
 
     async def _apply_changes(self) -> None:
@@ -311,6 +320,7 @@ class GatewayAgent:
         if revision == self.revision and not touched:
             return
         async with self._wg:
+            started = time.monotonic()
             if removes:  # count the bytes of peers about to go, from the interface itself
                 state = await self.backend.read()
                 self._observe(state)
@@ -325,6 +335,7 @@ class GatewayAgent:
                 self._applied(change)
             self.desired = new
             self.revision = revision
+            self.metrics.reconcile_seconds.labels("changes").observe(time.monotonic() - started)
 
     def _applied(self, change: PeerDiff) -> None:
         now = time.monotonic()

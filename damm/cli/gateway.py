@@ -16,6 +16,7 @@ import click
 from damm import log, settings
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.cli.common import Target, run
+from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.errors import Code, DammError
 from damm.wireguard.base import WireGuardBackend
 
@@ -77,6 +78,7 @@ def gateway() -> None:
 @click.option(
     "--capacity", default=1000, show_default=True, type=int, help="Peers at which load reads 1.0."
 )
+@metrics_option
 @run
 async def run_cmd(
     gateway_id: str,
@@ -90,6 +92,7 @@ async def run_cmd(
     heartbeat_interval: float,
     usage_interval: float,
     capacity: int,
+    metrics_listen: str | None,
 ) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure(settings.log_level(), json=settings.log_json())
@@ -110,8 +113,10 @@ async def run_cmd(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    agent = GatewayAgent(config, backend)
     try:
-        await GatewayAgent(config, backend).run(stop)
+        async with metrics_endpoint(metrics_listen, agent.metrics.registry):
+            await agent.run(stop)
     finally:
         await backend.close()
 

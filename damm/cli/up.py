@@ -15,6 +15,7 @@ import click
 
 from damm import log
 from damm.cli.common import run, target
+from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic
@@ -47,9 +48,12 @@ def _previous(directory: Path) -> dict[str, Any]:
 @click.command()
 @click.option("--no-demo", is_flag=True, help="do not start the demo gateway and device")
 @click.option("--exit-after-demo", is_flag=True, help="stop once the demo has shown the tunnel")
+@metrics_option
 @click.pass_context
 @run
-async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
+async def up(
+    ctx: click.Context, no_demo: bool, exit_after_demo: bool, metrics_listen: str | None
+) -> None:
     """Start DAMM locally: NATS, Postgres, the control plane (and a demo tunnel as root)."""
     t = target(ctx)
     directory = home()
@@ -94,6 +98,7 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
         plane = ControlPlane(nats_url, database_url, settings, user=user, password=password)
         await plane.start()
         stack.push_async_callback(plane.stop)
+        await stack.enter_async_context(metrics_endpoint(metrics_listen, plane.metrics.registry))
         if server is not None:
             assert plane.ctx is not None
             users_stop = asyncio.Event()
