@@ -6,12 +6,14 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -171,8 +173,8 @@ async def test_both_endpoints_export_every_series_and_they_move(
         assert value(before, "damm_projector_active", projector="readmodels") == 1
         assert value(agent_synced, "damm_nats_connected") == 1
         assert value(agent_synced, "damm_agent_peers") == 0
-        full = "damm_agent_reconcile_duration_seconds_count"
-        assert value(agent_synced, full, kind="full") >= 1
+        count = "damm_agent_reconcile_duration_seconds_count"
+        assert value(agent_synced, count, kind="full") >= 1
 
         # Traffic: one enrollment, one refused enrollment, and the reconcile it causes.
         _, pub = keypair()
@@ -197,17 +199,23 @@ async def test_both_endpoints_export_every_series_and_they_move(
         assert value(after, "damm_projector_lag_events", projector="readmodels") == 0
 
         moved = await scraped_until(agent_url, lambda s: value(s, "damm_agent_peers") == 1)
-        changes = "damm_agent_reconcile_duration_seconds_count"
-        assert value(moved, changes, kind="changes") > value(agent_synced, changes, kind="changes")
+
+        def reconciles(s: Samples) -> float:  # a change, or a resync if a heartbeat came first
+            return value(s, count, kind="changes") + value(s, count, kind="full")
+
+        assert reconciles(moved) > reconciles(agent_synced)
 
         # Usage: bytes seen when the device leaves wait on disk until the control plane takes them.
         backend.set_counters(pub, 4096, 1024)
         device_id = control.ctx.state.bound_keys[pub]  # type: ignore[union-attr]
         await call(admin_nc, "admin.device.revoke", p.DeviceAction(device_id=device_id), p.Done)
-        pending = await scraped_until(
-            agent_url, lambda s: value(s, "damm_agent_usage_reports_pending") >= 1
+        await scraped_until(
+            agent_url,
+            lambda s: (
+                value(s, "damm_agent_usage_reports_pending") >= 1
+                and value(s, "damm_agent_peers") == 0
+            ),
         )
-        assert value(pending, "damm_agent_peers") == 0
         await agent.flush_usage()
         await scraped_until(agent_url, lambda s: value(s, "damm_agent_usage_reports_pending") == 0)
     finally:
@@ -217,33 +225,52 @@ async def test_both_endpoints_export_every_series_and_they_move(
     assert value(stopped, "damm_nats_connected") == 0
 
 
-async def test_each_control_plane_has_its_own_registry(
-    control: ControlPlane, nats_server: NatsServer, dsn: str, tmp_path: Path
+async def test_leadership_and_connection_move_between_replicas(
+    control: ControlPlane, nats_server: NatsServer, dsn: str
 ) -> None:
-    """A second replica in the same interpreter reports itself: not the leader, its own counts."""
-    assert control.leadership is not None
-    await asyncio.wait_for(control.leadership.gained.wait(), 5)
-    second = ControlPlane(
-        nats_server.url,
-        dsn,
-        control.settings,
-        password=nats_server.passwords["control"],
-        run_projectors=False,
-    )
-    await second.start()
+    """Two more replicas in this interpreter (their own schema, so their own leader lock): each
+    reports itself from its own registry, and the numbers follow a leader's shutdown."""
+
+    def replica() -> ControlPlane:
+        return ControlPlane(
+            nats_server.url,
+            dsn,
+            control.settings,
+            password=nats_server.passwords["control"],
+            schema="replicas",
+            run_projectors=False,
+        )
+
+    first, second = replica(), replica()
+    running = [first]
+    await first.start()
     try:
+        assert first.leadership is not None
+        await asyncio.wait_for(first.leadership.gained.wait(), 5)
+        running.append(second)
+        await second.start()
         async with (
-            metrics_endpoint("127.0.0.1:0", control.metrics.registry) as first_server,
+            metrics_endpoint("127.0.0.1:0", first.metrics.registry) as first_server,
             metrics_endpoint("127.0.0.1:0", second.metrics.registry) as second_server,
+            metrics_endpoint("127.0.0.1:0", control.metrics.registry) as control_server,
         ):
-            assert first_server is not None and second_server is not None
-            first = await scrape(first_server.url)
+            assert first_server and second_server and control_server
+            before = await scrape(first_server.url)
             other = await scrape(second_server.url)
-        assert value(first, "damm_leader") == 1 and value(other, "damm_leader") == 0
-        assert "damm_projector_active" in names(first)
-        assert "damm_projector_active" not in names(other)  # it runs no projector
+            assert value(before, "damm_leader") == 1 and value(other, "damm_leader") == 0
+            assert value(before, "damm_nats_connected") == value(other, "damm_nats_connected") == 1
+            assert "damm_projector_active" not in names(other)  # it runs no projector
+            projecting = await scrape(control_server.url)
+            assert value(projecting, "damm_projector_active", projector="readmodels") == 1
+
+            running.remove(first)
+            await first.stop()
+            gone = await scrape(first_server.url)
+            assert value(gone, "damm_leader") == 0 and value(gone, "damm_nats_connected") == 0
+            await scraped_until(second_server.url, lambda s: value(s, "damm_leader") == 1)
     finally:
-        await second.stop()
+        for plane in running:
+            await plane.stop()
 
 
 async def test_projector_lag_grows_while_stuck_and_clears(
@@ -370,9 +397,18 @@ def _scrape_until(url: str, check: Callable[[Samples], bool], seconds: float = 3
         time.sleep(0.1)
 
 
-def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path) -> None:
+@pytest.fixture
+def damm_home() -> Iterator[Path]:
+    """Outside pytest's tmp tree: another pytest run on this machine resets that tree to 0700,
+    and embedded PostgreSQL (as root) runs as its own user, which must reach its data dir."""
+    root = Path(tempfile.mkdtemp(prefix="damm-test-up-", dir="/tmp"))
+    yield root / "home"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path, damm_home: Path) -> None:
     """`--metrics-listen` on all three long-running commands, against one `damm up` stack."""
-    env = {**os.environ, "DAMM_HOME": str(tmp_path / "home"), "DAMM_LOG_LEVEL": "warning"}
+    env = {**os.environ, "DAMM_HOME": str(damm_home), "DAMM_LOG_LEVEL": "warning"}
     for name in ("DAMM_NATS_URL", "DAMM_DATABASE_URL", "DAMM_METRICS_LISTEN"):
         env.pop(name, None)
     listen = ["--metrics-listen", "127.0.0.1:0"]
@@ -404,7 +440,7 @@ def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path) -> None:
         agent_url = _endpoint(agent_log, agent)
         replica, replica_log = start(
             "control", "control", "run", "--no-projectors", "--keys-dir",
-            str(tmp_path / "home" / "keys"), *listen,
+            str(damm_home / "keys"), *listen,
         )  # fmt: skip
         replica_url = _endpoint(replica_log, replica)
 
