@@ -247,7 +247,8 @@ class Projector:
         """Events waiting, and seconds: while any wait, the age of the newest applied event."""
         if not self.active or self.waiting <= 0:
             return 0, 0.0
-        return self.waiting, max(0.0, time.time() - self.applied_at) if self.applied_at else 0.0
+        age = time.time() - self.applied_at if self.applied_at else 0.0
+        return self.waiting, max(0.0, age)
 
     async def run(self, nc: NATS, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set, retrying through bus and database failures."""
