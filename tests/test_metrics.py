@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -387,10 +387,16 @@ def _endpoint(log: Path, proc: subprocess.Popen[bytes], seconds: float = 60) -> 
         time.sleep(0.05)
 
 
-def _scrape_until(url: str, check: Callable[[Samples], bool], seconds: float = 30) -> Samples:
+def _scrape_until(
+    url: str, check: Callable[[Samples], bool], logs: Sequence[Path], seconds: float = 30
+) -> Samples:
     deadline = time.monotonic() + seconds
     while True:
-        samples = _scrape(url)
+        try:
+            samples = _scrape(url)
+        except OSError as exc:
+            said = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')}" for log in logs)
+            raise AssertionError(f"scraping {url}: {exc!r}\n{said}") from exc
         if check(samples):
             return samples
         assert time.monotonic() < deadline, samples
@@ -424,7 +430,8 @@ def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path, damm_home:
     try:
         up, up_log = start("up", "up", "--no-demo", *listen)
         up_url = _endpoint(up_log, up)
-        _scrape_until(up_url, lambda s: value(s, "damm_leader") == 1)
+        logs = [up_log]
+        _scrape_until(up_url, lambda s: value(s, "damm_leader") == 1, logs)
         added = subprocess.run(
             [DAMM, "admin", "gateway", "add", "gw1", "--region", "eu", "--front-door",
              "udp://192.0.2.1:51820"],
@@ -438,11 +445,13 @@ def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path, damm_home:
             "memory", "--state-dir", str(tmp_path / "gw"), *listen,
         )  # fmt: skip
         agent_url = _endpoint(agent_log, agent)
+        logs.append(agent_log)
         replica, replica_log = start(
             "control", "control", "run", "--no-projectors", "--keys-dir",
             str(damm_home / "keys"), *listen,
         )  # fmt: skip
         replica_url = _endpoint(replica_log, replica)
+        logs.append(replica_log)
 
         agent_seen = _scrape_until(
             agent_url,
@@ -450,6 +459,7 @@ def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path, damm_home:
                 value(s, "damm_nats_connected") == 1
                 and value(s, "damm_agent_reconcile_duration_seconds_count", kind="full") >= 1
             ),
+            logs,
         )
         assert set(AGENT_SERIES) <= names(agent_seen)
         # The agent's registration was answered by one of the two replicas (a queue group).
@@ -461,11 +471,14 @@ def test_up_control_run_and_gateway_run_serve_metrics(tmp_path: Path, damm_home:
                 + value(_scrape(replica_url), "damm_requests_total", **registered)
                 >= 1
             ),
+            logs,
         )
         up_seen = _scrape(up_url)
         assert set(CONTROL_SERIES) <= names(up_seen)
         assert value(up_seen, "damm_projector_active", projector="readmodels") == 1
-        replica_seen = _scrape_until(replica_url, lambda s: value(s, "damm_nats_connected") == 1)
+        replica_seen = _scrape_until(
+            replica_url, lambda s: value(s, "damm_nats_connected") == 1, logs
+        )
         assert value(replica_seen, "damm_leader") == 0  # `damm up`'s control plane leads
         assert "damm_projector_active" not in names(replica_seen)
     finally:

@@ -46,13 +46,14 @@ async def control_run(
         password=password,
         run_projectors=not no_projectors,
     )
-    await plane.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        async with metrics_endpoint(metrics_listen, plane.metrics.registry):
+    # Listen first, so a bad address fails before the control plane starts.
+    async with metrics_endpoint(metrics_listen, plane.metrics.registry):
+        await plane.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
             await stop.wait()
-    finally:
-        await plane.stop()
+        finally:
+            await plane.stop()

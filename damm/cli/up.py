@@ -18,6 +18,7 @@ from damm.cli.common import run, target
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
+from damm.metrics import ControlMetrics
 from damm.private_files import write_atomic
 from damm.settings import ControlSettings
 from damm.stack.gateway_users import follow_gateways
@@ -69,6 +70,10 @@ async def up(
         loop.add_signal_handler(sig, stop.set)
 
     async with AsyncExitStack() as stack:
+        # Listen before starting anything, so a bad address fails fast; the control plane's
+        # series appear as it starts.
+        metrics = ControlMetrics()
+        await stack.enter_async_context(metrics_endpoint(metrics_listen, metrics.registry))
         nats_url = t.nats_url
         passwords: dict[str, str] = {}
         server: NatsServer | None = None
@@ -95,10 +100,11 @@ async def up(
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
-        plane = ControlPlane(nats_url, database_url, settings, user=user, password=password)
+        plane = ControlPlane(
+            nats_url, database_url, settings, user=user, password=password, metrics=metrics
+        )
         await plane.start()
         stack.push_async_callback(plane.stop)
-        await stack.enter_async_context(metrics_endpoint(metrics_listen, plane.metrics.registry))
         if server is not None:
             assert plane.ctx is not None
             users_stop = asyncio.Event()
