@@ -114,7 +114,7 @@ def _chart(title: str, rows: Sequence[str], legend: str = "") -> str:
     """Labels, bars and values share one grid, so every bar has the same track width; labels
     wrap instead of being cut, and on a narrow screen they move above their bar."""
     body = "".join(rows) or '<span class="label muted">no data</span>'
-    return f'<figure class="chart" role="img" aria-label="{escape(title)}">{body}{legend}</figure>'
+    return f'<figure class="chart" aria-label="{escape(title)}">{body}{legend}</figure>'
 
 
 def _row(label: str, track: str, value: str) -> str:
