@@ -26,7 +26,7 @@ ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = Path(
-    os.environ.get("DAMM_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts")
+    os.environ.get("DAMM_TEST_ARTEFACTS", Path(__file__).parent.parent / "test-artefacts")
 )
 
 needs_chromium = pytest.mark.skipif(

@@ -347,9 +347,9 @@ async def test_html_renders_in_chromium(
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("request", lambda req: requests.append(req.url))
             await page.goto(page_path.as_uri())
-            assert await page.locator("svg.chart").count() >= 5
-            assert await page.locator("svg.chart rect.bar").count() >= 10
-            box = await page.locator("#regions-chart svg").bounding_box()
+            assert await page.locator("figure.chart").count() >= 5
+            assert await page.locator("figure.chart svg rect.bar").count() >= 10
+            box = await page.locator("#regions-chart figure.chart").bounding_box()
             assert box is not None and box["width"] > 300 and box["height"] > 30
             assert await page.locator("#recommendations .rec").count() == len(rep.recommendations)
             shot = os.environ.get("DAMM_REPORT_SCREENSHOT")

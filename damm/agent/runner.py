@@ -33,6 +33,7 @@ from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
 from damm.clock import sleep_or_stop
 from damm.errors import Code, DammError
+from damm.metrics import AgentMetrics
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -97,6 +98,12 @@ class GatewayAgent:
         self._need_resync = True
         self._flush = asyncio.Event()
         self._wg = asyncio.Lock()
+        self.metrics = AgentMetrics()
+        self.metrics.follow(
+            peers=lambda: len(self.desired),
+            usage_reports_pending=lambda: len(self.ledger.pending),
+            nats_connected=lambda: self.nc is not None and self.nc.is_connected,
+        )
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -284,6 +291,7 @@ class GatewayAgent:
 
     async def _reconcile(self, desired: dict[str, Peer]) -> PeerDiff:
         """Full reconcile (caller holds the lock); meters from the same read before removals."""
+        started = time.monotonic()
         state = await self.backend.read()
         self._observe(state)
         change = diff(state.configured_peers(), desired)
@@ -292,6 +300,7 @@ class GatewayAgent:
             self._applied(change)
         self.desired = desired
         await self._nat(None)
+        self.metrics.reconcile_seconds.labels("full").observe(time.monotonic() - started)
         return change
 
     def nat_map(self, peers: dict[str, Peer] | None = None) -> dict[str, str]:
@@ -364,6 +373,7 @@ class GatewayAgent:
         if revision == self.revision and not touched:
             return
         async with self._wg:
+            started = time.monotonic()
             if removes:  # count the bytes of peers about to go, from the interface itself
                 state = await self.backend.read()
                 self._observe(state)
@@ -386,6 +396,7 @@ class GatewayAgent:
             self.egress_of = egress_of
             self.revision = revision
             await self._nat(sources)
+            self.metrics.reconcile_seconds.labels("changes").observe(time.monotonic() - started)
 
     def _applied(self, change: PeerDiff) -> None:
         now = time.monotonic()

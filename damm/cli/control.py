@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from damm.cli.common import run, target
+from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.settings import ControlSettings
 
@@ -28,9 +29,12 @@ def control() -> None:
     help="catalog signing and rotation keys (0600)",
 )
 @click.option("--no-projectors", is_flag=True, help="serve requests only")
+@metrics_option
 @click.pass_context
 @run
-async def control_run(ctx: click.Context, keys_dir: Path, no_projectors: bool) -> None:
+async def control_run(
+    ctx: click.Context, keys_dir: Path, no_projectors: bool, metrics_listen: str | None
+) -> None:
     """Serve commands and project events until SIGTERM."""
     t = target(ctx)
     user, password = t.credentials("control")
@@ -42,10 +46,14 @@ async def control_run(ctx: click.Context, keys_dir: Path, no_projectors: bool) -
         password=password,
         run_projectors=not no_projectors,
     )
-    await plane.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await plane.stop()
+    # Listen first, so a bad address fails before the control plane starts.
+    async with metrics_endpoint(metrics_listen, plane.metrics.registry):
+        await plane.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            await plane.stop()

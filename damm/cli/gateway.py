@@ -17,6 +17,7 @@ from damm import log, settings
 from damm.agent.egress import EgressReconciler, Nftables
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.cli.common import Target, run
+from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.errors import Code, DammError
 from damm.wireguard.base import WireGuardBackend
 
@@ -91,6 +92,7 @@ def gateway() -> None:
     default=None,
     help="Network namespace holding the uplink, when it is not the agent's own.",
 )
+@metrics_option
 @run
 async def run_cmd(
     gateway_id: str,
@@ -106,6 +108,7 @@ async def run_cmd(
     capacity: int,
     egress_kind: str,
     egress_netns: str | None,
+    metrics_listen: str | None,
 ) -> None:
     """Register, follow this gateway's peer set, heartbeat and report usage until stopped."""
     log.configure(settings.log_level(), json=settings.log_json())
@@ -126,10 +129,12 @@ async def run_cmd(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
+    egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
+    agent = GatewayAgent(config, backend, egress)
     try:
-        wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
-        egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
-        await GatewayAgent(config, backend, egress).run(stop)
+        async with metrics_endpoint(metrics_listen, agent.metrics.registry):
+            await agent.run(stop)
     finally:
         await backend.close()
 

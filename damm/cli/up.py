@@ -15,8 +15,10 @@ import click
 
 from damm import log
 from damm.cli.common import run, target
+from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
+from damm.metrics import ControlMetrics
 from damm.private_files import write_atomic
 from damm.settings import ControlSettings
 from damm.stack.gateway_users import follow_gateways
@@ -47,9 +49,12 @@ def _previous(directory: Path) -> dict[str, Any]:
 @click.command()
 @click.option("--no-demo", is_flag=True, help="do not start the demo gateway and device")
 @click.option("--exit-after-demo", is_flag=True, help="stop once the demo has shown the tunnel")
+@metrics_option
 @click.pass_context
 @run
-async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
+async def up(
+    ctx: click.Context, no_demo: bool, exit_after_demo: bool, metrics_listen: str | None
+) -> None:
     """Start DAMM locally: NATS, Postgres, the control plane (and a demo tunnel as root)."""
     t = target(ctx)
     directory = home()
@@ -65,6 +70,10 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     async with AsyncExitStack() as stack:
+        # Listen before starting anything, so a bad address fails fast; the control plane's
+        # series appear as it starts.
+        metrics = ControlMetrics()
+        await stack.enter_async_context(metrics_endpoint(metrics_listen, metrics.registry))
         nats_url = t.nats_url
         passwords: dict[str, str] = {}
         server: NatsServer | None = None
@@ -91,7 +100,9 @@ async def up(ctx: click.Context, no_demo: bool, exit_after_demo: bool) -> None:
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
-        plane = ControlPlane(nats_url, database_url, settings, user=user, password=password)
+        plane = ControlPlane(
+            nats_url, database_url, settings, user=user, password=password, metrics=metrics
+        )
         await plane.start()
         stack.push_async_callback(plane.stop)
         if server is not None:

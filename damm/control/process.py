@@ -28,6 +28,7 @@ from damm.control.state import DecisionState
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.keys.rotation import RotationKey
+from damm.metrics import ControlMetrics
 from damm.projections.migrate import migrate
 from damm.projections.runner import Projector
 from damm.protocol.bus import connect
@@ -60,6 +61,7 @@ class ControlPlane:
     publisher: PeerPublisher | None = None
     quota: QuotaReactor | None = None
     catalogs: CatalogPublisher | None = None
+    metrics: ControlMetrics = field(default_factory=ControlMetrics)
 
     async def start(self) -> None:
         self.nc = await connect(
@@ -78,7 +80,7 @@ class ControlPlane:
         state = DecisionState(self.settings.overlay)
         self._follower = StateFollower(self.nc, state)
         await self._follower.start()
-        store = EventStore(self.nc)
+        store = EventStore(self.nc, metrics=self.metrics)
         self.ctx = Context(
             store, state, self._follower, self.settings, signer, rotation, clock=self.clock
         )
@@ -86,6 +88,12 @@ class ControlPlane:
         self._committer.start()
         # Peer-set publishing and policy reactors run in one process: the advisory-lock holder.
         self.leadership = Leadership(self.database_url, f"damm-leader-{self.schema}")
+        nc, leadership = self.nc, self.leadership
+        self.metrics.follow(
+            leader=lambda: leadership.is_leader,
+            nats_connected=lambda: nc.is_connected,
+            enrollments=lambda: len(state.devices),
+        )
         self._tasks.append(asyncio.create_task(self.leadership.run(self._stop)))
         self.publisher = PeerPublisher(self.nc, state, self.leadership)
         self.publisher.start()
@@ -107,13 +115,14 @@ class ControlPlane:
             *self.catalogs.routes(),
             *signing_keys.routes(),
         ]
-        self._service = Service(self.nc, routes)
+        self._service = Service(self.nc, routes, metrics=self.metrics)
         await self._service.start()
         self.catalogs.start()
         if self.run_projectors:
+            m = self.metrics
             self.projectors = [
-                Projector("readmodels", EVENTS_STREAM, self.database_url, self.schema),
-                Projector("telemetry", TELEMETRY_STREAM, self.database_url, self.schema),
+                Projector("readmodels", EVENTS_STREAM, self.database_url, self.schema, metrics=m),
+                Projector("telemetry", TELEMETRY_STREAM, self.database_url, self.schema, metrics=m),
             ]
             for projector in self.projectors:
                 self._tasks.append(asyncio.create_task(projector.run(self.nc, self._stop)))

@@ -23,6 +23,7 @@ from nats.js.errors import APIError, NotFoundError
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events.model import Actor, Envelope, Event, event_type_name
+from damm.metrics import ControlMetrics
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 
 WRONG_LAST_SEQUENCE = 10071
@@ -97,8 +98,16 @@ def envelope(
 
 
 class EventStore:
-    def __init__(self, nc: NATS, *, stream: str = EVENTS_STREAM, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        stream: str = EVENTS_STREAM,
+        timeout: float = 5.0,
+        metrics: ControlMetrics | None = None,
+    ) -> None:
         self.nc = nc
+        self.metrics = metrics or ControlMetrics()
         self.js = nc.jetstream(timeout=timeout)
         self.stream = stream
         self.timeout = timeout
@@ -199,12 +208,17 @@ class EventStore:
                             )
                         )
                     else:
-                        results.append(
-                            Appended((int(ack["seq"]),), duplicate=bool(ack.get("duplicate")))
-                        )
+                        duplicate = bool(ack.get("duplicate"))
+                        results.append(Appended((int(ack["seq"]),), duplicate=duplicate))
+                        if not duplicate:
+                            self._count([item])
         finally:
             await sub.unsubscribe()
         return results
+
+    def _count(self, items: Sequence[Append]) -> None:
+        for item in items:
+            self.metrics.events_appended.labels(item.envelope.type).inc()
 
     async def _explain(self, item: Append, err_code: int, description: str) -> Appended:
         """What ``append`` would have said about a refused pipelined message."""
@@ -225,6 +239,7 @@ class EventStore:
         if ack.duplicate:
             seq = await self._already_mine([item])
             return seq if seq is not None else int(ack.seq)
+        self._count([item])
         return int(ack.seq)
 
     async def _publish_atomic(self, items: Sequence[Append]) -> tuple[int, ...]:
@@ -250,6 +265,7 @@ class EventStore:
             if error:
                 raise _Refused(int(error.get("err_code", 0)), str(error.get("description", "")))
             end = int(ack["seq"])
+            self._count(items)
             return tuple(range(end - last + 1, end + 1))
         raise AssertionError("unreachable")
 

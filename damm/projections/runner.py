@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from damm import log
 from damm.clock import sleep_or_stop
 from damm.events import codec
 from damm.events.model import Envelope
+from damm.metrics import ControlMetrics
 from damm.projections.readmodels import Stmt, statements
 
 _log = log.get("damm.projector")
@@ -105,6 +107,18 @@ def stream_seq(msg: Any) -> int:
 
 _V1_ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
 _V2_ACK_TOKENS = 11  # $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>...
+
+
+def stream_position(msg: Any) -> tuple[float, int]:
+    """When the message was stored (unix seconds) and how many stream messages followed it
+    undelivered at the time it was delivered, from the reply subject like ``stream_seq``."""
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == _V1_ACK_TOKENS and tokens[0] == "$JS":
+        return int(tokens[7]) / 1e9, int(tokens[8])
+    if len(tokens) >= _V2_ACK_TOKENS and tokens[0] == "$JS":
+        return int(tokens[9]) / 1e9, int(tokens[10])
+    meta = msg.metadata
+    return meta.timestamp.timestamp(), int(meta.num_pending)
 
 
 class Puller:
@@ -219,6 +233,22 @@ class Projector:
     project: Project = statements
     applied_seq: int = 0
     caught_up: asyncio.Event = field(default_factory=asyncio.Event)
+    metrics: ControlMetrics = field(default_factory=ControlMetrics)
+    # For the lag metrics: whether this process holds the projector's lock, events known to
+    # wait behind the checkpoint, and when the newest applied event was stored.
+    active: bool = False
+    waiting: int = 0
+    applied_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.metrics.follow_projector(self.name, active=lambda: self.active, lag=self.lag)
+
+    def lag(self) -> tuple[int, float]:
+        """Events waiting, and seconds: while any wait, the age of the newest applied event."""
+        if not self.active or self.waiting <= 0:
+            return 0, 0.0
+        age = time.time() - self.applied_at if self.applied_at else 0.0
+        return self.waiting, max(0.0, age)
 
     async def run(self, nc: NATS, stop: asyncio.Event) -> None:
         """Project until ``stop`` is set, retrying through bus and database failures."""
@@ -232,12 +262,21 @@ class Projector:
                 nats.errors.Error,
             ) as exc:
                 _log.warning("projector restarting", projector=self.name, error=repr(exc))
+                await self._count_waiting(nc)
                 await sleep_or_stop(1.0, stop)
             except Exception:
                 # A bug must not silently stop every read model: log it loudly and resume from
                 # the checkpoint, which makes the retry safe.
                 _log.exception("projector failed; restarting", projector=self.name)
+                await self._count_waiting(nc)
                 await sleep_or_stop(1.0, stop)
+        self.active = False
+
+    async def _count_waiting(self, nc: NATS) -> None:
+        """While the projector cannot run, keep its lag growing with the stream (best effort)."""
+        with contextlib.suppress(Exception):
+            info = await nc.jetstream(timeout=2).stream_info(self.stream)
+            self.waiting = max(0, int(info.state.last_seq) - self.applied_seq)
 
     async def _run_once(self, nc: NATS, stop: asyncio.Event) -> None:
         conn = await asyncpg.connect(self.dsn, server_settings={"search_path": self.schema})
@@ -248,9 +287,11 @@ class Projector:
                 "SELECT pg_try_advisory_lock(hashtext($1))",
                 f"damm-projector-{self.schema}-{self.name}",
             ):
+                self.active = False
                 if stop.is_set():
                     return
                 await sleep_or_stop(1.0, stop)
+            self.active = True
             self.applied_seq = await checkpoint(conn, self.name)
             js = nc.jetstream(timeout=10)
             puller = await self._subscribe(js, nc, self.applied_seq)
@@ -262,12 +303,16 @@ class Projector:
                     try:
                         msgs = await ahead
                     except (TimeoutError, nats.errors.TimeoutError):
+                        self.waiting = 0
                         self.caught_up.set()
                         ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
                         continue
                     ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
                     envelopes = list(decode_all(msgs))
                     self.applied_seq = await apply_batch(conn, self.name, envelopes, self.project)
+                    # Everything after the batch was still undelivered when its last message
+                    # came, prefetched or not, so that message's pending count is the backlog.
+                    self.applied_at, self.waiting = stream_position(msgs[-1])
                     await msgs[-1].ack()
                     if len(msgs) < self.batch_size:
                         self.caught_up.set()

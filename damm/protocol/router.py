@@ -9,6 +9,7 @@ answers with a result or a catalogued error. Handlers stay plain functions of a 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from nats.aio.msg import Msg
 from damm import log
 from damm.errors import Code, DammError
 from damm.events.model import Actor
+from damm.metrics import ControlMetrics
 from damm.protocol.messages import MAX_REQUEST_BYTES, ErrorBody, Reply
 from damm.subjects import request_subject
 
@@ -94,8 +96,10 @@ class Service:
         *,
         queue: str = QUEUE_GROUP,
         max_in_flight: int = 512,
+        metrics: ControlMetrics | None = None,
     ) -> None:
         self.nc = nc
+        self.metrics = metrics or ControlMetrics()
         self.routes = list(routes)
         self.queue = queue
         self._subs: list[Any] = []
@@ -107,8 +111,9 @@ class Service:
             decoder = msgspec.json.Decoder(route.request_type)
 
             async def on_msg(msg: Msg, route: Route = route, decoder: Any = decoder) -> None:
+                received = time.perf_counter()  # waiting for a slot is part of the latency
                 await self._slots.acquire()
-                task = asyncio.create_task(self._serve(route, decoder, msg))
+                task = asyncio.create_task(self._serve(route, decoder, msg, received))
                 self._tasks.add(task)
                 task.add_done_callback(self._done)
 
@@ -126,20 +131,24 @@ class Service:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _serve(self, route: Route, decoder: Any, msg: Msg) -> None:
+    async def _serve(self, route: Route, decoder: Any, msg: Msg, received: float) -> None:
         headers = msg.headers or {}
         correlation_id = headers.get("Damm-Correlation-Id") or uuid.uuid4().hex
         with structlog.contextvars.bound_contextvars(
             correlation_id=correlation_id, command=route.command
         ):
-            body = await self._answer(route, decoder, msg, correlation_id)
+            code, body = await self._answer(route, decoder, msg, correlation_id)
             if msg.reply:
                 await self.nc.publish(msg.reply, body)
+            self.metrics.request(route.command, code, time.perf_counter() - received)
 
-    async def _answer(self, route: Route, decoder: Any, msg: Msg, correlation_id: str) -> bytes:
+    async def _answer(
+        self, route: Route, decoder: Any, msg: Msg, correlation_id: str
+    ) -> tuple[str, bytes]:
+        """The answer, and the code it carries ("ok" or an error code) for the metrics."""
         if len(msg.data) > route.max_bytes:
             _log.info("request refused", code="request_too_large", size=len(msg.data))
-            return error_reply(
+            return _refused(
                 DammError(
                     Code.REQUEST_TOO_LARGE, f"{len(msg.data)} bytes > {route.max_bytes} bytes"
                 )
@@ -148,20 +157,24 @@ class Service:
             request = decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             _log.info("request refused", code="malformed_request", error=str(exc))
-            return error_reply(DammError(Code.MALFORMED_REQUEST, str(exc)))
+            return _refused(DammError(Code.MALFORMED_REQUEST, str(exc)))
         try:
             actor = Actor(route.actor_kind, (msg.headers or {}).get("Damm-Actor", "-")[:64])
             result = await route.handler(request, Call(correlation_id, actor))
         except DammError as err:
             _log.info("request refused", code=err.code.slug, detail=err.detail)
-            return error_reply(err)
+            return _refused(err)
         except BUS_TROUBLE as exc:
             # The log or the bus did not answer in time: nothing was decided, try again.
             _log.warning("request failed on the bus", error=repr(exc))
-            return error_reply(
+            return _refused(
                 DammError(Code.UNAVAILABLE, f"event log did not answer ({correlation_id})")
             )
         except Exception:
             _log.exception("handler failed")
-            return error_reply(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
-        return ok_reply(result)
+            return _refused(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
+        return "ok", ok_reply(result)
+
+
+def _refused(err: DammError) -> tuple[str, bytes]:
+    return err.code.slug, error_reply(err)

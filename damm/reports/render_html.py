@@ -34,28 +34,94 @@ header h1{margin:0;font-size:22px;font-weight:600}
 header p{margin:4px 0 0;color:#b8c1d6}
 main{padding:24px 32px;max-width:1280px;margin:0 auto}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(150px,1fr));gap:12px;margin-bottom:20px}
-.card{background:#fff;border-radius:10px;padding:14px 16px;box-shadow:0 1px 3px rgba(0,0,0,.08)}
+.card{background:#fff;border-radius:10px;padding:14px 16px;box-shadow:0 1px 3px rgba(0,0,0,.08);
+ min-width:0;overflow-wrap:anywhere}
 .card .v{font-size:26px;font-weight:650}
 .card .k{color:#5b6478;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 section{background:#fff;border-radius:10px;padding:16px 20px;margin-bottom:18px;
- box-shadow:0 1px 3px rgba(0,0,0,.08)}
-section h2{margin:0 0 12px;font-size:16px}
-.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(520px,1fr));gap:18px}
+ box-shadow:0 1px 3px rgba(0,0,0,.08);min-width:0}
+section h2{margin:0 0 12px;font-size:16px;overflow-wrap:anywhere}
+.grid2{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,480px),1fr));gap:18px}
 table{border-collapse:collapse;width:100%;font-size:13px}
 th{text-align:left;color:#5b6478;font-weight:600;border-bottom:2px solid #e3e7ef;padding:6px 8px}
-td{border-bottom:1px solid #eef1f6;padding:6px 8px;vertical-align:top}
+td{border-bottom:1px solid #eef1f6;padding:6px 8px;vertical-align:top;overflow-wrap:anywhere}
 tr:last-child td{border-bottom:none}
-.pill{display:inline-block;border-radius:999px;padding:1px 9px;font-size:12px;color:#fff}
+.pill{display:inline-block;border-radius:999px;padding:1px 9px;font-size:12px;color:#fff;
+ white-space:nowrap}
 .rec{display:flex;gap:10px;align-items:baseline;padding:7px 0;border-bottom:1px solid #eef1f6}
+.rec>div{min-width:0;overflow-wrap:anywhere}
 .rec:last-child{border-bottom:none}
 .muted{color:#8a94a6}
-.num{text-align:right;font-variant-numeric:tabular-nums}
-svg text{font-family:inherit}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap;overflow-wrap:normal}
+.chart{display:grid;grid-template-columns:minmax(0,14rem) minmax(5rem,1fr) max-content;
+ gap:4px 10px;align-items:center;margin:0;font-size:12px}
+.chart .row{display:contents}
+.chart .label{text-align:right;overflow-wrap:anywhere;line-height:1.25}
+.chart .value{color:#5b6478;white-space:nowrap;font-variant-numeric:tabular-nums;text-align:right}
+.chart svg{display:block;width:100%;height:16px}
+.chart .legend{grid-column:1/-1;display:flex;flex-wrap:wrap;gap:4px 14px;color:#5b6478;
+ font-size:11px;padding-top:4px}
+.chart .legend i{display:inline-block;width:10px;height:10px;border-radius:2px;margin-right:4px}
+@media (max-width:640px){
+ header{padding:16px}
+ main{padding:12px}
+ section{padding:12px}
+ .chart{grid-template-columns:minmax(0,1fr) max-content;gap:2px 8px}
+ .chart .label{grid-column:1/-1;text-align:left;padding-top:4px}
+ table,tbody,tr,td{display:block;width:100%}
+ thead{display:none}
+ tr{border-bottom:1px solid #e3e7ef;padding:4px 0}
+ tr:last-child{border-bottom:none}
+ td{display:flex;justify-content:space-between;gap:12px;border:none;padding:2px 0;
+  text-align:right}
+ td::before{content:attr(data-label);color:#5b6478;text-align:left;flex:none;max-width:45%}
+ td.muted::before{content:none}
+}
 """
 
 
 def _pill(text: str, color: str) -> str:
     return f'<span class="pill" style="background:{color}">{escape(text)}</span>'
+
+
+def _track(label: str, parts: Sequence[tuple[str, float, str]], threshold: float | None) -> str:
+    """One bar as inline SVG, 0-100 wide and stretched to its grid cell: ``parts`` are
+    (name, share of the full width 0..1, colour), laid left to right."""
+    out = [
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 100 16" preserveAspectRatio="none" '
+        'aria-hidden="true"><rect x="0" y="0" width="100" height="16" fill="#eef1f6"/>'
+    ]
+    x = 0.0
+    for name, share, color in parts:
+        w = max(0.0, min(share, 1.0 - x / 100) * 100)
+        if w > 0:
+            out.append(
+                f'<rect class="bar" x="{x:.2f}" y="0" width="{w:.2f}" height="16" '
+                f'fill="{color}"><title>{escape(label)}: {escape(name)}</title></rect>'
+            )
+        x += w
+    if threshold is not None:
+        t = max(0.0, min(threshold, 1.0)) * 100
+        out.append(
+            f'<line x1="{t:.2f}" y1="0" x2="{t:.2f}" y2="16" stroke="#d1453b" '
+            'stroke-dasharray="4 3" stroke-width="1.5" vector-effect="non-scaling-stroke"/>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _chart(title: str, rows: Sequence[str], legend: str = "") -> str:
+    """Labels, bars and values share one grid, so every bar has the same track width; labels
+    wrap instead of being cut, and on a narrow screen they move above their bar."""
+    body = "".join(rows) or '<span class="label muted">no data</span>'
+    return f'<figure class="chart" aria-label="{escape(title)}">{body}{legend}</figure>'
+
+
+def _row(label: str, track: str, value: str) -> str:
+    return (
+        f'<div class="row"><span class="label">{escape(label)}</span>{track}'
+        f'<span class="value">{escape(value)}</span></div>'
+    )
 
 
 def bar_chart(
@@ -64,105 +130,46 @@ def bar_chart(
     *,
     max_value: float,
     threshold: float | None = None,
-    width: int = 560,
 ) -> str:
     """Horizontal bars. ``items``: (label, value, color, value label)."""
-    label_w, value_w, row_h, top = 150, 80, 24, 8
-    plot_w = width - label_w - value_w
-    height = top * 2 + max(1, len(items)) * row_h
-    parts = [
-        f'<svg class="chart" role="img" aria-label="{escape(title)}" '
-        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        f"<title>{escape(title)}</title>",
-    ]
-    scale = plot_w / max_value if max_value > 0 else 0.0
-    for n, (label, value, color, shown) in enumerate(items):
-        y = top + n * row_h
-        w = max(0.0, min(value, max_value)) * scale
-        parts.append(
-            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
-            f'fill="#1d2433">{escape(label[:22])}</text>'
-        )
-        parts.append(
-            f'<rect x="{label_w}" y="{y + 4}" width="{plot_w}" height="16" rx="3" fill="#eef1f6"/>'
-        )
-        parts.append(
-            f'<rect class="bar" x="{label_w}" y="{y + 4}" width="{w:.1f}" height="16" '
-            f'rx="3" fill="{color}"><title>{escape(label)}: {escape(shown)}'
-            "</title></rect>"
-        )
-        parts.append(
-            f'<text x="{label_w + plot_w + 8}" y="{y + 16}" font-size="12" '
-            f'fill="#5b6478">{escape(shown)}</text>'
-        )
-    if not items:
-        parts.append(
-            f'<text x="{label_w}" y="{top + 16}" font-size="12" fill="#8a94a6">no data</text>'
-        )
-    if threshold is not None and max_value > 0:
-        x = label_w + threshold * scale
-        parts.append(
-            f'<line x1="{x:.1f}" y1="{top - 4}" x2="{x:.1f}" y2="{height - top + 4}" '
-            'stroke="#d1453b" stroke-dasharray="4 3" stroke-width="1.5"/>'
-        )
-    parts.append("</svg>")
-    return "".join(parts)
+    scale = 1 / max_value if max_value > 0 else 0.0
+    return _chart(
+        title,
+        [
+            _row(
+                label,
+                _track(label, [(shown, value * scale, color)], threshold if scale else None),
+                shown,
+            )
+            for label, value, color, shown in items
+        ],
+    )
 
 
-def stacked_chart(
-    title: str, items: Sequence[tuple[str, Sequence[tuple[str, int, str]]]], width: int = 560
-) -> str:
+def stacked_chart(title: str, items: Sequence[tuple[str, Sequence[tuple[str, int, str]]]]) -> str:
     """Horizontal stacked bars: (label, [(part name, count, color)])."""
-    label_w, value_w, row_h, top = 150, 80, 24, 8
-    plot_w = width - label_w - value_w
-    height = top * 2 + max(1, len(items)) * row_h + 22
     biggest = max((sum(c for _, c, _ in parts) for _, parts in items), default=0)
-    scale = plot_w / biggest if biggest else 0.0
-    out = [
-        f'<svg class="chart" role="img" aria-label="{escape(title)}" '
-        f'xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        f"<title>{escape(title)}</title>",
-    ]
     legend: dict[str, str] = {}
-    for n, (label, parts) in enumerate(items):
-        y = top + n * row_h
-        x = float(label_w)
-        out.append(
-            f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end" font-size="12" '
-            f'fill="#1d2433">{escape(label[:22])}</text>'
-        )
-        for name, count, color in parts:
+    rows = []
+    for label, parts in items:
+        for name, _, color in parts:
             legend[name] = color
-            w = count * scale
-            if w > 0:
-                out.append(
-                    f'<rect class="bar" x="{x:.1f}" y="{y + 4}" width="{w:.1f}" '
-                    f'height="16" fill="{color}"><title>{escape(label)} {escape(name)}: '
-                    f"{count}</title></rect>"
-                )
-            x += w
-        out.append(
-            f'<text x="{x + 8:.1f}" y="{y + 16}" font-size="12" fill="#5b6478">'
-            f"{sum(c for _, c, _ in parts)}</text>"
-        )
-    ly = height - 10
-    lx = label_w
-    for name, color in legend.items():
-        out.append(
-            f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" rx="2" fill="{color}"/>'
-            f'<text x="{lx + 14}" y="{ly}" font-size="11" fill="#5b6478">'
-            f"{escape(name)}</text>"
-        )
-        lx += 24 + 7 * len(name)
-    out.append("</svg>")
-    return "".join(out)
+        shares = [
+            (f"{name} {count}", count / biggest if biggest else 0.0, color)
+            for name, count, color in parts
+        ]
+        rows.append(_row(label, _track(label, shares, None), str(sum(c for _, c, _ in parts))))
+    keys = "".join(
+        f'<span><i style="background:{color}"></i>{escape(name)}</span>'
+        for name, color in legend.items()
+    )
+    return _chart(title, rows, f'<div class="legend">{keys}</div>' if legend else "")
 
 
 def _table(
     columns: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()
 ) -> str:
+    """A table; each cell carries its column name, shown beside it when a phone stacks rows."""
     head = "".join(
         f"<th{' class=num' if i in numeric else ''}>{escape(c)}</th>" for i, c in enumerate(columns)
     )
@@ -174,7 +181,9 @@ def _table(
     body = "".join(
         "<tr>"
         + "".join(
-            f"<td{' class=num' if i in numeric else ''}>{cell}</td>" for i, cell in enumerate(row)
+            f'<td data-label="{escape(columns[i])}"{" class=num" if i in numeric else ""}>'
+            f"{cell}</td>"
+            for i, cell in enumerate(row)
         )
         + "</tr>"
         for row in rows
