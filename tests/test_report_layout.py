@@ -141,10 +141,13 @@ def awkward_report() -> Report:
                 "region": "eu",
                 "countries": ["DE", "NL", "FR", "BE", "LU", "AT", "CH"],
                 "ips": [f"198.51.100.{i}" for i in range(8)],
-                "load": 1.0 - n,
-                "headroom": float(n),
                 "active": True,
                 "devices_active": 100 * n,
+                # a full pool and an empty one: 0% and 100% labels must fit their cards
+                "devices_per_address": 128,
+                "devices_assigned": 8 * 128 * (1 - n),
+                "traffic_bytes": 0,
+                "transfer_per_address": None,
             }
             for n in range(2)
         ],
