@@ -9,6 +9,7 @@ import sys
 
 import asyncpg
 import nats.errors
+import nats.js.errors
 import pytest
 from click.testing import CliRunner
 
@@ -38,6 +39,7 @@ def test_every_code_has_an_exit_status_and_a_message() -> None:
         (ConnectionRefusedError(111, "refused"), Code.UNAVAILABLE),
         (asyncpg.exceptions.CannotConnectNowError("starting up"), Code.UNAVAILABLE),
         (nats.errors.TimeoutError(), Code.UNAVAILABLE),
+        (nats.js.errors.ServiceUnavailableError(), Code.UNAVAILABLE),
         (TimeoutError(), Code.UNAVAILABLE),
     ],
 )

@@ -40,6 +40,7 @@ BUS_TROUBLE = (
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.js.errors.NoStreamResponseError,
+    nats.js.errors.ServiceUnavailableError,  # JetStream did not answer (leader election, overload)
 )
 
 
