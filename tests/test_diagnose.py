@@ -16,17 +16,16 @@ from damm.device import files
 from damm.device.diagnose import FAIL, PASS, SKIP, diagnose, export
 from damm.protocol.bus import connect
 from damm.stack.nats_server import NatsServer
-from damm.subjects import request_subject
 from tests.test_failover import NOW, Server, make_device, signed_catalog
 
 
 @pytest.fixture
 async def server(nc: NATS) -> AsyncIterator[Server]:
     srv = Server()
-    sub = await nc.subscribe(request_subject("catalog.get"), cb=srv.on_msg)
-    await nc.flush()
+    subs = await srv.subscribe(nc)
     yield srv
-    await sub.unsubscribe()
+    for sub in subs:
+        await sub.unsubscribe()  # type: ignore[attr-defined]
 
 
 def statuses(report: object) -> dict[str, str]:

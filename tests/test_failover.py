@@ -91,25 +91,48 @@ def make_device(state_dir: Path, *, min_version: int = 0) -> None:
 
 
 class Server:
-    """Stands in for the control plane's catalog.get: answers whatever bytes the test sets."""
+    """Stands in for the control plane: catalog.get answers whatever bytes the test sets; the
+    device's check-in says "active" and its failover report is taken (both are exercised against
+    the real control plane in tests/test_device_standing.py)."""
 
     def __init__(self) -> None:
         self.signed = b""
         self.requests: list[str] = []
+        self.reports: list[p.ReportFailover] = []
 
     async def on_msg(self, msg: Msg) -> None:
         req = msgspec.json.decode(msg.data, type=p.GetCatalog)
         self.requests.append(req.region)
         await msg.respond(ok_reply(p.SignedCatalogReply(signed=self.signed)))
 
+    async def on_status(self, msg: Msg) -> None:
+        req = msgspec.json.decode(msg.data, type=p.DeviceCheckIn)
+        standing = p.DeviceStanding(
+            device_id=req.device_id, status="active", gateway_id="gw1", front_door_id="fd1"
+        )
+        await msg.respond(ok_reply(standing))
+
+    async def on_report(self, msg: Msg) -> None:
+        self.reports.append(msgspec.json.decode(msg.data, type=p.ReportFailover))
+        await msg.respond(ok_reply(p.Done(seq=1)))
+
+    async def subscribe(self, nc: NATS) -> list[object]:
+        subs = [
+            await nc.subscribe(request_subject("catalog.get"), cb=self.on_msg),
+            await nc.subscribe(request_subject("device.status"), cb=self.on_status),
+            await nc.subscribe(request_subject("device.failover"), cb=self.on_report),
+        ]
+        await nc.flush()
+        return subs
+
 
 @pytest.fixture
 async def server(nc: NATS) -> AsyncIterator[Server]:
     srv = Server()
-    sub = await nc.subscribe(request_subject("catalog.get"), cb=srv.on_msg)
-    await nc.flush()
+    subs = await srv.subscribe(nc)
     yield srv
-    await sub.unsubscribe()
+    for sub in subs:
+        await sub.unsubscribe()  # type: ignore[attr-defined]
 
 
 def snapshot(state_dir: Path) -> tuple[bytes, bytes]:

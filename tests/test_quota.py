@@ -21,6 +21,7 @@ from damm.control.reactors.quota import (
     decide,
     is_over,
 )
+from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.protocol import messages as p
 from damm.protocol.client import call
@@ -256,7 +257,7 @@ async def test_new_period_resumes_quota_suspended_devices_only(
     assert [e.event.reason for e in history] == [OVER_QUOTA, NEW_PERIOD]  # type: ignore[union-attr]
 
 
-async def test_admin_resume_without_reset_does_not_stick_but_reset_does(
+async def test_admin_resume_without_reset_is_refused_but_reset_works(
     control: ControlPlane,
     quota: tuple[QuotaReactor, Clock],
     admin_nc: NATS,
@@ -268,11 +269,14 @@ async def test_admin_resume_without_reset_does_not_stick_but_reset_does(
     fleet, pub, device_id = await _device(control, admin_nc, gateway_nc, device_nc)
     await report(gateway_nc, fleet, pub, 2 * LIMIT, 0)
     await wait_for(lambda: _is(dsn, device_id, "suspended"))
-    await call(admin_nc, "admin.device.resume", p.DeviceAction(device_id=device_id), p.Done)
+    # Resuming a device still over its limit is refused: it would not stick.
+    with pytest.raises(DammError) as refused:
+        await call(admin_nc, "admin.device.resume", p.DeviceAction(device_id=device_id), p.Done)
+    assert refused.value.code is Code.OVER_QUOTA
     await settle(control, reactor)
     assert await status(dsn, device_id) == ("suspended", OVER_QUOTA)
     reasons = [e.event.reason for e in await suspensions(control, device_id)]  # type: ignore[union-attr]
-    assert reasons == [OVER_QUOTA, "admin", OVER_QUOTA]
+    assert reasons == [OVER_QUOTA]
     # Reset the period, then resume: it stays resumed (the reset alone would also lift it).
     await call(admin_nc, "admin.usage.reset", p.ResetUsage(device_id=device_id), p.Done)
     await wait_for(lambda: _is(dsn, device_id, "active"))

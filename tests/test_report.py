@@ -205,7 +205,10 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
     assert a.traffic_bytes == 1200 + 850 + 100
     assert (pools["pool-b"].devices_assigned, pools["pool-b"].load) == (0, 0.0)
 
-    used_doors = {(fleet.placed[dev], "fd1") for dev in d.values()}
+    # Attached means not revoked (d4 is); seen means the gateway reported its traffic (d5 none).
+    used_doors = {(fleet.placed[d[n]], "fd1") for n in ("d1", "d2", "d3", "d5")}
+    seen_doors = {(fleet.placed[d[n]], "fd1") for n in ("d1", "d2", "d3")}
+    expected_silent = {("front_door_silent", f"{gw}/{fd}") for gw, fd in used_doors - seen_doors}
     recs = {(r.kind, r.subject) for r in rep.recommendations}
     expected_unused = {
         ("front_door_unused", f"{gw}/{fd}")
@@ -227,6 +230,7 @@ async def test_report_content(control: ControlPlane, fleet: Fleet, dsn: str) -> 
             ("devices_over_quota", rep.period),
         }
         | expected_unused
+        | expected_silent
     )
     assert rep.recommendations[0].severity == "warning"  # nothing critical here
     text = render_text(rep)
@@ -266,6 +270,22 @@ def test_pure_build_region_without_capacity() -> None:
     assert rep.recommendations[0].severity == "critical"
     assert rep.recommendations[0].kind == "region_without_capacity"
     assert rep.regions[0].load == 1.0 and rep.regions[0].near_capacity
+
+
+def test_pure_front_door_advice_uses_attachment_and_traffic() -> None:
+    now = datetime(2026, 11, 25, tzinfo=UTC)
+
+    def door(fd: str, devices: int, seen: int, active: bool = True) -> dict[str, object]:
+        return {
+            "gateway_id": "g", "front_door_id": fd, "endpoint": f"192.0.2.1:{fd[-1]}",
+            "transport": "udp", "priority": 10, "active": active, "devices": devices,
+            "devices_seen": seen,
+        }  # fmt: skip
+
+    doors = [door("fd1", 0, 0), door("fd2", 3, 0), door("fd3", 3, 1), door("fd4", 0, 0, False)]
+    rows = Rows(period="2026-11", front_doors=doors)
+    recs = {(r.kind, r.subject) for r in build(rows, now, 90).recommendations}
+    assert recs == {("front_door_unused", "g/fd1"), ("front_door_silent", "g/fd2")}
 
 
 async def test_replayed_history_yields_the_same_report(

@@ -345,6 +345,28 @@ admin.command("suspend")(_lifecycle("admin.device.suspend", "suspended"))
 admin.command("resume")(_lifecycle("admin.device.resume", "resumed"))
 
 
+@admin.group()
+def usage() -> None:
+    """Device usage against the tier's byte limit."""
+
+
+@usage.command("reset")
+@click.argument("device_id")
+@click.option("--period", help="the period to reset, e.g. 2026-11 (default: the current one)")
+@json_option
+@click.pass_context
+@run
+async def usage_reset(
+    ctx: click.Context, device_id: str, period: str | None, as_json: bool
+) -> None:
+    """Forget DEVICE_ID's usage for a period (an event); an over-quota device may then resume."""
+    t = target(ctx)
+    done = await admin_call(
+        t, "admin.usage.reset", p.ResetUsage(device_id=device_id, period=period), p.Done
+    )
+    emit(t, done, lambda: click.echo(f"usage of device {device_id} reset"))
+
+
 @admin.command("explain-placement")
 @click.option("--tier", "tier_name", required=True)
 @click.option("--region")

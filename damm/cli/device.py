@@ -177,15 +177,18 @@ async def failover(
         return await do_failover(nc, state_dir, live_interface=interface)
 
     res = await with_nats(dt, None, body)
-    emit(
-        t,
-        res,
-        lambda: click.echo(
+
+    def text() -> None:
+        click.echo(
             f"failed over {res.gateway_id}: {res.old_endpoint} -> {res.new_endpoint} "
             f"(front door {res.front_door_id}, catalog v{res.catalog_version})"
             + (f"; {interface} updated" if res.live_updated else "")
-        ),
-    )
+        )
+        if not res.reported:
+            click.echo(f"warning: the control plane did not record the move: {res.report_error}",
+                       err=True)  # fmt: skip
+
+    emit(t, res, text)
 
 
 @device.command()

@@ -15,6 +15,7 @@ from damm.clock import Clock, system_clock
 from damm.control.context import Context
 from damm.control.follower import StateFollower
 from damm.control.handlers.admin import AdminHandlers
+from damm.control.handlers.devices import DeviceHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
 from damm.control.handlers.peer_snapshot import PeerSetHandlers
@@ -111,6 +112,7 @@ class ControlPlane:
             *AdminHandlers(self.ctx).routes(),
             *self._committer.routes(),
             *GatewayHandlers(self.ctx).routes(),
+            *DeviceHandlers(self.ctx).routes(),
             *PeerSetHandlers(self.ctx).routes(),
             *self.catalogs.routes(),
             *signing_keys.routes(),

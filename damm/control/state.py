@@ -84,6 +84,8 @@ class DeviceState:
     key_expires_at: datetime | None = None
     egress_pool_id: str | None = None
     egress_address: str | None = None
+    pinned_keys: tuple[str, ...] = ()
+    failover_reported_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,10 @@ class DecisionState:
         self.requests: dict[str, str] = {}
         self.subject_seq: dict[str, int] = {}
         self.catalog_versions: dict[str, int] = {}
+        # Bytes per (device, usage period): admin resume refuses a device still over its limit.
+        self.usage: dict[tuple[str, str], int] = {}
+        # Announced catalog signing keys not yet activated.
+        self.announced_keys: set[str] = set()
         self.applied_seq = 0
         self.changed = asyncio.Event()
         # Per gateway: the highest event sequence that changed its peer set (deterministic over
@@ -281,6 +287,25 @@ class DecisionState:
                 self.catalog_versions[e.region] = max(current, e.version)
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
+            case m.UsageReported():
+                period = period_at(e.measured_at or env.occurred_at)
+                for d in e.deltas:
+                    key = (d.device_id, period)
+                    self.usage[key] = self.usage.get(key, 0) + d.rx_bytes + d.tx_bytes
+            case m.UsagePeriodReset():
+                self.usage.pop((e.device_id, e.period), None)
+            case m.SigningKeyAnnounced():
+                self.announced_keys.add(e.key_id)
+            case m.SigningKeyActivated():
+                self.announced_keys.discard(e.key_id)
+            case m.DeviceFailedOver():
+                if dev := self.devices.get(e.device_id):
+                    dev.front_door_id = e.front_door_id
+                    dev.pinned_keys = e.pinned_keys
+                    dev.failover_reported_at = max(dev.failover_reported_at, e.reported_at)
+            case m.DeviceCatalogKeysReported():
+                if dev := self.devices.get(e.device_id):
+                    dev.pinned_keys = e.pinned_keys
             case m.DeviceEnrolled() if e.device_id not in self.devices:
                 enrolled = self.devices[e.device_id] = DeviceState(
                     e.device_id,

@@ -26,10 +26,16 @@ from damm.device.failover import (
     split_endpoint,
     verify_for_device,
 )
+from damm.device.standing import check_in
 from damm.device.wgconfig import parse_endpoint
-from damm.errors import DammError
+from damm.errors import Code, DammError
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
+# The control plane's answers that mean "this device may not use the service".
+REFUSALS = tuple(
+    c.slug + ":"
+    for c in (Code.DEVICE_REVOKED, Code.DEVICE_SUSPENDED, Code.OVER_QUOTA, Code.KEY_EXPIRED)
+)
 HANDSHAKE_MAX_AGE_S = 180  # WireGuard re-handshakes every 2 minutes on an active tunnel
 
 
@@ -179,6 +185,35 @@ async def check_endpoint(dev: files.DeviceFile | None, timeout: float = 1.0) -> 
         sock.close()
 
 
+async def check_standing(
+    state_dir: Path,
+    dev: files.DeviceFile | None,
+    connect: Callable[[], Awaitable[NATS]] | None,
+    timeout: float = 5.0,
+) -> Check:
+    """Ask the control plane whether this device may use the service at all."""
+    if dev is None:
+        return Check("standing", SKIP, "no device state")
+    if connect is None:
+        return Check("standing", SKIP, "no NATS URL")
+    try:
+        try:
+            nc = await asyncio.wait_for(connect(), timeout)
+        except TimeoutError:
+            return Check("standing", FAIL, f"unavailable: cannot reach NATS within {timeout:g}s")
+        try:
+            standing = await check_in(nc, state_dir, dev, timeout=timeout)
+        finally:
+            await nc.close()
+    except DammError as exc:
+        return Check("standing", FAIL, exc.line())
+    return Check(
+        "standing",
+        PASS,
+        f"{standing.status} on {standing.gateway_id}/{standing.front_door_id}",
+    )
+
+
 async def check_catalog(
     dev: files.DeviceFile | None,
     connect: Callable[[], Awaitable[NATS]] | None,
@@ -241,7 +276,12 @@ async def diagnose(
         checks.append(await check_endpoint(dev))
     else:
         checks.append(Check("endpoint", SKIP, "probe disabled"))
-    checks.append(await check_catalog(dev, connect, now, timeout))
+    standing = await check_standing(state_dir, dev, connect, timeout)
+    checks.append(standing)
+    if standing.failed and standing.reason.startswith(REFUSALS):
+        checks.append(Check("catalog", SKIP, "the control plane refused this device"))
+    else:
+        checks.append(await check_catalog(dev, connect, now, timeout))
     info = None
     if dev is not None:
         info = DeviceInfo(

@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 from damm.catalog.document import Catalog, decode_signed
 from damm.catalog.verify import TrustState, choose_failover, verify
 from damm.device import files
+from damm.device.standing import check_in, report_failover
 from damm.device.wgconfig import parse_endpoint, replace_endpoint
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic
@@ -46,6 +47,8 @@ class FailoverResult(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str
     live_updated: bool
     live_interface: str | None = None
+    reported: bool = False  # the control plane recorded the move
+    report_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ async def failover(
     except FileNotFoundError:
         raise DammError(Code.STATE_MISSING, f"no {config_path}: enroll first") from None
     current = parse_endpoint(config_text)
+    # A revoked, suspended or over-quota device stops here, before anything is written.
+    await check_in(nc, state_dir, dev)
 
     signed_bytes = await fetch_catalog(nc, trust.region)
     checked = verify_for_device(signed_bytes, trust, now=int(time.time()) if now is None else now)
@@ -129,6 +134,19 @@ async def failover(
         await backend.set_peer_endpoint(dev.gateway_public_key, await resolve(door.endpoint))
         live_updated = True
 
+    reported, report_error = True, ""
+    try:
+        await report_failover(
+            nc,
+            state_dir,
+            new_dev,
+            from_front_door_id=dev.front_door_id,
+            catalog_version=checked.catalog.version,
+        )
+    except DammError as err:
+        # The move itself happened and stays; the caller tells the user it went unrecorded.
+        reported, report_error = False, err.line()
+
     return FailoverResult(
         device_id=dev.device_id,
         gateway_id=dev.gateway_id,
@@ -139,6 +157,8 @@ async def failover(
         key_id=checked.key_id,
         live_updated=live_updated,
         live_interface=live_interface,
+        reported=reported,
+        report_error=report_error,
     )
 
 

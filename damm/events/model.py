@@ -203,6 +203,25 @@ class DeviceKeyRotated(_Event, frozen=True, tag="device.key_rotated"):
     key_expires_at: datetime | None = None
 
 
+class DeviceFailedOver(_Event, frozen=True, tag="device.failed_over"):
+    """The device reported, under its own identity, that it moved to another front door."""
+
+    device_id: str
+    gateway_id: str
+    from_front_door_id: str
+    front_door_id: str
+    catalog_version: int = 0
+    pinned_keys: tuple[str, ...] = ()
+    reported_at: int = 0  # the device's clock (unix seconds): older reports are refused
+
+
+class DeviceCatalogKeysReported(_Event, frozen=True, tag="device.catalog_keys"):
+    """The catalog signing keys a device trusts changed (it fetched an announced key)."""
+
+    device_id: str
+    pinned_keys: tuple[str, ...]
+
+
 # --- usage and catalogs -----------------------------------------------------------------------
 
 
@@ -272,6 +291,8 @@ Event = (
     | DeviceSuspended
     | DeviceResumed
     | DeviceKeyRotated
+    | DeviceFailedOver
+    | DeviceCatalogKeysReported
     | UsageReported
     | UsagePeriodReset
     | CatalogPublished

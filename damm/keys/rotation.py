@@ -25,6 +25,21 @@ def _message(device_id: str, new_public_key: str, request_id: str) -> bytes:
 _decode_key = key_bytes
 
 
+def _request_message(command: str, body: bytes) -> bytes:
+    return b"damm-device-v1|" + command.encode() + b"|" + body
+
+
+def prove_request(private_key_b64: str, rotation_public_b64: str, command: str, body: bytes) -> str:
+    """A device's signature-equivalent over a request it sends under its own identity.
+
+    ``body`` is the request encoded with an empty proof field: the MAC binds every field, so a
+    proof made by one device cannot be reused for another device or another request.
+    """
+    shared = crypto_scalarmult(_decode_key(private_key_b64), _decode_key(rotation_public_b64))
+    mac = hmac.new(shared, _request_message(command, body), hashlib.sha256)
+    return base64.b64encode(mac.digest()).decode()
+
+
 def prove(
     private_key_b64: str,
     rotation_public_b64: str,
@@ -60,8 +75,18 @@ class RotationKey:
     ) -> bool:
         shared = crypto_scalarmult(self._private, _decode_key(old_public_key))
         mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
-        try:
-            given = base64.b64decode(proof_b64, validate=True)
-        except ValueError:
-            return False
-        return hmac.compare_digest(mac.digest(), given)
+        return _matches(mac.digest(), proof_b64)
+
+    def verify_request(self, proof_b64: str, public_key: str, command: str, body: bytes) -> bool:
+        """Did the holder of ``public_key``'s private key send exactly this request?"""
+        shared = crypto_scalarmult(self._private, _decode_key(public_key))
+        mac = hmac.new(shared, _request_message(command, body), hashlib.sha256)
+        return _matches(mac.digest(), proof_b64)
+
+
+def _matches(expected: bytes, proof_b64: str) -> bool:
+    try:
+        given = base64.b64decode(proof_b64, validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, given)

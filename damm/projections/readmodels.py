@@ -98,6 +98,11 @@ _DEVICE_KEY = (
     " THEN 'key_rotated' ELSE status_reason END"
     " WHERE device_id=$1"
 )
+_DEVICE_FAILED_OVER = (
+    "UPDATE devices SET front_door_id=$2, pinned_keys=$3, front_door_reported_at=$4"
+    " WHERE device_id=$1"
+)
+_DEVICE_KEYS = "UPDATE devices SET pinned_keys=$2 WHERE device_id=$1"
 _USAGE = (
     "INSERT INTO usage_totals (device_id, period, rx_bytes, tx_bytes) VALUES ($1,$2,$3,$4)"
     " ON CONFLICT (device_id, period) DO UPDATE SET"
@@ -249,6 +254,14 @@ def statements(env: m.Envelope) -> Iterator[Stmt]:
             yield Stmt(
                 "devices", _DEVICE_KEY, (e.device_id, e.new_public_key, e.key_expires_at, at)
             )
+        case m.DeviceFailedOver():
+            yield Stmt(
+                "devices",
+                _DEVICE_FAILED_OVER,
+                (e.device_id, e.front_door_id, list(e.pinned_keys), at),
+            )
+        case m.DeviceCatalogKeysReported():
+            yield Stmt("devices", _DEVICE_KEYS, (e.device_id, list(e.pinned_keys)))
         case m.UsageReported():
             period = period_of(env)
             for d in e.deltas:

@@ -7,7 +7,7 @@ stable code from the error catalog, so every client can turn it back into a ``Da
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -211,6 +211,51 @@ class KeyRotated(msgspec.Struct, frozen=True):
     device_id: str
     public_key: str
     key_expires_at: datetime | None
+
+
+Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+KeyB64 = Annotated[str, msgspec.Meta(min_length=44, max_length=44)]
+Proof = Annotated[str, msgspec.Meta(max_length=64)]
+PinnedKeys = Annotated[tuple[Ident, ...], msgspec.Meta(max_length=8)]
+UnixTime = Annotated[int, msgspec.Meta(ge=0, le=2**40)]
+
+
+class DeviceCheckIn(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A device asks where it stands, under its own identity (see ``prove_request``).
+
+    ``pinned_keys`` are the catalog signing key ids the device trusts now, so operators can see
+    who already holds an announced key before activating it.
+    """
+
+    device_id: Ident
+    public_key: KeyB64
+    at: UnixTime
+    pinned_keys: PinnedKeys = ()
+    proof: Proof = ""
+
+
+class DeviceStanding(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer to an active device; any other state is answered with its error code."""
+
+    device_id: str
+    status: Literal["active"]
+    gateway_id: str
+    front_door_id: str
+
+
+class ReportFailover(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A device moved to another front door of its gateway (after `damm device failover`)."""
+
+    device_id: Ident
+    public_key: KeyB64
+    at: UnixTime
+    gateway_id: Ident
+    from_front_door_id: Ident
+    front_door_id: Ident
+    catalog_version: Annotated[int, msgspec.Meta(ge=0, le=2**62)]
+    pinned_keys: PinnedKeys = ()
+    request_id: Ident
+    proof: Proof = ""
 
 
 class GetCatalog(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

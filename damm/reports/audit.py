@@ -169,6 +169,13 @@ def summary(env: m.Envelope, device: str | None = None) -> str:
             return f"device {e.device_id} resumed {e.reason}".rstrip()
         case m.DeviceKeyRotated():
             return f"device {e.device_id} key rotated"
+        case m.DeviceFailedOver():
+            return (
+                f"device {e.device_id} failed over {e.gateway_id}/{e.from_front_door_id}"
+                f" -> {e.front_door_id} (catalog v{e.catalog_version})"
+            )
+        case m.DeviceCatalogKeysReported():
+            return f"device {e.device_id} trusts signing keys {','.join(e.pinned_keys) or '-'}"
         case m.UsageReported():
             deltas = [d for d in e.deltas if device is None or d.device_id == device]
             rx = sum(d.rx_bytes for d in deltas)
@@ -329,6 +336,8 @@ def fold_device(device_id: str, history: list[m.Envelope], as_of: datetime) -> D
                     e.public_key,
                 )
                 out.enrolled_at = env.occurred_at
+            case m.DeviceFailedOver():
+                out.front_door_id = e.front_door_id
             case m.DeviceKeyRotated():
                 out.public_key = e.new_public_key
             case m.UsageReported():

@@ -345,7 +345,7 @@ def render_html(report: Report) -> str:
                 f"<code>{escape(d.endpoint)}</code>",
                 str(d.priority),
                 "yes" if d.active else "no",
-                str(d.devices) if d.devices else '<span class="muted">never used</span>',
+                str(d.devices) if d.devices else '<span class="muted">none attached</span>',
             ]
             for d in report.front_doors
         ],

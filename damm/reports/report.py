@@ -67,7 +67,12 @@ class FrontDoorRow(msgspec.Struct, kw_only=True):
     transport: str
     priority: int
     active: bool
-    devices: int  # devices ever attached through it (enrolled via this door)
+    # Devices (not revoked) whose door this is now: enrolled through it, or moved to it by a
+    # failover they reported under their own identity.
+    devices: int
+    # Of those, how many the gateway reported traffic for this period (a WireGuard peer only
+    # carries traffic after a handshake): evidence that the door is really in use.
+    devices_seen: int = 0
 
 
 class PoolRow(msgspec.Struct, kw_only=True):
@@ -124,7 +129,7 @@ class SessionRow(msgspec.Struct, kw_only=True):
 class Recommendation(msgspec.Struct, kw_only=True):
     severity: str  # critical | warning | info
     # region_near_capacity | region_without_capacity | pool_low_headroom | gateway_stale |
-    # front_door_unused | devices_over_quota | token_at_session_limit
+    # front_door_unused | front_door_silent | devices_over_quota | token_at_session_limit
     kind: str
     subject: str
     message: str
@@ -190,9 +195,12 @@ FROM gateways g LEFT JOIN gateway_health h USING (gateway_id) ORDER BY g.region,
 _GATEWAY_DEVICES = "SELECT gateway_id, status, count(*) AS n FROM devices GROUP BY 1, 2"
 _FRONT_DOORS = """
 SELECT f.gateway_id, f.front_door_id, f.endpoint, f.transport, f.priority, f.active,
-       coalesce(n.n, 0) AS devices
+       coalesce(n.n, 0) AS devices, coalesce(n.seen, 0) AS devices_seen
 FROM front_doors f LEFT JOIN (
-    SELECT gateway_id, front_door_id, count(*) AS n FROM devices GROUP BY 1, 2
+    SELECT d.gateway_id, d.front_door_id, count(*) AS n,
+           count(*) FILTER (WHERE u.rx_bytes + u.tx_bytes > 0) AS seen
+    FROM devices d LEFT JOIN usage_totals u ON u.device_id = d.device_id AND u.period = $1
+    WHERE d.status <> 'revoked' GROUP BY 1, 2
 ) n USING (gateway_id, front_door_id)
 ORDER BY f.gateway_id, f.priority, f.front_door_id
 """
@@ -253,7 +261,7 @@ async def gather(
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         rows.gateways = await fetch(_GATEWAYS)
         rows.gateway_devices = await fetch(_GATEWAY_DEVICES)
-        rows.front_doors = await fetch(_FRONT_DOORS)
+        rows.front_doors = await fetch(_FRONT_DOORS, period)
         rows.pools = await fetch(_POOLS, period)
         rows.tiers = await fetch(_TIERS)
         rows.tier_devices = await fetch(_TIER_DEVICES)
@@ -385,6 +393,7 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
             priority=int(r["priority"]),
             active=bool(r["active"]),
             devices=int(r["devices"]),
+            devices_seen=int(r.get("devices_seen", 0)),
         )
         for r in rows.front_doors
     ]
@@ -518,15 +527,32 @@ def recommend(report: Report) -> list[Recommendation]:
                 )
             )
     for d in report.front_doors:
-        if d.active and d.devices == 0:
+        if not d.active:
+            continue
+        if d.devices == 0:
             out.append(
                 Recommendation(
                     severity="info",
                     kind="front_door_unused",
                     subject=f"{d.gateway_id}/{d.front_door_id}",
                     message=(
-                        f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) never had "
-                        "a device attached: keep it only as a failover target, else retire it"
+                        f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) has no "
+                        "device attached (by enrollment or a reported failover): keep it only "
+                        "as a failover target, else retire it"
+                    ),
+                )
+            )
+        elif d.devices_seen == 0:
+            out.append(
+                Recommendation(
+                    severity="info",
+                    kind="front_door_silent",
+                    subject=f"{d.gateway_id}/{d.front_door_id}",
+                    message=(
+                        f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) has "
+                        f"{d.devices} device(s) attached, and gateway {d.gateway_id} reported "
+                        f"traffic from none of them in {report.period}: check that the "
+                        "endpoint is reachable before relying on it"
                     ),
                 )
             )

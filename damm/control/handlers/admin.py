@@ -10,12 +10,14 @@ import ipaddress
 import secrets
 import uuid
 from collections import Counter
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 
 from damm import settings
 from damm.control.context import Context
 from damm.control.placement_view import explain_for
+from damm.control.reactors.quota import is_over
+from damm.control.state import DecisionState
 from damm.domain import egress
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
@@ -56,6 +58,25 @@ def _endpoint(value: str) -> str:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise DammError(Code.INVALID_ARGUMENT, f"front door {value!r} is not host:port")
     return raw
+
+
+def over_quota(state: DecisionState, device_id: str, now: datetime) -> None:
+    """Refuse to let a device back in while it is over its tier's byte limit this period.
+
+    Resuming it anyway would only last until the quota reactor's next sweep. A usage reset
+    (``admin.usage.reset``) or a higher tier limit is what lets it back in.
+    """
+    dev = state.devices[device_id]
+    tier = state.tiers.get(dev.tier)
+    limit = tier.byte_limit if tier else None
+    period = period_at(now)
+    used = state.usage.get((device_id, period), 0)
+    if is_over(used, limit):
+        raise DammError(
+            Code.OVER_QUOTA,
+            f"device {device_id} used {used} of {limit} bytes in {period}: reset its usage"
+            " (`damm admin usage reset`) or raise the tier's byte limit first",
+        )
 
 
 class AdminHandlers:
@@ -309,7 +330,12 @@ class AdminHandlers:
         return await self._done(decide)
 
     async def _status(
-        self, req: p.DeviceAction, call: Call, event: m.Event, allowed_from: tuple[str, ...]
+        self,
+        req: p.DeviceAction,
+        call: Call,
+        event: m.Event,
+        allowed_from: tuple[str, ...],
+        check: Callable[[DecisionState, str, datetime], None] | None = None,
     ) -> p.Done:
         await self._device(req.device_id)
         subject = event_subject("device", req.device_id)
@@ -320,6 +346,8 @@ class AdminHandlers:
                 raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
             if dev.status not in allowed_from:
                 return []
+            if check is not None:
+                check(self.ctx.state, dev.device_id, self.ctx.now())
             return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
         return await self._done(decide)
@@ -330,7 +358,7 @@ class AdminHandlers:
 
     async def resume_device(self, req: p.DeviceAction, call: Call) -> p.Done:
         event = m.DeviceResumed(device_id=req.device_id, reason=req.reason or "admin")
-        return await self._status(req, call, event, ("suspended",))
+        return await self._status(req, call, event, ("suspended",), check=over_quota)
 
     async def reset_usage(self, req: p.ResetUsage, call: Call) -> p.Done:
         await self._device(req.device_id)

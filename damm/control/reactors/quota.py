@@ -17,10 +17,10 @@ The rules (the whole policy):
 - A device suspended with reason ``over_quota`` whose current-period usage is no longer over is
   resumed by the policy: reason ``new_period`` when the suspension happened in an earlier period
   (month rollover), else ``under_quota`` (an operator reset its usage or raised the tier limit).
-- An **admin resume** of an over-quota device without a usage reset does not stick: the next
-  sweep sees an active device that is still over and suspends it again. To let a device back in
-  for the rest of the period, an operator resets its usage (``admin.usage.reset``) — which alone
-  is enough, the policy resumes it — or raises the tier's byte limit.
+- An **admin resume** of a device still over its limit is refused by the handler with
+  ``over_quota`` (it would not stick: the next sweep would suspend it again). To let a device
+  back in for the rest of the period, an operator resets its usage (``damm admin usage reset``)
+  — which alone is enough, the policy resumes it — or raises the tier's byte limit.
 - The read model lags the log. The reactor only acts on a device once the read models have
   applied every event on that device's subject and on its usage-reset subject (the ``readmodels``
   checkpoint is at or past both), so a fresh reset or resume is never judged on stale totals.
