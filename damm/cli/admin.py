@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import click
@@ -16,6 +16,9 @@ from damm.cli.ops import audit, report
 from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
+
+if TYPE_CHECKING:
+    from damm.control.handlers.signing_keys import SigningKeyChanged
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -430,16 +433,30 @@ def catalog_key() -> None:
     """Rotate the catalog signing key: announce the next one, then activate it."""
 
 
-def _key_step(command: str, verb: str) -> Any:
-    from damm.control.handlers.signing_keys import SigningKeyChanged
+def activation_warning(res: SigningKeyChanged) -> str | None:
+    """The devices an activation strands: they never fetched the key now signing catalogs."""
+    r = res.reach
+    if r is None or r.devices_with_key >= r.devices_active:
+        return None
+    missing = r.devices_active - r.devices_with_key
+    return (
+        f"warning: {missing} of {r.devices_active} active devices had not fetched key "
+        f"{r.key_id}; they reject catalogs signed by it (failover fails) until re-enrolled"
+    )
 
+
+def _key_step(command: str, verb: str) -> Any:
     @json_option
     @click.pass_context
     @run
     async def step(ctx: click.Context, as_json: bool) -> None:
+        from damm.control.handlers.signing_keys import SigningKeyChanged
+
         t = target(ctx)
         res = await admin_call(t, command, p.Empty(), SigningKeyChanged)
         emit(t, res, lambda: click.echo(f"{verb} signing key {res.key_id} ({res.public_key})"))
+        if (warning := activation_warning(res)) is not None:
+            click.echo(warning, err=True)
 
     return step
 
@@ -447,9 +464,35 @@ def _key_step(command: str, verb: str) -> Any:
 catalog_key.command("announce", help="Stage a next key and announce it in current catalogs.")(
     _key_step("admin.catalog.announce", "announced")
 )
-catalog_key.command("activate", help="Sign with the announced key; retire the current one.")(
-    _key_step("admin.catalog.activate", "activated")
-)
+catalog_key.command(
+    "activate",
+    help="Sign with the announced key; retire the current one. Warns with the number of active "
+    "devices that never fetched the announced key.",
+)(_key_step("admin.catalog.activate", "activated"))
+
+
+@catalog_key.command("status")
+@json_option
+@click.pass_context
+@run
+async def catalog_key_status(ctx: click.Context, as_json: bool) -> None:
+    """The signing key, and how many active devices fetched each announced key."""
+    from damm.control.handlers.signing_keys import CatalogKeyStatus
+
+    t = target(ctx)
+    res = await admin_call(t, "admin.catalog.status", p.Empty(), CatalogKeyStatus)
+
+    def text() -> None:
+        click.echo(f"signing key {res.signing_key_id}")
+        if not res.announced:
+            click.echo("no announced key (run: damm admin catalog-key announce)")
+        for r in res.announced:
+            click.echo(
+                f"announced {r.key_id}: fetched by {r.devices_with_key} of "
+                f"{r.devices_active} active devices"
+            )
+
+    emit(t, res, text)
 
 
 # --- one device -------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def render_text(report: Report, width: int = 120, color: bool = False) -> str:
     _table(
         console,
         "Front doors",
-        ("gateway", "front door", "endpoint", "priority", "active", "devices"),
+        ("gateway", "front door", "endpoint", "priority", "active", "devices", "with traffic"),
         [
             [
                 d.gateway_id,
@@ -143,10 +143,21 @@ def render_text(report: Report, width: int = 120, color: bool = False) -> str:
                 d.priority,
                 "yes" if d.active else "no",
                 d.devices,
+                d.devices_seen,
             ]
             for d in report.front_doors
         ],
     )
+    if report.catalog_keys:
+        _table(
+            console,
+            "Announced catalog signing keys",
+            ("key", "announced", "fetched by", "active devices"),
+            [
+                [k.key_id, k.announced_at, k.devices_with_key, k.devices_active]
+                for k in report.catalog_keys
+            ],
+        )
     _table(
         console,
         "Egress pools",

@@ -126,10 +126,20 @@ class SessionRow(msgspec.Struct, kw_only=True):
     session_limit: int
 
 
+class CatalogKeyRow(msgspec.Struct, kw_only=True):
+    """An announced, not yet active catalog signing key, and who already holds it."""
+
+    key_id: str
+    announced_at: datetime
+    devices_with_key: int
+    devices_active: int
+
+
 class Recommendation(msgspec.Struct, kw_only=True):
     severity: str  # critical | warning | info
     # region_near_capacity | region_without_capacity | pool_low_headroom | gateway_stale |
-    # front_door_unused | front_door_silent | devices_over_quota | token_at_session_limit
+    # front_door_unused | front_door_silent | devices_over_quota | token_at_session_limit |
+    # catalog_key_not_fetched
     kind: str
     subject: str
     message: str
@@ -162,6 +172,7 @@ class Report(msgspec.Struct, kw_only=True):
     over_quota: list[UsageRow]
     tokens_at_session_limit: list[SessionRow]
     recommendations: list[Recommendation]
+    catalog_keys: list[CatalogKeyRow] = msgspec.field(default_factory=list)
 
 
 # --- rows from Postgres ------------------------------------------------------------------------
@@ -184,6 +195,8 @@ class Rows:
     used_bytes: int = 0
     # token_id, tier, active_sessions, session_limit
     sessions_at_limit: list[dict[str, Any]] = field(default_factory=list)
+    # key_id, announced_at, devices_with_key, devices_active
+    catalog_keys: list[dict[str, Any]] = field(default_factory=list)
 
 
 _GATEWAYS = """
@@ -247,6 +260,14 @@ FROM tokens k JOIN tiers t USING (tier)
 WHERE t.session_limit IS NOT NULL AND NOT k.revoked AND k.active_sessions >= t.session_limit
 ORDER BY k.tier, k.token_id
 """
+_CATALOG_KEYS = """
+SELECT k.key_id, k.announced_at,
+       (SELECT count(*) FROM devices d
+        WHERE d.status = 'active' AND k.key_id = ANY(d.pinned_keys)) AS devices_with_key,
+       (SELECT count(*) FROM devices d WHERE d.status = 'active') AS devices_active
+FROM signing_keys k WHERE k.activated_at IS NULL AND k.retired_at IS NULL
+ORDER BY k.announced_at, k.key_id
+"""
 
 
 async def gather(
@@ -271,6 +292,7 @@ async def gather(
         rows.quota_counts = {"near": int(counts["near"]), "over": int(counts["over"])}
         rows.used_bytes = int(await conn.fetchval(_USED, period))
         rows.sessions_at_limit = await fetch(_SESSIONS_AT_LIMIT)
+        rows.catalog_keys = await fetch(_CATALOG_KEYS)
     return rows
 
 
@@ -453,6 +475,15 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
             for r in rows.sessions_at_limit
         ],
         recommendations=[],
+        catalog_keys=[
+            CatalogKeyRow(
+                key_id=r["key_id"],
+                announced_at=r["announced_at"],
+                devices_with_key=int(r["devices_with_key"]),
+                devices_active=int(r["devices_active"]),
+            )
+            for r in rows.catalog_keys
+        ],
     )
     report.recommendations = recommend(report)
     return report
@@ -581,6 +612,22 @@ def recommend(report: Report) -> list[Recommendation]:
                 ),
             )
         )
+    for k in report.catalog_keys:
+        if k.devices_with_key < k.devices_active:
+            missing = k.devices_active - k.devices_with_key
+            out.append(
+                Recommendation(
+                    severity="warning",
+                    kind="catalog_key_not_fetched",
+                    subject=k.key_id,
+                    message=(
+                        f"announced signing key {k.key_id} was fetched by {k.devices_with_key} "
+                        f"of {k.devices_active} active devices: activating it now strands "
+                        f"{missing} (their failover fails until they re-enroll); wait until "
+                        "more have fetched a catalog"
+                    ),
+                )
+            )
     out.sort(key=lambda r: (_SEVERITY.get(r.severity, 9), r.kind, r.subject))
     return out
 

@@ -17,6 +17,7 @@ import msgspec
 from damm.catalog.signing import CatalogSigner
 from damm.control.context import Context
 from damm.control.publishers.catalogs import CatalogPublisher
+from damm.control.state import DecisionState
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.protocol import messages as p
@@ -27,10 +28,31 @@ CURRENT = "catalog.key"
 NEXT = "catalog.next.key"
 
 
+class KeyReach(msgspec.Struct, frozen=True):
+    """How many active devices hold a key: those without it reject catalogs signed by it."""
+
+    key_id: str
+    devices_with_key: int
+    devices_active: int
+
+
 class SigningKeyChanged(msgspec.Struct, frozen=True):
     key_id: str
     public_key: str
     retired_key_id: str | None = None
+    reach: KeyReach | None = None  # on activate: who had the key the moment before
+
+
+class CatalogKeyStatus(msgspec.Struct, frozen=True):
+    signing_key_id: str
+    announced: tuple[KeyReach, ...]
+
+
+def reach(state: DecisionState, key_id: str) -> KeyReach:
+    """Active devices that reported holding ``key_id`` (check-ins and failover reports)."""
+    active = [d for d in state.devices.values() if d.status == "active"]
+    holding = sum(1 for d in active if key_id in d.pinned_keys)
+    return KeyReach(key_id, holding, len(active))
 
 
 class SigningKeys:
@@ -43,7 +65,14 @@ class SigningKeys:
         return [
             route("admin.catalog.announce", p.Empty, self.announce),
             route("admin.catalog.activate", p.Empty, self.activate),
+            route("admin.catalog.status", p.Empty, self.status),
         ]
+
+    async def status(self, req: p.Empty, call: Call) -> CatalogKeyStatus:
+        await self.ctx.follower.sync()
+        state = self.ctx.state
+        announced = tuple(reach(state, key_id) for key_id in sorted(state.announced_keys))
+        return CatalogKeyStatus(self.publisher.signer.key_id, announced)
 
     def resume(self) -> None:
         """Re-announce a staged next key after a restart."""
@@ -83,6 +112,8 @@ class SigningKeys:
         if signer.key_id not in self.publisher.next_keys:
             raise DammError(Code.INVALID_ARGUMENT, "the next key was not announced in catalogs")
         old = self.publisher.signer
+        await self.ctx.follower.sync()
+        before = reach(self.ctx.state, signer.key_id)
         subject = event_subject("signing_key", signer.key_id)
         await self.ctx.commit(
             lambda: [
@@ -99,4 +130,4 @@ class SigningKeys:
         os.replace(staged, self.keys_dir / CURRENT)
         self.publisher.rotate_to(signer)
         await self.publisher.tick()
-        return SigningKeyChanged(signer.key_id, signer.public_key_b64, old.key_id)
+        return SigningKeyChanged(signer.key_id, signer.public_key_b64, old.key_id, before)
