@@ -8,7 +8,16 @@ line to the handler that raised it. Nobody invents an error string at a call sit
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
+
+# Enrollment (dmt_) and gateway (dmg_) token secrets: an operator who pastes one where an id
+# belongs must not see it echoed into a terminal, a log or a CI transcript.
+_SECRET = re.compile(r"\b(dm[tg]_)[A-Za-z0-9_-]+")
+
+
+def redact(text: str) -> str:
+    return _SECRET.sub(r"\1…", text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +36,7 @@ class Code(enum.Enum):
     INTERNAL = ErrorSpec("internal error in the control plane", True)
     CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
     NOT_FOUND = ErrorSpec("no such object")
+    AMBIGUOUS_ID = ErrorSpec("that id prefix matches more than one object")
     ALREADY_EXISTS = ErrorSpec("an object with that id already exists")
     INVALID_ARGUMENT = ErrorSpec("an argument is invalid", exit_status=2)
     UNAUTHORIZED = ErrorSpec("the credentials were not accepted")
@@ -89,7 +99,7 @@ class DammError(Exception):
 
     def __init__(self, code: Code, detail: str = "") -> None:
         self.code = code
-        self.detail = detail
+        self.detail = redact(detail)
         super().__init__(self.line())
 
     def line(self) -> str:

@@ -144,7 +144,7 @@ def token() -> None:
 
 
 @token.command("create")
-@click.option("--tier", "tier_name", required=True)
+@click.option("--tier", "tier_name", required=True, help="the tier devices enrolled with it get")
 @click.option("--uses", type=int, help="how many enrollments it allows (default: unlimited)")
 @click.option("--ttl", help="lifetime, e.g. 24h (default: no expiry)")
 @click.pass_context
@@ -156,20 +156,31 @@ async def token_create(
     t = target(ctx)
     req = p.CreateToken(tier=tier_name, uses=uses, ttl_s=parse_duration(ttl) if ttl else None)
     created = await admin_call(t, "admin.token.create", req, p.TokenCreated)
-    emit(t, created, lambda: click.echo(created.token))
+
+    def text() -> None:
+        # The id on stderr, the secret alone on stdout: TOKEN=$(damm admin token create …)
+        click.echo(
+            f"token id {created.token_id} (tier {created.tier}; revoke with "
+            f"`damm admin token revoke {created.token_id}`); the secret, shown once:",
+            err=True,
+        )
+        click.echo(created.token)
+
+    emit(t, created, text)
 
 
 @token.command("revoke")
 @click.argument("token_id")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help="recorded in the event log")
 @click.pass_context
 @run
 async def token_revoke(ctx: click.Context, token_id: str, reason: str) -> None:
+    """Stop TOKEN_ID (its id, or a unique prefix; never the secret) from enrolling devices."""
     t = target(ctx)
     done = await admin_call(
         t, "admin.token.revoke", p.RevokeToken(token_id=token_id, reason=reason), p.Done
     )
-    emit(t, done, lambda: click.echo(f"token {token_id} revoked"))
+    emit(t, done, lambda: click.echo(f"token {done.id or token_id} revoked"))
 
 
 # --- gateways ---------------------------------------------------------------------------------
@@ -182,7 +193,7 @@ def gateway() -> None:
 
 @gateway.command("add")
 @click.argument("gateway_id")
-@click.option("--region", required=True)
+@click.option("--region", required=True, help="where the gateway serves devices")
 @click.option("--front-door", help="udp://HOST:PORT, the first front door (id fd1)")
 @click.option("--priority", type=int, default=10, help="lower is preferred")
 @click.pass_context
@@ -207,7 +218,7 @@ async def gateway_add(
 @click.argument("gateway_id")
 @click.argument("front_door_id")
 @click.option("--endpoint", required=True, help="udp://HOST:PORT")
-@click.option("--priority", type=int, default=10)
+@click.option("--priority", type=int, default=10, help="lower is preferred")
 @click.option("--inactive", is_flag=True, help="keep it but do not hand it out")
 @click.pass_context
 @run
@@ -233,12 +244,12 @@ async def gateway_front_door(
         ),
         p.Done,
     )
-    emit(t, done, lambda: click.echo(f"front door {gateway_id}/{front_door_id} set"))
+    emit(t, done, lambda: click.echo(f"front door {done.id or gateway_id}/{front_door_id} set"))
 
 
 @gateway.command("disable")
 @click.argument("gateway_id")
-@click.option("--reason", default="")
+@click.option("--reason", default="", help="recorded in the event log")
 @click.pass_context
 @run
 async def gateway_disable(ctx: click.Context, gateway_id: str, reason: str) -> None:
@@ -250,7 +261,7 @@ async def gateway_disable(ctx: click.Context, gateway_id: str, reason: str) -> N
         p.SetGatewayStatus(gateway_id=gateway_id, active=False, reason=reason),
         p.Done,
     )
-    emit(t, done, lambda: click.echo(f"gateway {gateway_id} disabled"))
+    emit(t, done, lambda: click.echo(f"gateway {done.id or gateway_id} disabled"))
 
 
 @gateway.command("enable")
@@ -258,11 +269,12 @@ async def gateway_disable(ctx: click.Context, gateway_id: str, reason: str) -> N
 @click.pass_context
 @run
 async def gateway_enable(ctx: click.Context, gateway_id: str) -> None:
+    """Put a disabled gateway back into placement and catalogs."""
     t = target(ctx)
     done = await admin_call(
         t, "admin.gateway.status", p.SetGatewayStatus(gateway_id=gateway_id, active=True), p.Done
     )
-    emit(t, done, lambda: click.echo(f"gateway {gateway_id} enabled"))
+    emit(t, done, lambda: click.echo(f"gateway {done.id or gateway_id} enabled"))
 
 
 # --- egress -----------------------------------------------------------------------------------
@@ -275,10 +287,10 @@ def egress() -> None:
 
 @egress.command("add")
 @click.argument("pool_id")
-@click.option("--region", required=True)
+@click.option("--region", required=True, help="the region whose gateways use this pool")
 @click.option("--countries", required=True, help="comma-separated ISO codes")
 @click.option("--ips", default="", help="comma-separated addresses or CIDRs")
-@click.option("--provider", default="static")
+@click.option("--provider", default="static", help="who provides the addresses")
 @click.option(
     "--devices-per-address",
     type=click.IntRange(1, 65535),
@@ -328,7 +340,7 @@ async def egress_add(
 
 def _lifecycle(command: str, verb: str) -> Any:
     @click.argument("device_id")
-    @click.option("--reason", default="")
+    @click.option("--reason", default="", help="recorded in the event log")
     @json_option
     @click.pass_context
     @run
@@ -337,9 +349,9 @@ def _lifecycle(command: str, verb: str) -> Any:
         done = await admin_call(
             t, command, p.DeviceAction(device_id=device_id, reason=reason), p.Done
         )
-        emit(t, done, lambda: click.echo(f"device {device_id} {verb}"))
+        emit(t, done, lambda: click.echo(f"device {done.id or device_id} {verb}"))
 
-    action.__doc__ = f"Mark DEVICE_ID {verb}."
+    action.__doc__ = f"Mark DEVICE_ID (its id or a unique prefix) {verb}."
     return action
 
 
@@ -367,13 +379,13 @@ async def usage_reset(
     done = await admin_call(
         t, "admin.usage.reset", p.ResetUsage(device_id=device_id, period=period), p.Done
     )
-    emit(t, done, lambda: click.echo(f"usage of device {device_id} reset"))
+    emit(t, done, lambda: click.echo(f"usage of device {done.id or device_id} reset"))
 
 
 @admin.command("explain-placement")
-@click.option("--tier", "tier_name", required=True)
-@click.option("--region")
-@click.option("--exit-country")
+@click.option("--tier", "tier_name", required=True, help="the tier of the would-be device")
+@click.option("--region", help="preferred region")
+@click.option("--exit-country", help="where traffic should leave (ISO code)")
 @json_option
 @click.pass_context
 @run
@@ -504,8 +516,15 @@ async def catalog_key_status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 @run
 async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None:
-    """Show one device: state, placement, key, usage per period against its tier's limit."""
+    """Show one device (its id or a unique prefix): state, placement, key, usage per period."""
+    from damm.domain.ids import resolve_prefix
+
     t = target(ctx)
+    like = device_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    candidates = await query(
+        t, "SELECT device_id FROM devices WHERE device_id LIKE $1 ORDER BY 1 LIMIT 6", like
+    )
+    device_id = resolve_prefix({r["device_id"] for r in candidates}, device_id, "device")
     rows = await query(
         t,
         "SELECT d.*, t.byte_limit, f.endpoint FROM devices d LEFT JOIN tiers t USING (tier)"

@@ -163,16 +163,58 @@ def emit(t: Target, value: Any, text: Callable[[], None]) -> None:
         text()
 
 
-def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def fit_columns(columns: Sequence[str], cells: Sequence[Sequence[str]], width: int) -> list[int]:
+    """Which columns fit ``width``: every ``*_id`` column whole, the others from the left.
+
+    A column that does not fit whole may still wrap down to a few characters; past that it is
+    left out. An id is never cut: a cut id cannot be copied into the next command.
+    """
+    natural = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    ids = [i for i, c in enumerate(columns) if c.endswith("_id")]
+    kept = list(range(len(columns)))
+
+    def needed(keep: list[int]) -> int:
+        # rich's default box: one border per column plus one, and one space padding each side
+        return sum(natural[i] if i in ids else min(natural[i], 8) for i in keep) + 3 * len(keep) + 1
+
+    while needed(kept) > width and (others := [i for i in kept if i not in ids]):
+        kept.remove(others[-1])
+    return kept
+
+
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    console: Any = None,
+) -> None:
+    """A table for people; ``--json`` is the format for programs.
+
+    In a terminal it fits the width without cutting ids; in a pipe nothing is wrapped or left
+    out, whatever the width, so `grep` and `awk` see whole rows.
+    """
     from rich.console import Console
     from rich.table import Table
 
-    tbl = Table(title=title, show_lines=False)
-    for col in columns:
-        tbl.add_column(col)
-    for row in rows:
-        tbl.add_row(*(_cell(v) for v in row))
-    Console().print(tbl)
+    console = console or Console()
+    cells = [[_cell(v) for v in row] for row in rows]
+    natural = sum(max([len(c), *(len(r[i]) for r in cells)]) + 3 for i, c in enumerate(columns))
+    if console.is_terminal:
+        kept = fit_columns(columns, cells, console.width)
+    else:
+        kept = list(range(len(columns)))
+        console.width = max(console.width, natural + 1)
+    left_out = [c for i, c in enumerate(columns) if i not in kept]
+    caption = f"left out at this width: {', '.join(left_out)} (see --json)" if left_out else None
+    tbl = Table(title=title, show_lines=False, caption=caption)
+    for i in kept:
+        ident = columns[i].endswith("_id")
+        whole = max([len(columns[i]), *(len(r[i]) for r in cells)]) if ident else None
+        tbl.add_column(columns[i], no_wrap=ident, min_width=whole, overflow="fold")
+    for row in cells:
+        tbl.add_row(*(row[i] for i in kept))
+    console.print(tbl, crop=False)
 
 
 def _cell(value: Any) -> str:

@@ -61,11 +61,13 @@ def gateway() -> None:
     show_default=True,
     help="WireGuard backend.",
 )
-@click.option("--interface", default="wg0", show_default=True)
+@click.option("--interface", default="wg0", show_default=True, help="WireGuard interface")
 @click.option(
     "--uapi-socket", default=None, help="UAPI socket path (default /var/run/wireguard/IF.sock)."
 )
-@click.option("--listen-port", default=51820, show_default=True, type=int)
+@click.option(
+    "--listen-port", default=51820, show_default=True, type=int, help="WireGuard UDP port"
+)
 @click.option(
     "--state-dir",
     default="/var/lib/damm/gateway",
@@ -73,9 +75,15 @@ def gateway() -> None:
     type=click.Path(path_type=Path),
     help="Private key and pending usage live here.",
 )
-@click.option("--nats", "nats_url", envvar="DAMM_NATS_URL", default=None)
-@click.option("--heartbeat-interval", default=10.0, show_default=True, type=float)
-@click.option("--usage-interval", default=30.0, show_default=True, type=float)
+@click.option("--nats", "nats_url", envvar="DAMM_NATS_URL", default=None, help="NATS server URL")
+@click.option("--heartbeat-interval", default=10.0, show_default=True, type=float, help="seconds")
+@click.option(
+    "--usage-interval",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="seconds between usage reports",
+)
 @click.option(
     "--capacity", default=1000, show_default=True, type=int, help="Peers at which load reads 1.0."
 )

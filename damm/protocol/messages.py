@@ -163,6 +163,7 @@ class PlacementExplained(msgspec.Struct, frozen=True):
 class Done(msgspec.Struct, frozen=True):
     seq: int
     duplicate: bool = False
+    id: str = ""  # the full id of the object acted on, when the request named it by a prefix
 
 
 # --- device -----------------------------------------------------------------------------------

@@ -13,12 +13,15 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
+import msgspec
+
 from damm import settings
 from damm.control.context import Context
 from damm.control.placement_view import explain_for
 from damm.control.reactors.quota import is_over
 from damm.control.state import DecisionState
 from damm.domain import egress
+from damm.domain.ids import resolve_prefix
 from damm.domain.periods import period_at
 from damm.errors import Code, DammError
 from damm.events import model as m
@@ -79,6 +82,11 @@ def over_quota(state: DecisionState, device_id: str, now: datetime) -> None:
         )
 
 
+def _named(done: p.Done, ident: str) -> p.Done:
+    """The answer names the object by its full id: the request may have used a prefix."""
+    return msgspec.structs.replace(done, id=ident)
+
+
 class AdminHandlers:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -105,10 +113,10 @@ class AdminHandlers:
             lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
         )
 
-    async def _gateway(self, gateway_id: str) -> None:
+    async def _gateway(self, gateway_id: str) -> str:
+        """The gateway ``gateway_id`` names (its id or a unique prefix of it)."""
         await self.ctx.fresh(lambda: gateway_id in self.ctx.state.gateways)
-        if gateway_id not in self.ctx.state.gateways:
-            raise DammError(Code.NOT_FOUND, f"gateway {gateway_id!r}")
+        return resolve_prefix(self.ctx.state.gateways, gateway_id, "gateway")
 
     async def _done(self, decide: object) -> p.Done:
         result = await self.ctx.commit(decide)  # type: ignore[arg-type]
@@ -173,12 +181,16 @@ class AdminHandlers:
         return p.TokenCreated(token_id, token, req.tier, req.uses, expires)
 
     async def revoke_token(self, req: p.RevokeToken, call: Call) -> p.Done:
+        if req.token_id.startswith("dmt_"):
+            raise DammError(
+                Code.INVALID_ARGUMENT,
+                "that is the token's secret, not its id: `damm admin tokens` lists the ids",
+            )
         await self.ctx.fresh(lambda: req.token_id in self.ctx.state.tokens)
-        if req.token_id not in self.ctx.state.tokens:
-            raise DammError(Code.NOT_FOUND, f"token {req.token_id!r}")
-        subject = event_subject("token", req.token_id)
-        event = m.TokenRevoked(token_id=req.token_id, reason=req.reason)
-        return await self._record(subject, event, call)
+        token_id = resolve_prefix(self.ctx.state.tokens, req.token_id, "token")
+        subject = event_subject("token", token_id)
+        event = m.TokenRevoked(token_id=token_id, reason=req.reason)
+        return _named(await self._record(subject, event, call), token_id)
 
     # --- gateways ----------------------------------------------------------------------------
 
@@ -233,7 +245,7 @@ class AdminHandlers:
         endpoint = _endpoint(req.endpoint)
         if req.transport != "udp":
             raise DammError(Code.INVALID_ARGUMENT, f"transport {req.transport!r}: only udp")
-        await self._gateway(req.gateway_id)
+        req = msgspec.structs.replace(req, gateway_id=await self._gateway(req.gateway_id))
         subject = event_subject("gateway", req.gateway_id)
         event = m.FrontDoorSet(
             gateway_id=req.gateway_id,
@@ -243,15 +255,15 @@ class AdminHandlers:
             priority=req.priority,
             active=req.active,
         )
-        return await self._record(subject, event, call)
+        return _named(await self._record(subject, event, call), req.gateway_id)
 
     async def set_gateway_status(self, req: p.SetGatewayStatus, call: Call) -> p.Done:
-        await self._gateway(req.gateway_id)
+        req = msgspec.structs.replace(req, gateway_id=await self._gateway(req.gateway_id))
         subject = event_subject("gateway", req.gateway_id)
         event = m.GatewayStatusChanged(
             gateway_id=req.gateway_id, active=req.active, reason=req.reason
         )
-        return await self._record(subject, event, call)
+        return _named(await self._record(subject, event, call), req.gateway_id)
 
     async def define_egress(self, req: p.DefineEgress, call: Call) -> p.Done:
         check_id(req.pool_id, "egress pool id")
@@ -294,13 +306,14 @@ class AdminHandlers:
 
     # --- device lifecycle --------------------------------------------------------------------
 
-    async def _device(self, device_id: str) -> None:
-        await self.ctx.fresh(lambda: device_id in self.ctx.state.devices)
-        if device_id not in self.ctx.state.devices:
-            raise DammError(Code.NOT_FOUND, f"device {device_id!r}")
+    async def _device(self, req: p.DeviceAction) -> p.DeviceAction:
+        """``req`` naming its device by full id (it may name it by a unique prefix)."""
+        await self.ctx.fresh(lambda: req.device_id in self.ctx.state.devices)
+        device_id = resolve_prefix(self.ctx.state.devices, req.device_id, "device")
+        return msgspec.structs.replace(req, device_id=device_id)
 
     async def revoke_device(self, req: p.DeviceAction, call: Call) -> p.Done:
-        await self._device(req.device_id)
+        req = await self._device(req)
 
         def decide() -> list[Append]:
             dev = self.ctx.state.devices[req.device_id]
@@ -327,7 +340,7 @@ class AdminHandlers:
                 ),
             ]
 
-        return await self._done(decide)
+        return _named(await self._done(decide), req.device_id)
 
     async def _status(
         self,
@@ -337,7 +350,6 @@ class AdminHandlers:
         allowed_from: tuple[str, ...],
         check: Callable[[DecisionState, str, datetime], None] | None = None,
     ) -> p.Done:
-        await self._device(req.device_id)
         subject = event_subject("device", req.device_id)
 
         def decide() -> list[Append]:
@@ -350,23 +362,30 @@ class AdminHandlers:
                 check(self.ctx.state, dev.device_id, self.ctx.now())
             return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
-        return await self._done(decide)
+        return _named(await self._done(decide), req.device_id)
 
     async def suspend_device(self, req: p.DeviceAction, call: Call) -> p.Done:
+        req = await self._device(req)
         event = m.DeviceSuspended(device_id=req.device_id, reason=req.reason or "admin")
         return await self._status(req, call, event, ("active",))
 
     async def resume_device(self, req: p.DeviceAction, call: Call) -> p.Done:
+        req = await self._device(req)
         event = m.DeviceResumed(device_id=req.device_id, reason=req.reason or "admin")
         return await self._status(req, call, event, ("suspended",), check=over_quota)
 
     async def reset_usage(self, req: p.ResetUsage, call: Call) -> p.Done:
-        await self._device(req.device_id)
+        await self.ctx.fresh(lambda: req.device_id in self.ctx.state.devices)
+        req = msgspec.structs.replace(
+            req, device_id=resolve_prefix(self.ctx.state.devices, req.device_id, "device")
+        )
         now = self.ctx.now()
         period = req.period or period_at(now, settings.usage_period())
         subject = usage_reset_subject(req.device_id)
         event = m.UsagePeriodReset(device_id=req.device_id, period=period)
-        return await self._done(lambda: [self.ctx.append(subject, event, call)])
+        return _named(
+            await self._done(lambda: [self.ctx.append(subject, event, call)]), req.device_id
+        )
 
     async def explain_placement(self, req: p.ExplainPlacement, call: Call) -> p.PlacementExplained:
         return explain_for(self.ctx, req)
