@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -152,17 +153,20 @@ async def test_each_party_reads_only_its_own(nats_server: NatsServer) -> None:
             await connect(url, user=user, password=password, reconnect=False)
 
 
-def _wait_for(path: Path, seconds: float, proc: subprocess.Popen[str] | None = None) -> None:
-    """Poll for the stack file; when it does not come, say what the process printed."""
+def _wait_for(path: Path, seconds: float, proc: subprocess.Popen[str]) -> None:
+    """Poll for this run's stack file (the last run's stays behind, marked stopped); when it
+    does not come, say what the process printed."""
     deadline = time.monotonic() + seconds
-    while not path.exists():
-        exited = proc is not None and proc.poll() is not None
-        if exited or time.monotonic() > deadline:
-            output = ""
-            if proc is not None:
-                proc.kill()
-                output = proc.communicate(timeout=30)[0]
-            raise AssertionError(f"{path} did not appear; the process printed:\n{output}")
+    while True:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            if json.loads(path.read_text())["pid"] == proc.pid:
+                return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            output = proc.communicate(timeout=30)[0]
+            raise AssertionError(
+                f"{path} did not name pid {proc.pid}; the process printed:\n{output}"
+            )
         time.sleep(0.1)
 
 
@@ -221,7 +225,8 @@ def test_damm_up_starts_stops_and_reuses_data(stack_home: Path) -> None:
             out, _ = up.communicate(timeout=60)
         assert up.returncode == 0, out
         assert "DAMM is up." in out
-        assert not stack.exists()
+        # The stack file stays, marked stopped, so the next start keeps its port.
+        assert json.loads(stack.read_text())["pid"] == 0
     leftovers = subprocess.run(
         ["pgrep", "-f", str(tmp_path / "home")], capture_output=True, text=True, check=False
     )

@@ -31,7 +31,16 @@ class Target:
     json: bool = False
 
     def stack(self) -> StackFile | None:
-        return StackFile.read()
+        stack = StackFile.read()
+        if stack is not None and stack.stopped:
+            raise DammError(
+                Code.UNAVAILABLE, "the local stack is stopped (start it with `damm up`)"
+            )
+        return stack
+
+    def _stack_quietly(self) -> StackFile | None:
+        stack = StackFile.read()
+        return None if stack is None or stack.stopped else stack
 
     def nats(self) -> str:
         if self.nats_url:
@@ -60,7 +69,7 @@ class Target:
         env = settings.role_password(role)
         if env:
             return role, env
-        stack = self.stack()
+        stack = self._stack_quietly()
         # The stack's passwords are only good for the stack's own server.
         if stack and role in stack.passwords and self.nats_url in (None, stack.nats_url):
             return role, stack.passwords[role]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -29,8 +30,11 @@ from damm.stack.stackfile import StackFile, home
 _log = log.get("damm.up")
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Could nats-server listen here? Probed the way it binds: with SO_REUSEADDR, so the
+    TIME_WAIT connections a restart leaves behind do not count, a live listener does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -39,11 +43,28 @@ def _port_free(port: int) -> bool:
 
 
 def _previous(directory: Path) -> dict[str, Any]:
+    """The last run's port and passwords: agents and devices hold URLs with that port."""
+    data: dict[str, Any] = {}
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        data = json.loads((directory / "nats" / "identity.json").read_text())
+    stack = StackFile.read(directory)
+    if stack is not None and stack.nats_port:
+        data["port"] = stack.nats_port
+    return data
+
+
+def _start_nats(server: NatsServer, port: int) -> str:
+    server.port = port if port > 0 and port_free(port) else -1
+    if port > 0 and server.port != port:
+        _log.warning("previous NATS port taken; agents and devices must be pointed anew", port=port)
     try:
-        data: dict[str, Any] = json.loads((directory / "nats" / "identity.json").read_text())
-        return data
-    except (FileNotFoundError, ValueError):
-        return {}
+        return server.start()
+    except RuntimeError:
+        if server.port == -1:
+            raise
+        _log.warning("nats-server could not listen on its previous port", port=port)
+        server.port = -1
+        return server.start()
 
 
 @click.command()
@@ -80,9 +101,7 @@ async def up(
         if nats_url is None:
             prev = _previous(directory)
             server = NatsServer(directory / "nats", passwords=dict(prev.get("passwords", {})))
-            port = int(prev.get("port", -1))
-            server.port = port if port > 0 and _port_free(port) else -1
-            nats_url = await asyncio.to_thread(server.start)
+            nats_url = await asyncio.to_thread(_start_nats, server, int(prev.get("port", -1)))
             stack.callback(server.stop)
             passwords = server.passwords
             port_now = int(nats_url.rsplit(":", 1)[1])
@@ -116,10 +135,15 @@ async def up(
 
             stack.push_async_callback(stop_follower)
         stackfile = StackFile(
-            nats_url=nats_url, database_url=database_url, passwords=passwords, pid=os.getpid()
+            nats_url=nats_url,
+            database_url=database_url,
+            passwords=passwords,
+            pid=os.getpid(),
+            nats_port=int(nats_url.rsplit(":", 1)[1]) if server is not None else 0,
         )
         path = stackfile.write(directory)
-        stack.callback(lambda: path.unlink(missing_ok=True))
+        # Kept, marked stopped: the next `damm up` takes the same port from it.
+        stack.callback(lambda: _mark_stopped(stackfile, directory))
 
         click.echo("DAMM is up.")
         click.echo(f"  NATS       {nats_url}  (JetStream, sync_interval always, auth on)")
@@ -134,6 +158,11 @@ async def up(
         )
         await stop.wait()
         click.echo("stopping…")
+
+
+def _mark_stopped(stackfile: StackFile, directory: Path) -> None:
+    stackfile.pid = 0
+    stackfile.write(directory)
 
 
 async def _demo(

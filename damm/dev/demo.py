@@ -23,6 +23,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import log
@@ -37,7 +38,9 @@ from damm.device.failover import (
     verify_for_device,
 )
 from damm.device.profile import save_enrollment
+from damm.device.standing import check_in
 from damm.errors import Code, DammError
+from damm.private_files import write_atomic
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -54,6 +57,8 @@ FD2_ADDR, FD2_DEV = "172.30.2.1", "172.30.2.2"
 FD1, FD2 = f"{FD1_ADDR}:{PORT}", f"{FD2_ADDR}:{PORT}"
 FD1_PRIORITY, FD2_PRIORITY = 10, 20
 CATALOG_WAIT_S = 20.0
+GATEWAY_ID = "demo"
+GATEWAY_FILE = "gateway.json"
 _RTT = re.compile(r"= [\d.]+/([\d.]+)/")
 
 
@@ -74,6 +79,7 @@ class DemoHandle:
     dev_ns: str = ""
     dev_ifname: str = ""
     enroll_ms: float = 0.0
+    reused: bool = False  # the gateway and device of an earlier demo on the same data
     # Step 1: tunnel through fd1.
     first_door: str = ""
     first_endpoint: str = ""
@@ -106,7 +112,11 @@ class DemoHandle:
             f"{self.gateway_address})",
             f"front doors fd1 {FD1} (priority {FD1_PRIORITY}), fd2 {FD2} (priority {FD2_PRIORITY})",
             f"device {self.device_id} in netns {self.dev_ns} with {self.device_address}, "
-            f"enrolled in {self.enroll_ms:.0f} ms",
+            + (
+                "reused from the last demo"
+                if self.reused
+                else f"enrolled in {self.enroll_ms:.0f} ms"
+            ),
             f"device state {self.state_dir} (device.json, wg0.conf)",
         ]
         if self.ping_ok:
@@ -177,6 +187,76 @@ async def run_demo(nats_url: str, admin_password: str, state_dir: Path) -> DemoH
     return handle
 
 
+class DemoGateway(msgspec.Struct):
+    """The demo's gateway, kept between runs (0600: the token is its NATS password)."""
+
+    gateway_id: str
+    token: str
+
+
+async def _gateway(admin: NATS, state_dir: Path, tag: str) -> DemoGateway:
+    """The gateway of the last demo on this data, made usable again, or a new one."""
+    path = state_dir / GATEWAY_FILE
+    try:
+        kept = msgspec.json.decode(path.read_bytes(), type=DemoGateway)
+    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
+        kept = None
+    if kept is not None:
+        try:
+            enable = p.SetGatewayStatus(gateway_id=kept.gateway_id, active=True)
+            await call(admin, "admin.gateway.status", enable, p.Done)
+            await _set_doors(admin, kept.gateway_id)
+            return kept
+        except DammError as err:
+            if err.code is not Code.NOT_FOUND:
+                raise
+            _log.info("the demo gateway is gone from this log; adding a new one")
+    gateway_id = GATEWAY_ID
+    try:
+        added = await _add_gateway(admin, gateway_id)
+    except DammError as err:
+        if err.code is not Code.ALREADY_EXISTS:
+            raise
+        gateway_id = f"{GATEWAY_ID}-{tag}"  # its token was lost with the files: a new one
+        added = await _add_gateway(admin, gateway_id)
+    kept = DemoGateway(gateway_id, added.token)
+    write_atomic(path, msgspec.json.encode(kept).decode(), mode=0o600)
+    await _set_doors(admin, gateway_id)
+    return kept
+
+
+async def _add_gateway(admin: NATS, gateway_id: str) -> p.GatewayAdded:
+    request = p.AddGateway(gateway_id=gateway_id, region=REGION, front_door=FD1,
+                           priority=FD1_PRIORITY)  # fmt: skip
+    return await call(admin, "admin.gateway.add", request, p.GatewayAdded)
+
+
+async def _set_doors(admin: NATS, gateway_id: str) -> None:
+    for door, endpoint, priority in (("fd1", FD1, FD1_PRIORITY), ("fd2", FD2, FD2_PRIORITY)):
+        request = p.SetFrontDoor(gateway_id=gateway_id, front_door_id=door, endpoint=endpoint,
+                                 priority=priority)  # fmt: skip
+        await call(admin, "admin.gateway.front_door", request, p.Done)
+
+
+async def _kept_device(nc: NATS, dev_dir: Path, gateway_id: str) -> files.DeviceFile | None:
+    """The last demo's device, when the control plane still has it active on this gateway."""
+    try:
+        dev = files.load(dev_dir)
+        if dev.gateway_id != gateway_id:
+            return None
+        await check_in(nc, dev_dir, dev)
+    except DammError as err:
+        _log.info("not reusing the demo device", reason=err.line())
+        return None
+    if dev.front_door_id != "fd1":
+        # The last demo failed it over to fd2: a failover back (fd1 is active again) puts it
+        # where the demo starts, with the control plane told.
+        await _wait_for_door(nc, dev_dir, gateway_id, "fd1")
+        await failover(nc, dev_dir)
+        dev = files.load(dev_dir)
+    return dev
+
+
 async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path) -> None:
     lab = h.lab
     h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
@@ -188,35 +268,15 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
     device_nc = await connect(nats_url, name="damm-demo-device")
     try:
         await _retire_stale(admin, state_dir)
-        h.gateway_id = f"demo-{lab.tag}"
         await call(admin, "admin.tier.define", p.DefineTier(tier="demo", regions=(REGION,)), p.Done)
-        added = await call(
-            admin,
-            "admin.gateway.add",
-            p.AddGateway(
-                gateway_id=h.gateway_id, region=REGION, front_door=FD1, priority=FD1_PRIORITY
-            ),
-            p.GatewayAdded,
-        )
-        await call(
-            admin,
-            "admin.gateway.front_door",
-            p.SetFrontDoor(
-                gateway_id=h.gateway_id, front_door_id="fd2", endpoint=FD2, priority=FD2_PRIORITY
-            ),
-            p.Done,
-        )
-        token = (
-            await call(
-                admin, "admin.token.create", p.CreateToken(tier="demo", uses=1), p.TokenCreated
-            )
-        ).token
+        gateway = await _gateway(admin, state_dir, lab.tag)
+        h.gateway_id = gateway.gateway_id
         agent = GatewayAgent(
             AgentConfig(
                 gateway_id=h.gateway_id,
-                token=added.token,
+                token=gateway.token,
                 nats_url=nats_url,
-                state_dir=state_dir / f"gateway-{lab.tag}",
+                state_dir=state_dir / "gateway",
                 listen_port=PORT,
                 heartbeat_s=5,
                 usage_s=10,
@@ -229,12 +289,24 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
         await netlab.configure_interface(h.gw_ns, gwd.ifname, agent.registration.gateway_address)
         h.gateway_address = agent.registration.gateway_address.split("/")[0]
 
-        # The device: its key made locally, enrolled, the state dir `damm device enroll` writes.
-        dev_dir = h.state_dir = state_dir / f"device-{lab.tag}"
-        public = files.generate_key(dev_dir)
+        # The device: the last demo's if the control plane still has it, else a new one with its
+        # key made locally, enrolled, the state dir `damm device enroll` writes.
+        dev_dir = h.state_dir = state_dir / "device"
         started = time.monotonic()
-        enrolled = await _enroll(device_nc, token, public)
-        dev, h.config_path = save_enrollment(dev_dir, enrolled, public, nats_url)
+        kept = await _kept_device(device_nc, dev_dir, h.gateway_id)
+        if kept is not None:
+            dev, h.config_path, h.reused = kept, dev_dir / files.CONFIG, True
+        else:
+            await asyncio.to_thread(shutil.rmtree, dev_dir, ignore_errors=True)
+            public = files.generate_key(dev_dir)
+            token = (
+                await call(
+                    admin, "admin.token.create", p.CreateToken(tier="demo", uses=1), p.TokenCreated
+                )
+            ).token
+            enrolled = await _enroll(device_nc, token, public)
+            dev, h.config_path = save_enrollment(dev_dir, enrolled, public, nats_url)
+        public = dev.public_key
         h.enroll_ms = _ms(started)
         h.device_id, h.device_address = dev.device_id, dev.address
         h.first_door, h.first_endpoint = dev.front_door_id, dev.endpoint
@@ -295,6 +367,7 @@ async def _retire_stale(admin: NATS, state_dir: Path) -> None:
 
 
 def _earlier_runs(state_dir: Path) -> list[Path]:
+    """Directories of demos from before the demo reused its gateway and device."""
     return sorted([*state_dir.glob("gateway-*"), *state_dir.glob("device-*")])
 
 

