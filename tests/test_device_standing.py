@@ -294,3 +294,46 @@ async def test_diagnose_passes_standing_for_an_active_device(
     checks = {c.name: c for c in report.checks}
     assert checks["standing"].status == PASS, checks["standing"]
     assert checks["catalog"].status == PASS, checks["catalog"]
+
+
+def test_pure_standing_and_quota_decisions() -> None:
+    from datetime import UTC, datetime
+
+    from damm.control.handlers.admin import over_quota
+    from damm.control.handlers.devices import known_keys, standing_error
+    from damm.control.state import DecisionState, DeviceState
+    from damm.domain.ipam import Overlay
+
+    def dev(status: str, reason: str = "") -> DeviceState:
+        return DeviceState("d1", "k", "t", "gold", "gw1", "fd1", "10.44.0.10", None, 10,
+                           status=status, reason=reason)  # fmt: skip
+
+    assert standing_error(dev("active")) is None
+    expected = {
+        ("revoked", ""): Code.DEVICE_REVOKED,
+        ("suspended", "admin"): Code.DEVICE_SUSPENDED,
+        ("suspended", "over_quota"): Code.OVER_QUOTA,
+        ("suspended", "key_expired"): Code.KEY_EXPIRED,
+    }
+    for (status, reason), code in expected.items():
+        err = standing_error(dev(status, reason))
+        assert err is not None and err.code is code
+    assert known_keys(["new", "junk", "cur"], {"new"}, "cur") == ("cur", "new")
+
+    state = DecisionState(Overlay.parse("10.44.0.0/24"))
+    state.devices["d1"] = dev("suspended", "over_quota")
+    state.tiers["gold"] = m.TierDefined(tier="gold", byte_limit=1000)
+    now = datetime(2026, 12, 2, tzinfo=UTC)
+    over_quota(state, "d1", now)  # no usage: fine
+    state.usage[("d1", "2026-12")] = 1000
+    over_quota(state, "d1", now)  # exactly at the limit: fine
+    state.usage[("d1", "2026-12")] = 1001
+    with pytest.raises(DammError) as info:
+        over_quota(state, "d1", now)
+    assert info.value.code is Code.OVER_QUOTA
+    state.usage[("d1", "2026-11")] = 5000
+    state.usage.pop(("d1", "2026-12"))
+    over_quota(state, "d1", now)  # last period's usage does not count
+    state.tiers["gold"] = m.TierDefined(tier="gold", byte_limit=None)
+    state.usage[("d1", "2026-12")] = 10**12
+    over_quota(state, "d1", now)  # no limit, no quota

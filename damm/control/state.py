@@ -85,7 +85,7 @@ class DeviceState:
     egress_pool_id: str | None = None
     egress_address: str | None = None
     pinned_keys: tuple[str, ...] = ()
-    failover_reported_at: int = 0
+    reported_at: int = 0  # the device's clock on its latest recorded report
 
 
 @dataclass(frozen=True)
@@ -302,10 +302,11 @@ class DecisionState:
                 if dev := self.devices.get(e.device_id):
                     dev.front_door_id = e.front_door_id
                     dev.pinned_keys = e.pinned_keys
-                    dev.failover_reported_at = max(dev.failover_reported_at, e.reported_at)
+                    dev.reported_at = max(dev.reported_at, e.reported_at)
             case m.DeviceCatalogKeysReported():
                 if dev := self.devices.get(e.device_id):
                     dev.pinned_keys = e.pinned_keys
+                    dev.reported_at = max(dev.reported_at, e.reported_at)
             case m.DeviceEnrolled() if e.device_id not in self.devices:
                 enrolled = self.devices[e.device_id] = DeviceState(
                     e.device_id,

@@ -220,6 +220,7 @@ class DeviceCatalogKeysReported(_Event, frozen=True, tag="device.catalog_keys"):
 
     device_id: str
     pinned_keys: tuple[str, ...]
+    reported_at: int = 0  # the device's clock (unix seconds): older reports are not recorded
 
 
 # --- usage and catalogs -----------------------------------------------------------------------

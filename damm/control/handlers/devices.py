@@ -90,7 +90,11 @@ class DeviceHandlers:
             current = ctx.state.devices[dev.device_id]
             if current.pinned_keys == keys or current.status != "active":
                 return []
-            event = m.DeviceCatalogKeysReported(device_id=dev.device_id, pinned_keys=keys)
+            if req.at < current.reported_at:
+                return []  # a replayed older check-in must not roll the record back
+            event = m.DeviceCatalogKeysReported(
+                device_id=dev.device_id, pinned_keys=keys, reported_at=req.at
+            )
             return [ctx.append(subject, event, dcall, expected=ctx.state.seq_of(subject))]
 
         await ctx.commit(decide)
@@ -119,7 +123,7 @@ class DeviceHandlers:
 
         def decide() -> list[Append]:
             current = ctx.state.devices[dev.device_id]
-            if req.at < current.failover_reported_at:
+            if req.at < current.reported_at:
                 raise DammError(Code.CONFLICT, "a newer failover of this device is recorded")
             if (err := standing_error(current)) is not None:
                 raise err
