@@ -15,9 +15,17 @@ from nats.aio.client import Client as NATS
 
 from damm.catalog.verify import TrustState
 from damm.device import files
+from damm.errors import Code, DammError
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.protocol.device_auth import sign
+
+
+def _rotation_key(dev: files.DeviceFile) -> str:
+    """The control plane's key the device's proofs are made against (pinned at enrollment)."""
+    if not dev.rotation_key:
+        raise DammError(Code.STATE_MISSING, "device.json has no rotation key: re-enroll")
+    return dev.rotation_key
 
 
 def _pinned(trust: TrustState | None) -> tuple[str, ...]:
@@ -34,7 +42,7 @@ async def check_in(
         at=int(time.time()),
         pinned_keys=_pinned(dev.trust),
     )
-    signed = sign(req, "device.status", files.private_key(state_dir), dev.rotation_key)
+    signed = sign(req, "device.status", files.private_key(state_dir), _rotation_key(dev))
     return await call(nc, "device.status", signed, p.DeviceStanding, timeout=timeout)
 
 
@@ -59,5 +67,5 @@ async def report_failover(
         pinned_keys=_pinned(dev.trust),
         request_id=uuid.uuid4().hex,
     )
-    signed = sign(req, "device.failover", files.private_key(state_dir), dev.rotation_key)
+    signed = sign(req, "device.failover", files.private_key(state_dir), _rotation_key(dev))
     return await call(nc, "device.failover", signed, p.Done, timeout=timeout)
