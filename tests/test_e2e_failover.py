@@ -94,7 +94,8 @@ async def test_failover_restores_the_tunnel(
         device_id=res.device_id, public_key=dev_pub, gateway_id=res.gateway_id,
         gateway_public_key=res.gateway_public_key, front_door_id=res.front_door_id,
         endpoint=res.endpoint, address=res.address, address6=res.address6,
-        allowed_ips=res.allowed_ips, dns=res.dns, nats_url="nats://unused", rotation_key=res.rotation_key,
+        allowed_ips=res.allowed_ips, dns=res.dns, nats_url="nats://unused",
+        rotation_key=res.rotation_key,
         trust=initial_trust(res.catalog.region, res.catalog.key_id, res.catalog.public_key,
                             res.catalog.min_version),
     )  # fmt: skip
