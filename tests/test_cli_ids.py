@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.control.context import token_hash
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
+from damm.keys.tokens import token_hash
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer

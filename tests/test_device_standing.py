@@ -297,8 +297,6 @@ async def test_diagnose_passes_standing_for_an_active_device(
 
 
 def test_pure_standing_and_quota_decisions() -> None:
-    from datetime import UTC, datetime
-
     from damm.control.handlers.admin import over_quota
     from damm.control.handlers.devices import known_keys, standing_error
     from damm.control.state import DecisionState, DeviceState
@@ -323,17 +321,16 @@ def test_pure_standing_and_quota_decisions() -> None:
     state = DecisionState(Overlay.parse("10.44.0.0/24"))
     state.devices["d1"] = dev("suspended", "over_quota")
     state.tiers["gold"] = m.TierDefined(tier="gold", byte_limit=1000)
-    now = datetime(2026, 12, 2, tzinfo=UTC)
-    over_quota(state, "d1", now)  # no usage: fine
+    over_quota(state, "d1", "2026-12")  # no usage: fine
     state.usage[("d1", "2026-12")] = 1000
-    over_quota(state, "d1", now)  # exactly at the limit: fine
+    over_quota(state, "d1", "2026-12")  # exactly at the limit: fine
     state.usage[("d1", "2026-12")] = 1001
     with pytest.raises(DammError) as info:
-        over_quota(state, "d1", now)
+        over_quota(state, "d1", "2026-12")
     assert info.value.code is Code.OVER_QUOTA
     state.usage[("d1", "2026-11")] = 5000
     state.usage.pop(("d1", "2026-12"))
-    over_quota(state, "d1", now)  # last period's usage does not count
+    over_quota(state, "d1", "2026-12")  # last period's usage does not count
     state.tiers["gold"] = m.TierDefined(tier="gold", byte_limit=None)
     state.usage[("d1", "2026-12")] = 10**12
-    over_quota(state, "d1", now)  # no limit, no quota
+    over_quota(state, "d1", "2026-12")  # no limit, no quota

@@ -288,7 +288,7 @@ class DecisionState:
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
             case m.UsageReported():
-                period = period_at(e.measured_at or env.occurred_at)
+                period = period_at(e.measured_at or env.occurred_at, settings.usage_period())
                 for d in e.deltas:
                     key = (d.device_id, period)
                     self.usage[key] = self.usage.get(key, 0) + d.rx_bytes + d.tx_bytes

@@ -11,7 +11,7 @@ import secrets
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import msgspec
 
@@ -63,7 +63,7 @@ def _endpoint(value: str) -> str:
     return raw
 
 
-def over_quota(state: DecisionState, device_id: str, now: datetime) -> None:
+def over_quota(state: DecisionState, device_id: str, period: str) -> None:
     """Refuse to let a device back in while it is over its tier's byte limit this period.
 
     Resuming it anyway would only last until the quota reactor's next sweep. A usage reset
@@ -72,7 +72,6 @@ def over_quota(state: DecisionState, device_id: str, now: datetime) -> None:
     dev = state.devices[device_id]
     tier = state.tiers.get(dev.tier)
     limit = tier.byte_limit if tier else None
-    period = period_at(now)
     used = state.usage.get((device_id, period), 0)
     if is_over(used, limit):
         raise DammError(
@@ -348,7 +347,7 @@ class AdminHandlers:
         call: Call,
         event: m.Event,
         allowed_from: tuple[str, ...],
-        check: Callable[[DecisionState, str, datetime], None] | None = None,
+        check: Callable[[DecisionState, str, str], None] | None = None,
     ) -> p.Done:
         subject = event_subject("device", req.device_id)
 
@@ -359,7 +358,11 @@ class AdminHandlers:
             if dev.status not in allowed_from:
                 return []
             if check is not None:
-                check(self.ctx.state, dev.device_id, self.ctx.now())
+                check(
+                    self.ctx.state,
+                    dev.device_id,
+                    period_at(self.ctx.now(), settings.usage_period()),
+                )
             return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
         return _named(await self._done(decide), req.device_id)

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from damm.control.context import Call, Context
+from damm.control.context import Context
 from damm.control.state import DeviceState
+from damm.domain.lifecycle import KEY_EXPIRED, OVER_QUOTA
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.model import Actor
 from damm.events.store import Append
+from damm.keys.wireguard import validate_public_key
 from damm.protocol import messages as p
 from damm.protocol.device_auth import Signed, signed_body
-from damm.protocol.router import Route, route
+from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject
-from damm.wireguard.peer_diff import validate_public_key
 
 PROOF_WINDOW_S = 300
-KEY_EXPIRED = "key_expired"
-OVER_QUOTA = "over_quota"
 
 
 def standing_error(dev: DeviceState) -> DammError | None:
