@@ -4,6 +4,9 @@ device (failover and diagnose refuse), failovers are recorded, and no device spe
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from tests.fleet import enroll, setup_fleet
 from tests.test_lifecycle import refused
 
 FD2 = "198.51.100.9:51820"
+DAMM = str(Path(sys.executable).parent / "damm")
 
 
 async def wait_for(check: object, timeout: float = 10.0) -> None:
@@ -141,6 +145,15 @@ async def test_failover_and_diagnose_refuse_a_device_the_control_plane_stopped(
     code = Code.DEVICE_REVOKED if action == "revoke" else Code.DEVICE_SUSPENDED
 
     await refused(control, code, failover(device_nc, tmp_path))
+    assert snapshot(tmp_path) == before
+    # The CLI says so in one line and a non-zero exit, and leaves the files alone too.
+    done = await asyncio.to_thread(
+        subprocess.run, [DAMM, "device", "failover", "--state-dir", str(tmp_path)],
+        env={**os.environ, "DAMM_HOME": str(tmp_path / "nohome")}, capture_output=True,
+        text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"error: {code.slug}: ") and done.stderr.count("\n") == 1
     assert snapshot(tmp_path) == before
 
     async def dial() -> NATS:
