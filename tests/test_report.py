@@ -283,9 +283,24 @@ def test_pure_front_door_advice_uses_attachment_and_traffic() -> None:
         }  # fmt: skip
 
     doors = [door("fd1", 0, 0), door("fd2", 3, 0), door("fd3", 3, 1), door("fd4", 0, 0, False)]
-    rows = Rows(period="2026-11", front_doors=doors)
-    recs = {(r.kind, r.subject) for r in build(rows, now, 90).recommendations}
-    assert recs == {("front_door_unused", "g/fd1"), ("front_door_silent", "g/fd2")}
+
+    def recs(live_handshakes: int) -> set[tuple[str, str]]:
+        gateway = {
+            "gateway_id": "g", "region": "eu", "active": True, "registered": True,
+            "last_heartbeat": now, "load": 0.1, "peer_count": 6, "active_peers": live_handshakes,
+        }  # fmt: skip
+        rows = Rows(
+            period="2026-11",
+            gateways=[gateway],
+            gateway_devices=[{"gateway_id": "g", "status": "active", "n": 6}],
+            front_doors=doors,
+        )
+        return {(r.kind, r.subject) for r in build(rows, now, 90).recommendations}
+
+    # Two of six devices without a live handshake: the door whose devices sent nothing is flagged.
+    assert recs(4) == {("front_door_unused", "g/fd1"), ("front_door_silent", "g/fd2")}
+    # Every device has a live handshake: idle devices do not make a door suspect.
+    assert recs(6) == {("front_door_unused", "g/fd1")}
 
 
 async def test_replayed_history_yields_the_same_report(

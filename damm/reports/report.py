@@ -557,6 +557,7 @@ def recommend(report: Report) -> list[Recommendation]:
                     ),
                 )
             )
+    gateways = {g.gateway_id: g for g in report.gateways}
     for d in report.front_doors:
         if not d.active:
             continue
@@ -573,7 +574,13 @@ def recommend(report: Report) -> list[Recommendation]:
                     ),
                 )
             )
-        elif d.devices_seen == 0:
+        elif d.devices_seen == 0 and (gw := gateways.get(d.gateway_id)) is not None:
+            # Handshake evidence: the gateway's live peers fall short of its active devices,
+            # and none of this door's devices sent traffic, so some devices here are not
+            # getting through. A gateway whose every active device has a live handshake is not
+            # accused, even if its devices have been idle.
+            if gw.active_peers >= gw.devices_active:
+                continue
             out.append(
                 Recommendation(
                     severity="info",
@@ -581,9 +588,10 @@ def recommend(report: Report) -> list[Recommendation]:
                     subject=f"{d.gateway_id}/{d.front_door_id}",
                     message=(
                         f"front door {d.gateway_id}/{d.front_door_id} ({d.endpoint}) has "
-                        f"{d.devices} device(s) attached, and gateway {d.gateway_id} reported "
-                        f"traffic from none of them in {report.period}: check that the "
-                        "endpoint is reachable before relying on it"
+                        f"{d.devices} device(s) attached and no traffic from any in "
+                        f"{report.period}; gateway {d.gateway_id} reports a live handshake for "
+                        f"{gw.active_peers} of its {gw.devices_active} active devices: check "
+                        "that the endpoint is reachable before relying on it"
                     ),
                 )
             )
