@@ -40,7 +40,13 @@ class DammGroup(click.Group):
     "--database-url", envvar="DAMM_DATABASE_URL", help="Postgres URL (default: local stack)"
 )
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--log-level", envvar="DAMM_LOG_LEVEL", default="warning", show_default=True)
+@click.option(
+    "--log-level",
+    envvar="DAMM_LOG_LEVEL",
+    default="warning",
+    show_default=True,
+    help="debug, info, warning or error (logs go to stderr)",
+)
 @click.pass_context
 def cli(
     ctx: click.Context,
