@@ -4,6 +4,7 @@ a unique id prefix accepted wherever an id is an argument."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -115,6 +116,14 @@ async def test_admin_device_takes_a_prefix_and_lists_keep_whole_ids(
     shown = await damm(nats_server, tmp_path, "--database-url", dsn, "admin", "device", ids[0][:8])
     assert shown.returncode == 0, shown.stderr
     assert ids[0] in shown.stdout
+    audit = await damm(
+        nats_server, tmp_path, "--database-url", dsn, "admin", "audit", "--device", ids[1][:8],
+        "--type", "device.enrolled", "--json",
+    )  # fmt: skip
+    assert audit.returncode == 0, audit.stderr
+    assert [json.loads(line)["aggregate"] for line in audit.stdout.splitlines()] == [
+        f"device/{ids[1]}"
+    ]
     # Through a pipe, with a narrow COLUMNS: every id whole.
     listed = await damm(nats_server, tmp_path, "--database-url", dsn, "admin", "devices")
     assert listed.returncode == 0, listed.stderr

@@ -517,14 +517,10 @@ async def catalog_key_status(ctx: click.Context, as_json: bool) -> None:
 @run
 async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None:
     """Show one device (its id or a unique prefix): state, placement, key, usage per period."""
-    from damm.domain.ids import resolve_prefix
+    from damm.cli.ids import resolve
 
     t = target(ctx)
-    like = device_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    candidates = await query(
-        t, "SELECT device_id FROM devices WHERE device_id LIKE $1 ORDER BY 1 LIMIT 6", like
-    )
-    device_id = resolve_prefix({r["device_id"] for r in candidates}, device_id, "device")
+    device_id = await resolve(t, "device", device_id)
     rows = await query(
         t,
         "SELECT d.*, t.byte_limit, f.endpoint FROM devices d LEFT JOIN tiers t USING (tier)"

@@ -46,6 +46,26 @@ def _print_row(t: Target, env: m.Envelope, device: str | None) -> None:
         )
 
 
+async def _full_ids(
+    t: Target, device: str | None, gateway: str | None, token: str | None
+) -> tuple[str | None, str | None, str | None]:
+    """Prefixes become full ids through the read model. The log itself is filtered by exact
+    subject, so without a reachable read model only full ids work."""
+    from damm.cli.ids import Kind, resolve
+
+    async def full(kind: Kind, given: str | None) -> str | None:
+        if given is None:
+            return None
+        try:
+            return await resolve(t, kind, given)
+        except DammError as err:
+            if err.code is Code.AMBIGUOUS_ID:
+                raise
+            return given
+
+    return await full("device", device), await full("gateway", gateway), await full("token", token)
+
+
 @click.command("audit")
 @click.option("--device", help="events about this device (its own, usage, token, address, key)")
 @click.option("--gateway", help="events about this gateway (incl. its usage reports, devices)")
@@ -84,6 +104,7 @@ async def audit(
     for value, what in ((device, "device id"), (gateway, "gateway id"), (token, "token id")):
         if value is not None:
             check_id(value, what)
+    device, gateway, token = await _full_ids(t, device, gateway, token)
     if actor is not None and not actor.partition(":")[0]:
         raise DammError(Code.INVALID_ARGUMENT, f"actor {actor!r}: KIND:ID or KIND")
     if as_of is not None:
