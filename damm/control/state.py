@@ -287,11 +287,6 @@ class DecisionState:
                 self.catalog_versions[e.region] = max(current, e.version)
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
-            case m.UsageReported():
-                period = period_at(e.measured_at or env.occurred_at, settings.usage_period())
-                for d in e.deltas:
-                    key = (d.device_id, period)
-                    self.usage[key] = self.usage.get(key, 0) + d.rx_bytes + d.tx_bytes
             case m.UsagePeriodReset():
                 self.usage.pop((e.device_id, e.period), None)
             case m.SigningKeyAnnounced():
@@ -341,6 +336,8 @@ class DecisionState:
             case m.UsageReported():
                 period = period_at(e.measured_at or env.occurred_at, self.usage_period)
                 for delta in e.deltas:
+                    key = (delta.device_id, period)
+                    self.usage[key] = self.usage.get(key, 0) + delta.rx_bytes + delta.tx_bytes
                     dev = self.devices.get(delta.device_id)
                     if dev is not None and dev.egress_pool_id is not None:
                         moved = max(0, delta.rx_bytes) + max(0, delta.tx_bytes)
