@@ -308,7 +308,13 @@ def bundle(ctx: click.Context, state_dir: Path, out: Path | None, diagnostics: P
 
 @device.command()
 @state_dir_option
-@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default="any free port")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    show_default="any free port",
+    help="the 127.0.0.1 port to serve the page on",
+)
 @click.option("--open", "open_browser", is_flag=True, help="open the page in the default browser")
 @diagnostics_option
 @click.pass_context
