@@ -46,14 +46,15 @@ async def control_run(
         password=password,
         run_projectors=not no_projectors,
     )
+    # A SIGTERM that arrives while the control plane starts still means a clean stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     # Listen first, so a bad address fails before the control plane starts.
     async with metrics_endpoint(metrics_listen, plane.metrics.registry):
-        await plane.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         try:
+            await plane.start()
             await stop.wait()
         finally:
             await plane.stop()
