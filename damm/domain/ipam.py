@@ -167,8 +167,9 @@ class Overlay:
 class AddressPool:
     """Which client indices are taken, with the lowest free one always found cheaply.
 
-    Indices at or above ``_high`` have never been handed out by ``allocate`` (some may have been
-    claimed directly). Free indices below it live in ``_released``, a min-heap. A direct
+    Every free index below ``_high`` is in ``_released``; at or above it, indices are free unless
+    claimed out of order. ``claim`` and ``allocate`` both push the mark past used indices, so
+    after a replay of N claims the next allocation costs O(1), not a sweep over N. Free indices below it live in ``_released``, a min-heap. A direct
     ``claim`` of an index still in the heap leaves a stale entry there; stale entries are dropped
     when they surface, which keeps ``claim`` O(1) and ``allocate``/``release`` O(log n) amortised.
     ``_in_heap`` stops an index that is released, claimed and released again from being pushed
@@ -258,6 +259,10 @@ class AddressPool:
                 Code.ALREADY_EXISTS, f"{self.overlay.describe(index)} is already allocated"
             )
         self._used.add(index)
+        if index == self._high:
+            # A replay claims in allocation order: keep the mark at the first unused index so
+            # ``peek`` never sweeps the fleet. The mark only moves up, so this is O(1) amortised.
+            self._advance_high()
 
     def release(self, index: int) -> None:
         self._check_client(index)
