@@ -78,6 +78,9 @@ class ControlSettings:
     heartbeat_ttl_s: float = 90.0
     catalog_ttl_s: int = 3600
     keys_dir: Path = Path(".damm/keys")
+    # Peers at which a gateway's reported load reads 1.0 (the agent's --capacity): placement
+    # weighs the devices it assigned since a heartbeat in the same unit.
+    gateway_capacity: int = 1000
 
     @classmethod
     def from_env(cls, keys_dir: Path) -> ControlSettings:
@@ -90,5 +93,6 @@ class ControlSettings:
             dns=dns,
             heartbeat_ttl_s=heartbeat_ttl_s(),
             catalog_ttl_s=int(_env("DAMM_CATALOG_TTL", "3600")),
+            gateway_capacity=max(1, int(_env("DAMM_GATEWAY_CAPACITY", "1000"))),
             keys_dir=keys_dir,
         )

@@ -78,7 +78,9 @@ class ControlPlane:
             _log.info("migrated read models", applied=applied)
         keys: Path = self.settings.keys_dir
         signer, rotation = await asyncio.to_thread(_load_keys, keys)
-        state = DecisionState(self.settings.overlay)
+        state = DecisionState(
+            self.settings.overlay, gateway_capacity=self.settings.gateway_capacity
+        )
         self._follower = StateFollower(self.nc, state)
         await self._follower.start()
         store = EventStore(self.nc, metrics=self.metrics)

@@ -10,6 +10,7 @@ one's own appends immediately and seeing them again from the stream harmless.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from datetime import datetime
 
 from damm import log, settings
 from damm.domain import egress
+from damm.domain import placement as pl
 from damm.domain.ipam import AddressPool, Overlay
 from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
 from damm.domain.periods import period_at
@@ -124,7 +126,13 @@ def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
 
 
 class DecisionState:
-    def __init__(self, overlay: Overlay, usage_period: UsagePeriod | None = None) -> None:
+    def __init__(
+        self,
+        overlay: Overlay,
+        usage_period: UsagePeriod | None = None,
+        *,
+        gateway_capacity: int = 1000,
+    ) -> None:
         self.overlay = overlay
         # The same period labels as the usage read model, so both agree on "this period".
         self.usage_period = usage_period or settings.usage_period()
@@ -155,6 +163,54 @@ class DecisionState:
         # the log, so every control-plane process agrees), and who wants to hear of changes.
         self.peer_revisions: dict[str, int] = {}
         self.peer_listeners: list[PeerListener] = []
+        # Active devices per gateway as the log says; what a heartbeat has not counted yet is
+        # load placement must add itself (see placement.GatewayCandidate.assigned).
+        self.active_on: Counter[str] = Counter()
+        self.placement = pl.PlacementIndex(gateway_capacity)
+
+    def candidate(self, gateway_id: str) -> pl.GatewayCandidate | None:
+        """What placement sees of one gateway (the index keeps one per eligible gateway)."""
+        gw = self.gateways.get(gateway_id)
+        if gw is None:
+            return None
+        doors = tuple(
+            pl.FrontDoor(fd.front_door_id, fd.endpoint, fd.transport, fd.priority, fd.active)
+            for fd in gw.front_doors.values()
+        )
+        return pl.GatewayCandidate(
+            gw.gateway_id,
+            gw.region,
+            gw.registered,
+            gw.active,
+            gw.last_heartbeat,
+            gw.load,
+            gw.peer_count,
+            doors,
+            self._assigned(gw),
+        )
+
+    def _assigned(self, gw: GatewayState) -> int:
+        return max(0, self.active_on[gw.gateway_id] - gw.peer_count)
+
+    def _reindex(self, gateway_id: str) -> None:
+        if (cand := self.candidate(gateway_id)) is not None:
+            self.placement.put(cand)
+
+    def _reindex_telemetry(self, gw: GatewayState) -> None:
+        """A heartbeat or a peer change: only the numbers moved, so keep the doors as they are."""
+        old = self.placement.gateways.get(gw.gateway_id)
+        if old is None:
+            self._reindex(gw.gateway_id)
+            return
+        self.placement.put(
+            dataclasses.replace(
+                old,
+                last_heartbeat=gw.last_heartbeat,
+                load=gw.load,
+                peer_count=gw.peer_count,
+                assigned=self._assigned(gw),
+            )
+        )
 
     def on_gateway(self, gateway_id: str) -> Iterable[DeviceState]:
         """Devices attached to a gateway, without scanning the whole fleet."""
@@ -206,6 +262,10 @@ class DecisionState:
         after = peer_of(dev)
         if before == after or dev is None:
             return
+        if (before is None) != (after is None):
+            self.active_on[dev.gateway_id] += 1 if after is not None else -1
+            if gw := self.gateways.get(dev.gateway_id):
+                self._reindex_telemetry(gw)
         nat = ((after[0], dev.egress_address),) if after and dev.egress_address else ()
         removes = (before[0],) if before and (after is None or after[0] != before[0]) else ()
         upserts = (after,) if after else ()
@@ -252,24 +312,29 @@ class DecisionState:
                     e.token_hash,
                     nats_password_bcrypt=e.nats_password_bcrypt,
                 )
+                self._reindex(e.gateway_id)
             case m.FrontDoorSet():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.front_doors[e.front_door_id] = FrontDoorState(
                         e.front_door_id, e.endpoint, e.transport, e.priority, e.active
                     )
+                    self._reindex(e.gateway_id)
             case m.GatewayRegistered():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.public_key = e.public_key
                     gw.listen_port = e.listen_port
+                    self._reindex(e.gateway_id)
             case m.GatewayStatusChanged():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.active = e.active
+                    self._reindex(e.gateway_id)
             case m.GatewayHeartbeat():
                 gw = self.gateways.get(e.gateway_id)
                 if gw and (gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat):
                     gw.last_heartbeat = env.occurred_at
                     gw.load = e.load
                     gw.peer_count = e.peer_count
+                    self._reindex_telemetry(gw)
             case m.EgressPoolDefined():
                 self.pools[e.pool_id] = e
                 try:
