@@ -639,6 +639,9 @@ def test_the_index_places_exactly_like_the_full_ranking(
 def test_assignments_since_the_heartbeat_count_towards_load() -> None:
     busy = replace(gateway("gw-a", load=0.1, peers=0), assigned=200)
     idle = gateway("gw-b", load=0.2, peers=0)
-    assert explain(
-        PlacementRequest(), ANY, [busy, idle], [], now=NOW, heartbeat_ttl=TTL, capacity=1000
-    ).chosen.gateway.id == "gw-b"  # type: ignore[union-attr]
+    assert (
+        explain(
+            PlacementRequest(), ANY, [busy, idle], [], now=NOW, heartbeat_ttl=TTL, capacity=1000
+        ).chosen.gateway.id
+        == "gw-b"
+    )  # type: ignore[union-attr]

@@ -170,8 +170,9 @@ class AddressPool:
     Every free index below ``_high`` is in ``_released``, a min-heap; at or above it, indices
     are free unless claimed out of order. ``claim`` and ``allocate`` both push the mark past used
     indices, so after a replay of N claims the next allocation costs O(1), not a sweep over N.
-    A direct ``claim`` of an index still in the heap leaves a stale entry there; stale entries are dropped
-    when they surface, which keeps ``claim`` O(1) and ``allocate``/``release`` O(log n) amortised.
+    A direct ``claim`` of an index still in the heap leaves a stale entry there; stale entries
+    are dropped when they surface, which keeps ``claim`` O(1) and ``allocate``/``release``
+    O(log n) amortised.
     ``_in_heap`` stops an index that is released, claimed and released again from being pushed
     twice, so the heap never outgrows the capacity.
     """

@@ -383,8 +383,8 @@ def place(
     """Choose a gateway, front door and egress pool, or raise the catalog error saying why not.
 
     Gateways: lowest effective load (``rank_key``), then fewest peers, then id. Front doors:
-    lowest priority, then id. Pools: lowest load, then most headroom, then id. Ties end on ids so every handler replica
-    picks the same answer.
+    lowest priority, then id. Pools: lowest load, then most headroom, then id. Ties end on ids
+    so every handler replica picks the same answer.
     """
     result = explain(
         request, tier, gateways, pools, now=now, heartbeat_ttl=heartbeat_ttl, capacity=capacity
