@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -167,6 +168,28 @@ class DecisionState:
         # load placement must add itself (see placement.GatewayCandidate.assigned).
         self.active_on: Counter[str] = Counter()
         self.placement = pl.PlacementIndex(gateway_capacity)
+        # (expires_at, device_id), a min-heap: the key-expiry reactor pops what is due instead of
+        # scanning the fleet. Entries go stale when a key rotates; ``due_keys`` skips those.
+        self.key_expiries: list[tuple[datetime, str]] = []
+
+    def due_keys(self, now: datetime) -> list[str]:
+        """Pop the active devices whose key expired at or before ``now``, soonest first.
+
+        A caller that fails to act on one hands it back with ``expiry_pending``.
+        """
+        out: list[str] = []
+        heap = self.key_expiries
+        while heap and heap[0][0] <= now:
+            expires, device_id = heapq.heappop(heap)
+            dev = self.devices.get(device_id)
+            if dev is not None and dev.status == "active" and dev.key_expires_at == expires:
+                out.append(device_id)
+        return out
+
+    def expiry_pending(self, device_id: str) -> None:
+        dev = self.devices.get(device_id)
+        if dev is not None and dev.key_expires_at is not None:
+            heapq.heappush(self.key_expiries, (dev.key_expires_at, device_id))
 
     def candidate(self, gateway_id: str) -> pl.GatewayCandidate | None:
         """What placement sees of one gateway (the index keeps one per eligible gateway)."""
@@ -385,6 +408,7 @@ class DecisionState:
                 self._count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
+                self.expiry_pending(e.device_id)
             case m.DeviceRevoked() | m.DeviceSuspended() | m.DeviceResumed():
                 if dev := self.devices.get(e.device_id):
                     was_revoked = dev.status == "revoked"
@@ -393,11 +417,14 @@ class DecisionState:
                         self._count_egress(dev, -1)
                     if dev.status == "revoked" and (tok := self.tokens.get(dev.token_id)):
                         tok.sessions.discard(dev.device_id)
+                    if isinstance(e, m.DeviceResumed):
+                        self.expiry_pending(e.device_id)  # resumed with an old key: due again
             case m.DeviceKeyRotated():
                 if dev := self.devices.get(e.device_id):
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
                     self._transition(dev, e)
+                    self.expiry_pending(e.device_id)
             case m.UsageReported():
                 period = period_at(e.measured_at or env.occurred_at, self.usage_period)
                 for delta in e.deltas:
