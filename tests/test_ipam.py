@@ -430,3 +430,15 @@ def test_a_replayed_pool_allocates_like_the_naive_definition(
         assert pool.allocate() == expected
     with pytest.raises(DammError):
         pool.allocate()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(min_value=4, max_value=30), max_size=27))
+def test_a_restored_pool_allocates_like_the_naive_definition(used: set[int]) -> None:
+    pool = AddressPool.restore(SMALL, used)
+    free = sorted(i for i in SMALL.client_indices if i not in used)
+    assert pool.used_indices() == used
+    assert pool.peek(len(free) + 1) == free
+    for expected in free:
+        assert pool.allocate() == expected
+    assert pool.free_count == 0

@@ -215,7 +215,7 @@ class DecisionState:
     def _assigned(self, gw: GatewayState) -> int:
         return max(0, self.active_on[gw.gateway_id] - gw.peer_count)
 
-    def _reindex(self, gateway_id: str) -> None:
+    def reindex(self, gateway_id: str) -> None:
         if (cand := self.candidate(gateway_id)) is not None:
             self.placement.put(cand)
 
@@ -223,7 +223,7 @@ class DecisionState:
         """A heartbeat or a peer change: only the numbers moved, so keep the doors as they are."""
         old = self.placement.gateways.get(gw.gateway_id)
         if old is None:
-            self._reindex(gw.gateway_id)
+            self.reindex(gw.gateway_id)
             return
         self.placement.put(
             dataclasses.replace(
@@ -335,22 +335,22 @@ class DecisionState:
                     e.token_hash,
                     nats_password_bcrypt=e.nats_password_bcrypt,
                 )
-                self._reindex(e.gateway_id)
+                self.reindex(e.gateway_id)
             case m.FrontDoorSet():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.front_doors[e.front_door_id] = FrontDoorState(
                         e.front_door_id, e.endpoint, e.transport, e.priority, e.active
                     )
-                    self._reindex(e.gateway_id)
+                    self.reindex(e.gateway_id)
             case m.GatewayRegistered():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.public_key = e.public_key
                     gw.listen_port = e.listen_port
-                    self._reindex(e.gateway_id)
+                    self.reindex(e.gateway_id)
             case m.GatewayStatusChanged():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.active = e.active
-                    self._reindex(e.gateway_id)
+                    self.reindex(e.gateway_id)
             case m.GatewayHeartbeat():
                 gw = self.gateways.get(e.gateway_id)
                 if gw and (gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat):

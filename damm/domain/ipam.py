@@ -188,6 +188,26 @@ class AddressPool:
         for index in used:
             self.claim(index)
 
+    @classmethod
+    def restore(cls, overlay: Overlay, used: Iterable[int]) -> AddressPool:
+        """A pool holding ``used``, built in one pass (a snapshot rather than a replay).
+
+        The mark goes above the highest used index and every hole below it into the heap, so
+        no later allocation sweeps over the used block.
+        """
+        pool = cls(overlay)
+        taken = set(used)
+        for index in taken:
+            pool._check_client(index)
+        pool._used = taken
+        if taken:
+            pool._high = max(taken) + 1
+            pool._released = [
+                i for i in range(overlay.first_client_offset, pool._high) if i not in taken
+            ]
+            pool._in_heap = set(pool._released)
+        return pool
+
     @property
     def used(self) -> int:
         return len(self._used)
