@@ -35,13 +35,21 @@ class SyntheticFleet:
     region: str = "eu"
     gateways: int = 100
     devices: int = 1000
-    token: str = "dmt_fleet-builder-token"
+    prefix: str = "gw"
+
+    @property
+    def token(self) -> str:
+        return f"dmt_fleet-builder-{self.tier}"
+
+    @property
+    def token_id(self) -> str:
+        return f"{self.tier}-token"
 
     def gateway_id(self, n: int) -> str:
-        return f"gw{n:05d}"
+        return f"{self.prefix}{n:05d}"
 
     def gateway_token(self, n: int) -> str:
-        return f"dmg_fleet-builder-{n}"
+        return f"dmg_fleet-builder-{self.prefix}-{n}"
 
 
 def _public_key(seed: str) -> str:
@@ -55,10 +63,12 @@ def _item(subject: str, event: m.Event, expected: int | None = None) -> Append:
 
 def setup_items(fleet: SyntheticFleet) -> Iterator[Append]:
     """The tier, one token and every gateway, registered with one front door."""
-    yield _item(event_subject("tier", fleet.tier), m.TierDefined(tier=fleet.tier))
     yield _item(
-        event_subject("token", "fleet"),
-        m.TokenIssued(token_id="fleet", token_hash=token_hash(fleet.token), tier=fleet.tier),
+        event_subject("tier", fleet.tier), m.TierDefined(tier=fleet.tier, regions=(fleet.region,))
+    )
+    yield _item(
+        event_subject("token", fleet.token_id),
+        m.TokenIssued(token_id=fleet.token_id, token_hash=token_hash(fleet.token), tier=fleet.tier),
     )
     for n in range(fleet.gateways):
         gw = fleet.gateway_id(n)
@@ -84,11 +94,12 @@ def setup_items(fleet: SyntheticFleet) -> Iterator[Append]:
 
 
 def device_items(
-    fleet: SyntheticFleet, overlay: Overlay, first: int, count: int
+    fleet: SyntheticFleet, overlay: Overlay, first: int, count: int, *, index_offset: int = 0
 ) -> Iterator[Append]:
     """Devices ``first`` .. ``first + count - 1``, spread round-robin over the gateways, each
-    with the four events of an enrollment."""
-    base = overlay.first_client_offset
+    with the four events of an enrollment. Device ``n`` gets address index ``n`` past the first
+    client address plus ``index_offset`` (keep clear of addresses enrolled for real)."""
+    base = overlay.first_client_offset + index_offset
     for n in range(first, first + count):
         device_id = f"d{n:08d}"
         gw = fleet.gateway_id(n % fleet.gateways)
@@ -96,7 +107,8 @@ def device_items(
         address = str(overlay.address(index))
         key = _public_key(device_id)
         yield _item(
-            event_subject("token", "fleet"), m.TokenUsed(token_id="fleet", device_id=device_id)
+            event_subject("token", fleet.token_id),
+            m.TokenUsed(token_id=fleet.token_id, device_id=device_id),
         )
         yield _item(key_subject(key), m.KeyBound(public_key=key, device_id=device_id))
         yield _item(
@@ -110,7 +122,7 @@ def device_items(
             m.DeviceEnrolled(
                 device_id=device_id,
                 public_key=key,
-                token_id="fleet",
+                token_id=fleet.token_id,
                 tier=fleet.tier,
                 gateway_id=gw,
                 front_door_id="fd1",
