@@ -215,6 +215,29 @@ def _gateway_health(
     return None
 
 
+def _usable(
+    gw: GatewayCandidate,
+    request: PlacementRequest,
+    tier: TierPolicy,
+    now: datetime,
+    ttl: timedelta,
+) -> bool:
+    """``_gateway_health(...) is None`` without composing reasons: the indexed walk may pass
+    many stale gateways and needs no explanation for them."""
+    if request.region is not None:
+        if gw.region != request.region:
+            return False
+    elif tier.regions and gw.region not in tier.regions:
+        return False
+    beat = gw.last_heartbeat
+    if beat is None or beat.tzinfo is None or beat.utcoffset() is None:
+        return False
+    health = gateway_health(
+        active=gw.active, registered=gw.registered, last_heartbeat=beat, now=now, ttl=ttl
+    )
+    return health == "healthy" and any(fd.active for fd in gw.front_doors)
+
+
 def _best_front_door(gw: GatewayCandidate) -> FrontDoor:
     return min((fd for fd in gw.front_doors if fd.active), key=lambda fd: (fd.priority, fd.id))
 
@@ -489,7 +512,7 @@ def place_indexed(
             base = rank_key(gw, index.capacity)
             if best is not None and base > best[0]:
                 break
-            if _gateway_health(gw, req, tier, now, heartbeat_ttl) is not None:
+            if not _usable(gw, req, tier, now, heartbeat_ttl):
                 continue
             key = rank_key(gw, index.capacity, extra.get(gw.id, 0))
             if best is None or key < best[0]:
