@@ -238,11 +238,20 @@ class SnapshotWriter:
         self.min_events = min_events
         self.last_seq = 0
 
-    async def take(self) -> Snapshot | None:
-        """Snapshot now if the fold is at a clean point; None if it is not."""
-        seq = self.follower.followed_seq
-        if self.state.applied_seq > seq:
-            return None  # own appends folded ahead of the stream: not a prefix of the log
+    async def take(self, attempts: int = 5) -> Snapshot | None:
+        """Snapshot at the next clean point of the fold; None if none came in ``attempts``.
+
+        Own appends are folded ahead of the stream (read-your-writes), and then the state is
+        not a prefix of the log; right after a ``sync`` it usually is, and nothing awaits
+        between the check and the encoding.
+        """
+        for _ in range(attempts):
+            await self.follower.sync()
+            seq = self.follower.followed_seq
+            if self.state.applied_seq <= seq:
+                break
+        else:
+            return None
         snap = encode(self.state, seq)
         await self.store.save(snap)
         self.last_seq = seq
