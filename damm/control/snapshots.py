@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import heapq
 import io
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -26,6 +27,7 @@ from damm import log
 from damm.clock import sleep_or_stop
 from damm.control.follower import StateFollower
 from damm.control.state import DecisionState, DeviceState, GatewayState, TokenState, peer_of
+from damm.domain import egress
 from damm.domain.ipam import AddressPool
 from damm.errors import DammError
 from damm.events import model as m
@@ -53,6 +55,7 @@ class StateImage(msgspec.Struct, frozen=True, kw_only=True):
     subject_seq: dict[str, int]
     catalog_versions: dict[str, int]
     peer_revisions: dict[str, int]
+    pool_traffic: list[tuple[str, str, int]]  # (pool, usage period, bytes)
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +90,7 @@ def image(state: DecisionState, seq: int) -> StateImage:
         subject_seq=state.subject_seq,
         catalog_versions=state.catalog_versions,
         peer_revisions=state.peer_revisions,
+        pool_traffic=sorted((pool, period, n) for (pool, period), n in state.pool_traffic.items()),
     )
 
 
@@ -122,6 +126,15 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
     state.tokens_by_hash = {t.token_hash: t for t in state.tokens.values()}
     state.gateways = dict(img.gateways)
     state.pools = dict(img.pools)
+    state.pool_addresses = {}
+    for pool_id, pool in state.pools.items():
+        try:
+            state.pool_addresses[pool_id] = egress.addresses(pool.ips)
+        except DammError:  # as the fold does: recorded before the inventory was checked
+            state.pool_addresses[pool_id] = ()
+    state.pool_traffic = Counter({(pool, period): n for pool, period, n in img.pool_traffic})
+    state.pool_assigned = Counter()
+    state.egress_in_use = {}
     state.devices = dict(img.devices)
     state.addresses = addresses
     state.bound_keys = dict(img.bound_keys)
@@ -135,6 +148,8 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
     expiries: list[tuple[Any, str]] = []
     for dev in state.devices.values():
         state.devices_by_gateway.setdefault(dev.gateway_id, {})[dev.device_id] = dev
+        if dev.status != "revoked":
+            state.count_egress(dev, 1)
         if peer_of(dev) is not None:
             state.active_on[dev.gateway_id] += 1
         if dev.status == "active" and dev.key_expires_at is not None:

@@ -405,7 +405,7 @@ class DecisionState:
                     egress_pool_id=e.egress_pool_id,
                     egress_address=e.egress_address,
                 )
-                self._count_egress(enrolled, 1)
+                self.count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
                 self.expiry_pending(e.device_id)
@@ -414,7 +414,7 @@ class DecisionState:
                     was_revoked = dev.status == "revoked"
                     self._transition(dev, e)
                     if dev.status == "revoked" and not was_revoked:
-                        self._count_egress(dev, -1)
+                        self.count_egress(dev, -1)
                     if dev.status == "revoked" and (tok := self.tokens.get(dev.token_id)):
                         tok.sessions.discard(dev.device_id)
                     if isinstance(e, m.DeviceResumed):
@@ -437,7 +437,7 @@ class DecisionState:
             case _:
                 pass
 
-    def _count_egress(self, dev: DeviceState, delta: int) -> None:
+    def count_egress(self, dev: DeviceState, delta: int) -> None:
         """A revoked device gives its egress address back; a suspended one keeps it."""
         if dev.egress_pool_id is None:
             return

@@ -62,6 +62,7 @@ class Tentative:
         if address is not None:
             taken[address] += 1
         return address
+
     assigned: Counter[str] = field(default_factory=Counter)
 
     def expect(self, state: DecisionState, subject: str) -> int | None:
