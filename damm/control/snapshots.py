@@ -56,12 +56,15 @@ class StateImage(msgspec.Struct, frozen=True, kw_only=True):
     catalog_versions: dict[str, int]
     peer_revisions: dict[str, int]
     pool_traffic: list[tuple[str, str, int]]  # (pool, usage period, bytes)
+    usage: list[tuple[str, str, int]]  # (device, usage period, bytes)
+    announced_keys: set[str]
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     format: int
     seq: int
     overlay: str
+    usage_period: str  # usage is labelled by period: another setting would mislabel it
     digest: str  # sha256 of ``body``
     body: bytes
 
@@ -91,6 +94,8 @@ def image(state: DecisionState, seq: int) -> StateImage:
         catalog_versions=state.catalog_versions,
         peer_revisions=state.peer_revisions,
         pool_traffic=sorted((pool, period, n) for (pool, period), n in state.pool_traffic.items()),
+        usage=sorted((device, period, n) for (device, period), n in state.usage.items()),
+        announced_keys=state.announced_keys,
     )
 
 
@@ -102,6 +107,7 @@ def encode(state: DecisionState, seq: int) -> Snapshot:
         format=FORMAT,
         seq=seq,
         overlay=str(state.overlay.network),
+        usage_period=state.usage_period,
         digest=hashlib.sha256(body).hexdigest(),
         body=body,
     )
@@ -117,6 +123,8 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
         raise ValueError(f"snapshot format {snap.format}, this build reads {FORMAT}")
     if snap.overlay != str(state.overlay.network):
         raise ValueError(f"snapshot for overlay {snap.overlay}, not {state.overlay.network}")
+    if snap.usage_period != state.usage_period:
+        raise ValueError(f"snapshot usage period {snap.usage_period}, not {state.usage_period}")
     if hashlib.sha256(snap.body).hexdigest() != snap.digest:
         raise ValueError("snapshot digest does not match its body")
     img = _image_decoder.decode(snap.body)
@@ -133,6 +141,8 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
         except DammError:  # as the fold does: recorded before the inventory was checked
             state.pool_addresses[pool_id] = ()
     state.pool_traffic = Counter({(pool, period): n for pool, period, n in img.pool_traffic})
+    state.usage = {(device, period): n for device, period, n in img.usage}
+    state.announced_keys = set(img.announced_keys)
     state.pool_assigned = Counter()
     state.egress_in_use = {}
     state.devices = dict(img.devices)
