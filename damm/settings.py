@@ -78,6 +78,15 @@ class ControlSettings:
     heartbeat_ttl_s: float = 90.0
     catalog_ttl_s: int = 3600
     keys_dir: Path = Path(".damm/keys")
+    # Peers at which a gateway's reported load reads 1.0 (the agent's --capacity): placement
+    # weighs the devices it assigned since a heartbeat in the same unit.
+    gateway_capacity: int = 1000
+    # How long a request waits for this replica to catch up with the log (read-your-writes).
+    # Start-up has no deadline: it waits for the whole log, however long.
+    sync_timeout_s: float = 10.0
+    # The leader snapshots the decision state this often, once this many events were folded.
+    snapshot_interval_s: float = 60.0
+    snapshot_min_events: int = 10_000
 
     @classmethod
     def from_env(cls, keys_dir: Path) -> ControlSettings:
@@ -90,5 +99,8 @@ class ControlSettings:
             dns=dns,
             heartbeat_ttl_s=heartbeat_ttl_s(),
             catalog_ttl_s=int(_env("DAMM_CATALOG_TTL", "3600")),
+            gateway_capacity=max(1, int(_env("DAMM_GATEWAY_CAPACITY", "1000"))),
+            snapshot_interval_s=float(_env("DAMM_SNAPSHOT_INTERVAL", "60")),
+            snapshot_min_events=int(_env("DAMM_SNAPSHOT_MIN_EVENTS", "10000")),
             keys_dir=keys_dir,
         )

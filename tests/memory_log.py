@@ -69,9 +69,11 @@ class Caught:
         return None
 
 
-def memory_context(tmp_path: Path, clock: FrozenClock | None = None) -> tuple[Context, MemoryLog]:
-    settings = ControlSettings(keys_dir=tmp_path / "keys")
-    state = DecisionState(settings.overlay)
+def memory_context(
+    tmp_path: Path, clock: FrozenClock | None = None, settings: ControlSettings | None = None
+) -> tuple[Context, MemoryLog]:
+    settings = settings or ControlSettings(keys_dir=tmp_path / "keys")
+    state = DecisionState(settings.overlay, gateway_capacity=settings.gateway_capacity)
     log = MemoryLog()
     ctx = Context(
         log,  # type: ignore[arg-type]

@@ -391,3 +391,54 @@ def test_every_address_handed_out_is_a_client_address(prefix: int, data: st.Data
         v6 = ov.address6(index)
         assert v6 is not None
         assert int(v6) - int(IPv6Address("fd44::")) == int(v4) - int(ov.network.network_address)
+
+
+def test_peek_after_a_replay_does_not_walk_the_used_addresses() -> None:
+    """A control plane that folded 60k claims must not sweep them on every enrollment."""
+    ov = Overlay.parse("10.44.0.0/16")
+    pool = AddressPool(ov)
+    for index in range(10, 60_010):
+        pool.claim(index)
+    start = time.perf_counter()
+    for _ in range(2_000):
+        assert pool.peek(1) == [60_010]
+    elapsed = time.perf_counter() - start
+    assert elapsed < 0.5, f"2,000 peeks after a replay took {elapsed:.2f}s"
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sets(st.integers(min_value=4, max_value=30), max_size=27),
+    st.lists(st.integers(min_value=4, max_value=30), max_size=10),
+    st.randoms(use_true_random=False),
+)
+def test_a_replayed_pool_allocates_like_the_naive_definition(
+    claimed: set[int], released: list[int], rnd: object
+) -> None:
+    """Claims folded in any order, then releases: allocation is the lowest free index."""
+    order = sorted(claimed)
+    rnd.shuffle(order)  # type: ignore[attr-defined]
+    pool = AddressPool(SMALL, order)
+    model = set(claimed)
+    for index in released:
+        if index in model:
+            pool.release(index)
+            model.remove(index)
+    free = sorted(i for i in SMALL.client_indices if i not in model)
+    assert pool.peek(len(free) + 1) == free
+    for expected in free:
+        assert pool.allocate() == expected
+    with pytest.raises(DammError):
+        pool.allocate()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.integers(min_value=4, max_value=30), max_size=27))
+def test_a_restored_pool_allocates_like_the_naive_definition(used: set[int]) -> None:
+    pool = AddressPool.restore(SMALL, used)
+    free = sorted(i for i in SMALL.client_indices if i not in used)
+    assert pool.used_indices() == used
+    assert pool.peek(len(free) + 1) == free
+    for expected in free:
+        assert pool.allocate() == expected
+    assert pool.free_count == 0

@@ -13,11 +13,13 @@ from damm.domain.placement import (
     FrontDoor,
     GatewayCandidate,
     Placement,
+    PlacementIndex,
     PlacementRequest,
     Rejection,
     TierPolicy,
     explain,
     place,
+    place_indexed,
 )
 from damm.errors import Code, DammError
 
@@ -579,3 +581,67 @@ def test_ranking_agrees_with_oracle(
     p = place(req, ANY, gws, pools, now=NOW, heartbeat_ttl=TTL)
     assert p.egress_pool is not None
     assert (p.gateway.id, p.front_door.id, p.egress_pool.id) == oracle(req, ANY, gws, pools)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    request_st,
+    tier_st,
+    gateways_st(),
+    pools_st(),
+    st.lists(st.integers(0, 4), min_size=9, max_size=9),
+    st.lists(st.integers(0, 4), min_size=9, max_size=9),
+    st.sampled_from((1, 2, 4, 1000)),
+)
+def test_the_index_places_exactly_like_the_full_ranking(
+    req: PlacementRequest,
+    tier: TierPolicy,
+    gws: list[GatewayCandidate],
+    pools: list[EgressPool],
+    assigned: list[int],
+    pending: list[int],
+    capacity: int,
+) -> None:
+    """Same answer as ``explain`` over every gateway, with assignments since the last heartbeat
+    and this group's pending ones counted, whatever order the index was filled in."""
+    gws = [replace(g, assigned=assigned[i]) for i, g in enumerate(gws)]
+    extra = {g.id: pending[i] for i, g in enumerate(gws) if pending[i]}
+    index = PlacementIndex(capacity)
+    for g in gws:
+        index.put(g)
+    for g in gws[::2]:  # updates move entries; the index must not keep the old position
+        index.put(replace(g, load=1.0))
+        index.put(g)
+    full = explain(
+        req,
+        tier,
+        [replace(g, assigned=g.assigned + extra.get(g.id, 0)) for g in gws],
+        pools,
+        now=NOW,
+        heartbeat_ttl=TTL,
+        capacity=capacity,
+    )
+    if full.error is not None and full.error.code is Code.OUT_OF_POLICY:
+        with pytest.raises(DammError):
+            place_indexed(req, tier, index, pools, now=NOW, heartbeat_ttl=TTL, pending=extra)
+        return
+    got = place_indexed(req, tier, index, pools, now=NOW, heartbeat_ttl=TTL, pending=extra)
+    if full.chosen is None:
+        assert got is None
+        return
+    assert got is not None
+    chosen = full.chosen
+    assert got.gateway.id == chosen.gateway.id
+    assert got.front_door == chosen.front_door
+    assert got.egress_pool == chosen.egress_pool
+
+
+def test_assignments_since_the_heartbeat_count_towards_load() -> None:
+    busy = replace(gateway("gw-a", load=0.1, peers=0), assigned=200)
+    idle = gateway("gw-b", load=0.2, peers=0)
+    assert (
+        explain(
+            PlacementRequest(), ANY, [busy, idle], [], now=NOW, heartbeat_ttl=TTL, capacity=1000
+        ).chosen.gateway.id
+        == "gw-b"
+    )  # type: ignore[union-attr]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from damm import log
 from damm.control.state import DecisionState
@@ -21,68 +22,142 @@ _log = log.get("damm.follower")
 class StateFollower:
     """Keeps a DecisionState current from the streams, and offers a read-your-writes barrier."""
 
-    def __init__(self, nc: NATS, state: DecisionState) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        state: DecisionState,
+        *,
+        sync_timeout_s: float = 10.0,
+        progress_every_s: float = 2.0,
+        until_seq: int | None = None,
+    ) -> None:
         self.nc = nc
         self.state = state
         self.js = nc.jetstream(timeout=10)
+        self.sync_timeout_s = sync_timeout_s
+        self.progress_every_s = progress_every_s
         self._subs: list[object] = []
         # The last stream sequence this follower has folded, in order. Own appends folded early
         # (Context.absorb) do not move it, so sync() really waits for everything before them.
         self.followed_seq = 0
+        self.telemetry_seq = 0
+        # Fold the log only up to here (checking a snapshot against the log); None: follow on.
+        self.until_seq = until_seq
 
-    async def start(self) -> None:
+    async def start(self, after_seq: int = 0) -> None:
+        """Fold the log from ``after_seq`` (a snapshot's sequence) and return once caught up.
+
+        There is no deadline: a long log makes start-up slow, never fail. Progress is logged.
+        Heartbeats are folded before returning too, so nothing downstream (catalogs, placement)
+        ever sees the gateways without their health evidence.
+        """
+
         async def on_event(msg: object) -> None:
             self._apply(msg, telemetry=False)
 
         async def on_heartbeat(msg: object) -> None:
             self._apply(msg, telemetry=True)
 
+        self.followed_seq = after_seq
+        config = None
+        policy = DeliverPolicy.ALL
+        if after_seq:
+            policy = DeliverPolicy.BY_START_SEQUENCE
+            config = ConsumerConfig(opt_start_seq=after_seq + 1)
         self._subs.append(
             await self.js.subscribe(
                 f"{EVENT_PREFIX}.>",
                 stream=EVENTS_STREAM,
+                config=config,
                 ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
+                deliver_policy=policy,
                 cb=on_event,
                 pending_msgs_limit=-1,
                 pending_bytes_limit=-1,
             )
         )
-        await self.sync()
+        await self.catch_up()
         # Heartbeats only after the gateways they speak of are folded, or they would be dropped
         # and every gateway would look stale until its next heartbeat.
-        self._subs.append(
-            await self.js.subscribe(
-                f"{TELEMETRY_PREFIX}.heartbeat.*",
-                stream=TELEMETRY_STREAM,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                cb=on_heartbeat,
-            )
+        heartbeats = await self.js.subscribe(
+            f"{TELEMETRY_PREFIX}.heartbeat.*",
+            stream=TELEMETRY_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            cb=on_heartbeat,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
         )
+        self._subs.append(heartbeats)
+        await self._telemetry_caught_up(heartbeats)
+
+    async def catch_up(self) -> None:
+        """Wait, however long it takes, until the event stream as it is now is folded."""
+        info = await self.js.stream_info(EVENTS_STREAM)
+        target = int(info.state.last_seq)
+        if self.until_seq is not None:
+            target = min(target, self.until_seq)
+        loop = asyncio.get_running_loop()
+        started = last_report = loop.time()
+        first = self.followed_seq
+        while self.followed_seq < target:
+            self.state.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state.changed.wait(), 0.05)
+            now = loop.time()
+            if now - last_report >= self.progress_every_s:
+                last_report = now
+                done = self.followed_seq - first
+                _log.info(
+                    "catching up with the event log",
+                    folded=self.followed_seq,
+                    target=target,
+                    rate=round(done / max(now - started, 1e-9)),
+                )
+        _log.info(
+            "caught up with the event log",
+            seq=self.followed_seq,
+            folded=self.followed_seq - first,
+            seconds=round(loop.time() - started, 2),
+        )
+
+    async def _telemetry_caught_up(self, sub: Any) -> None:
+        """The heartbeat consumer delivered everything it had at start, and we folded it."""
+        while True:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and self.telemetry_seq >= int(info.delivered.stream_seq):
+                return
+            await asyncio.sleep(0.02)
 
     def _apply(self, msg: object, *, telemetry: bool) -> None:
         seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+        if not telemetry and self.until_seq is not None and seq > self.until_seq:
+            return
         try:
             env = codec.decode(msg.data)  # type: ignore[attr-defined]
         except codec.CodecError as exc:
             _log.error("undecodable event ignored by decision state", seq=seq, error=str(exc))
-            if not telemetry:
+            if telemetry:
+                self.telemetry_seq = max(self.telemetry_seq, seq)
+            else:
                 self.followed_seq = max(self.followed_seq, seq)
             return
         if telemetry:
             # Telemetry sequences belong to another stream: fold without touching subject_seq.
             self.state.fold_telemetry(env)
+            self.telemetry_seq = max(self.telemetry_seq, seq)
             return
         self.state.apply(msgspec.structs.replace(env, seq=seq), msg.subject)  # type: ignore[attr-defined]
         self.followed_seq = max(self.followed_seq, seq)
         self.state.changed.set()
 
-    async def sync(self, timeout: float = 10.0) -> None:
-        """Wait until everything in the event stream right now is folded."""
+    async def sync(self, timeout: float | None = None) -> None:
+        """Wait until everything in the event stream right now is folded (a request's barrier:
+        it has a deadline, unlike start-up)."""
         info = await self.js.stream_info(EVENTS_STREAM)
         target = int(info.state.last_seq)
-        deadline = asyncio.get_running_loop().time() + timeout
+        limit = self.sync_timeout_s if timeout is None else timeout
+        deadline = asyncio.get_running_loop().time() + limit
         while self.followed_seq < target:
             if asyncio.get_running_loop().time() > deadline:
                 raise nats.errors.TimeoutError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 from damm.control.context import Context
@@ -16,25 +18,17 @@ def tier_policy(tier: m.TierDefined) -> pl.TierPolicy:
     return pl.TierPolicy(tier.tier, frozenset(tier.regions), frozenset(tier.exit_countries))
 
 
-def candidates(state: DecisionState) -> list[pl.GatewayCandidate]:
+def candidates(
+    state: DecisionState, pending: Mapping[str, int] | None = None
+) -> list[pl.GatewayCandidate]:
+    """Every gateway, for a full explanation; ``pending`` adds assignments not yet folded."""
     out = []
-    for gw in state.gateways.values():
-        doors = tuple(
-            pl.FrontDoor(fd.front_door_id, fd.endpoint, fd.transport, fd.priority, fd.active)
-            for fd in gw.front_doors.values()
-        )
-        out.append(
-            pl.GatewayCandidate(
-                gw.gateway_id,
-                gw.region,
-                gw.registered,
-                gw.active,
-                gw.last_heartbeat,
-                gw.load,
-                gw.peer_count,
-                doors,
-            )
-        )
+    for gateway_id in state.gateways:
+        cand = state.candidate(gateway_id)
+        assert cand is not None
+        if pending and (extra := pending.get(gateway_id)):
+            cand = replace(cand, assigned=cand.assigned + extra)
+        out.append(cand)
     return out
 
 
@@ -71,6 +65,7 @@ def explain_for(ctx: Context, req: p.ExplainPlacement) -> p.PlacementExplained:
         pools(ctx.state, now),
         now=now,
         heartbeat_ttl=timedelta(seconds=ctx.settings.heartbeat_ttl_s),
+        capacity=ctx.state.placement.capacity,
     )
     chosen = result.chosen
     error = None

@@ -25,6 +25,7 @@ from damm.control.publishers.catalogs import CatalogPublisher
 from damm.control.publishers.peer_changes import PeerPublisher
 from damm.control.reactors.key_expiry import KeyExpiryReactor
 from damm.control.reactors.quota import QuotaReactor
+from damm.control.snapshots import SnapshotStore, SnapshotWriter, start_state
 from damm.control.state import DecisionState
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
@@ -63,6 +64,8 @@ class ControlPlane:
     quota: QuotaReactor | None = None
     catalogs: CatalogPublisher | None = None
     metrics: ControlMetrics = field(default_factory=ControlMetrics)
+    snapshots: SnapshotWriter | None = None
+    started_from: int = 0  # the snapshot's sequence this process started from (0: none)
 
     async def start(self) -> None:
         self.nc = await connect(
@@ -78,9 +81,16 @@ class ControlPlane:
             _log.info("migrated read models", applied=applied)
         keys: Path = self.settings.keys_dir
         signer, rotation = await asyncio.to_thread(_load_keys, keys)
-        state = DecisionState(self.settings.overlay)
-        self._follower = StateFollower(self.nc, state)
-        await self._follower.start()
+        state = DecisionState(
+            self.settings.overlay, gateway_capacity=self.settings.gateway_capacity
+        )
+        js = self.nc.jetstream()
+        snapshots = SnapshotStore(js)
+        last_seq = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
+        after = self.started_from = await start_state(snapshots, state, last_seq)
+        self._follower = StateFollower(self.nc, state, sync_timeout_s=self.settings.sync_timeout_s)
+        # Nothing below serves a request or publishes before this returns: no partial fold.
+        await self._follower.start(after_seq=after)
         store = EventStore(self.nc, metrics=self.metrics)
         self.ctx = Context(
             store, state, self._follower, self.settings, signer, rotation, clock=self.clock
@@ -101,6 +111,17 @@ class ControlPlane:
         self._tasks.append(
             asyncio.create_task(KeyExpiryReactor(self.ctx, self.leadership).run(self._stop))
         )
+        leadership = self.leadership
+        self.snapshots = SnapshotWriter(
+            state,
+            self._follower,
+            snapshots,
+            is_leader=lambda: leadership.is_leader,
+            interval_s=self.settings.snapshot_interval_s,
+            min_events=self.settings.snapshot_min_events,
+        )
+        self.snapshots.last_seq = after
+        self._tasks.append(asyncio.create_task(self.snapshots.run(self._stop)))
         self.quota = QuotaReactor(
             self.ctx, self.database_url, schema=self.schema, leadership=self.leadership
         )

@@ -10,6 +10,8 @@ one's own appends immediately and seeing them again from the stream harmless.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import heapq
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from datetime import datetime
 
 from damm import log, settings
 from damm.domain import egress
+from damm.domain import placement as pl
 from damm.domain.ipam import AddressPool, Overlay
 from damm.domain.lifecycle import DeviceStatus, Lifecycle, transition
 from damm.domain.periods import period_at
@@ -124,7 +127,13 @@ def peer_of(dev: DeviceState | None) -> tuple[str, tuple[str, ...]] | None:
 
 
 class DecisionState:
-    def __init__(self, overlay: Overlay, usage_period: UsagePeriod | None = None) -> None:
+    def __init__(
+        self,
+        overlay: Overlay,
+        usage_period: UsagePeriod | None = None,
+        *,
+        gateway_capacity: int = 1000,
+    ) -> None:
         self.overlay = overlay
         # The same period labels as the usage read model, so both agree on "this period".
         self.usage_period = usage_period or settings.usage_period()
@@ -155,6 +164,76 @@ class DecisionState:
         # the log, so every control-plane process agrees), and who wants to hear of changes.
         self.peer_revisions: dict[str, int] = {}
         self.peer_listeners: list[PeerListener] = []
+        # Active devices per gateway as the log says; what a heartbeat has not counted yet is
+        # load placement must add itself (see placement.GatewayCandidate.assigned).
+        self.active_on: Counter[str] = Counter()
+        self.placement = pl.PlacementIndex(gateway_capacity)
+        # (expires_at, device_id), a min-heap: the key-expiry reactor pops what is due instead of
+        # scanning the fleet. Entries go stale when a key rotates; ``due_keys`` skips those.
+        self.key_expiries: list[tuple[datetime, str]] = []
+
+    def due_keys(self, now: datetime) -> list[str]:
+        """Pop the active devices whose key expired at or before ``now``, soonest first.
+
+        A caller that fails to act on one hands it back with ``expiry_pending``.
+        """
+        out: list[str] = []
+        heap = self.key_expiries
+        while heap and heap[0][0] <= now:
+            expires, device_id = heapq.heappop(heap)
+            dev = self.devices.get(device_id)
+            if dev is not None and dev.status == "active" and dev.key_expires_at == expires:
+                out.append(device_id)
+        return out
+
+    def expiry_pending(self, device_id: str) -> None:
+        dev = self.devices.get(device_id)
+        if dev is not None and dev.key_expires_at is not None:
+            heapq.heappush(self.key_expiries, (dev.key_expires_at, device_id))
+
+    def candidate(self, gateway_id: str) -> pl.GatewayCandidate | None:
+        """What placement sees of one gateway (the index keeps one per eligible gateway)."""
+        gw = self.gateways.get(gateway_id)
+        if gw is None:
+            return None
+        doors = tuple(
+            pl.FrontDoor(fd.front_door_id, fd.endpoint, fd.transport, fd.priority, fd.active)
+            for fd in gw.front_doors.values()
+        )
+        return pl.GatewayCandidate(
+            gw.gateway_id,
+            gw.region,
+            gw.registered,
+            gw.active,
+            gw.last_heartbeat,
+            gw.load,
+            gw.peer_count,
+            doors,
+            self._assigned(gw),
+        )
+
+    def _assigned(self, gw: GatewayState) -> int:
+        return max(0, self.active_on[gw.gateway_id] - gw.peer_count)
+
+    def reindex(self, gateway_id: str) -> None:
+        if (cand := self.candidate(gateway_id)) is not None:
+            self.placement.put(cand)
+
+    def _reindex_telemetry(self, gw: GatewayState) -> None:
+        """A heartbeat or a peer change: only the numbers moved, so keep the doors as they are."""
+        old = self.placement.gateways.get(gw.gateway_id)
+        if old is None:
+            self.reindex(gw.gateway_id)
+            return
+        self.placement.put(
+            dataclasses.replace(
+                old,
+                last_heartbeat=gw.last_heartbeat,
+                load=gw.load,
+                peer_count=gw.peer_count,
+                assigned=self._assigned(gw),
+            )
+        )
 
     def on_gateway(self, gateway_id: str) -> Iterable[DeviceState]:
         """Devices attached to a gateway, without scanning the whole fleet."""
@@ -206,6 +285,10 @@ class DecisionState:
         after = peer_of(dev)
         if before == after or dev is None:
             return
+        if (before is None) != (after is None):
+            self.active_on[dev.gateway_id] += 1 if after is not None else -1
+            if gw := self.gateways.get(dev.gateway_id):
+                self._reindex_telemetry(gw)
         nat = ((after[0], dev.egress_address),) if after and dev.egress_address else ()
         removes = (before[0],) if before and (after is None or after[0] != before[0]) else ()
         upserts = (after,) if after else ()
@@ -252,24 +335,29 @@ class DecisionState:
                     e.token_hash,
                     nats_password_bcrypt=e.nats_password_bcrypt,
                 )
+                self.reindex(e.gateway_id)
             case m.FrontDoorSet():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.front_doors[e.front_door_id] = FrontDoorState(
                         e.front_door_id, e.endpoint, e.transport, e.priority, e.active
                     )
+                    self.reindex(e.gateway_id)
             case m.GatewayRegistered():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.public_key = e.public_key
                     gw.listen_port = e.listen_port
+                    self.reindex(e.gateway_id)
             case m.GatewayStatusChanged():
                 if gw := self.gateways.get(e.gateway_id):
                     gw.active = e.active
+                    self.reindex(e.gateway_id)
             case m.GatewayHeartbeat():
                 gw = self.gateways.get(e.gateway_id)
                 if gw and (gw.last_heartbeat is None or env.occurred_at >= gw.last_heartbeat):
                     gw.last_heartbeat = env.occurred_at
                     gw.load = e.load
                     gw.peer_count = e.peer_count
+                    self._reindex_telemetry(gw)
             case m.EgressPoolDefined():
                 self.pools[e.pool_id] = e
                 try:
@@ -317,22 +405,26 @@ class DecisionState:
                     egress_pool_id=e.egress_pool_id,
                     egress_address=e.egress_address,
                 )
-                self._count_egress(enrolled, 1)
+                self.count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id
+                self.expiry_pending(e.device_id)
             case m.DeviceRevoked() | m.DeviceSuspended() | m.DeviceResumed():
                 if dev := self.devices.get(e.device_id):
                     was_revoked = dev.status == "revoked"
                     self._transition(dev, e)
                     if dev.status == "revoked" and not was_revoked:
-                        self._count_egress(dev, -1)
+                        self.count_egress(dev, -1)
                     if dev.status == "revoked" and (tok := self.tokens.get(dev.token_id)):
                         tok.sessions.discard(dev.device_id)
+                    if isinstance(e, m.DeviceResumed):
+                        self.expiry_pending(e.device_id)  # resumed with an old key: due again
             case m.DeviceKeyRotated():
                 if dev := self.devices.get(e.device_id):
                     dev.public_key = e.new_public_key
                     dev.key_expires_at = e.key_expires_at
                     self._transition(dev, e)
+                    self.expiry_pending(e.device_id)
             case m.UsageReported():
                 period = period_at(e.measured_at or env.occurred_at, self.usage_period)
                 for delta in e.deltas:
@@ -345,7 +437,7 @@ class DecisionState:
             case _:
                 pass
 
-    def _count_egress(self, dev: DeviceState, delta: int) -> None:
+    def count_egress(self, dev: DeviceState, delta: int) -> None:
         """A revoked device gives its egress address back; a suspended one keeps it."""
         if dev.egress_pool_id is None:
             return

@@ -167,10 +167,12 @@ class Overlay:
 class AddressPool:
     """Which client indices are taken, with the lowest free one always found cheaply.
 
-    Indices at or above ``_high`` have never been handed out by ``allocate`` (some may have been
-    claimed directly). Free indices below it live in ``_released``, a min-heap. A direct
-    ``claim`` of an index still in the heap leaves a stale entry there; stale entries are dropped
-    when they surface, which keeps ``claim`` O(1) and ``allocate``/``release`` O(log n) amortised.
+    Every free index below ``_high`` is in ``_released``, a min-heap; at or above it, indices
+    are free unless claimed out of order. ``claim`` and ``allocate`` both push the mark past used
+    indices, so after a replay of N claims the next allocation costs O(1), not a sweep over N.
+    A direct ``claim`` of an index still in the heap leaves a stale entry there; stale entries
+    are dropped when they surface, which keeps ``claim`` O(1) and ``allocate``/``release``
+    O(log n) amortised.
     ``_in_heap`` stops an index that is released, claimed and released again from being pushed
     twice, so the heap never outgrows the capacity.
     """
@@ -185,6 +187,26 @@ class AddressPool:
         self._high = overlay.first_client_offset
         for index in used:
             self.claim(index)
+
+    @classmethod
+    def restore(cls, overlay: Overlay, used: Iterable[int]) -> AddressPool:
+        """A pool holding ``used``, built in one pass (a snapshot rather than a replay).
+
+        The mark goes above the highest used index and every hole below it into the heap, so
+        no later allocation sweeps over the used block.
+        """
+        pool = cls(overlay)
+        taken = set(used)
+        for index in taken:
+            pool._check_client(index)
+        pool._used = taken
+        if taken:
+            pool._high = max(taken) + 1
+            pool._released = [
+                i for i in range(overlay.first_client_offset, pool._high) if i not in taken
+            ]
+            pool._in_heap = set(pool._released)
+        return pool
 
     @property
     def used(self) -> int:
@@ -258,6 +280,10 @@ class AddressPool:
                 Code.ALREADY_EXISTS, f"{self.overlay.describe(index)} is already allocated"
             )
         self._used.add(index)
+        if index == self._high:
+            # A replay claims in allocation order: keep the mark at the first unused index so
+            # ``peek`` never sweeps the fleet. The mark only moves up, so this is O(1) amortised.
+            self._advance_high()
 
     def release(self, index: int) -> None:
         self._check_client(index)

@@ -9,10 +9,12 @@ nothing, the list of why-nots tells them which heartbeat stopped.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
+
+from sortedcontainers import SortedList
 
 from damm.domain.health import gateway_health
 from damm.errors import Code, DammError
@@ -21,6 +23,8 @@ RejectionKind = Literal["gateway", "front_door", "egress_pool"]
 
 # Enough for an operator to see the pattern on one CLI line; explain() has the full list.
 _SUMMARY_LIMIT = 5
+# Peers at which a reported load reads 1.0, the agent's default --capacity.
+DEFAULT_CAPACITY = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +46,18 @@ class GatewayCandidate:
     load: float
     peer_count: int
     front_doors: tuple[FrontDoor, ...]
+    # Devices placed here that its last heartbeat did not count yet. Load is learnt from
+    # heartbeats only, so without this a burst lands on whichever gateway sorts first.
+    assigned: int = 0
+
+
+RankKey = tuple[float, int, str]
+
+
+def rank_key(gw: GatewayCandidate, capacity: int, pending: int = 0) -> RankKey:
+    """Effective load (reported plus assigned since), then peers, then id: lowest is best."""
+    assigned = gw.assigned + pending
+    return (gw.load + assigned / max(capacity, 1), gw.peer_count + assigned, gw.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +107,11 @@ class Placement:
 
 # How eligible gateways are ordered, first key first; front doors and pools are picked within
 # the winner (front door: lowest priority; pool: lowest load, then most headroom).
-RANKING = ("gateway load (lower wins)", "peer count (fewer wins)", "gateway id")
+RANKING = (
+    "gateway load plus devices assigned since its last heartbeat / capacity (lower wins)",
+    "peer count plus those devices (fewer wins)",
+    "gateway id",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +215,29 @@ def _gateway_health(
     return None
 
 
+def _usable(
+    gw: GatewayCandidate,
+    request: PlacementRequest,
+    tier: TierPolicy,
+    now: datetime,
+    ttl: timedelta,
+) -> bool:
+    """``_gateway_health(...) is None`` without composing reasons: the indexed walk may pass
+    many stale gateways and needs no explanation for them."""
+    if request.region is not None:
+        if gw.region != request.region:
+            return False
+    elif tier.regions and gw.region not in tier.regions:
+        return False
+    beat = gw.last_heartbeat
+    if beat is None or beat.tzinfo is None or beat.utcoffset() is None:
+        return False
+    health = gateway_health(
+        active=gw.active, registered=gw.registered, last_heartbeat=beat, now=now, ttl=ttl
+    )
+    return health == "healthy" and any(fd.active for fd in gw.front_doors)
+
+
 def _best_front_door(gw: GatewayCandidate) -> FrontDoor:
     return min((fd for fd in gw.front_doors if fd.active), key=lambda fd: (fd.priority, fd.id))
 
@@ -254,6 +297,7 @@ def explain(
     *,
     now: datetime,
     heartbeat_ttl: timedelta,
+    capacity: int = DEFAULT_CAPACITY,
 ) -> PlacementExplanation:
     """Run placement and report every decision, turning placement failures into data.
 
@@ -290,7 +334,7 @@ def explain(
             )
             continue
         candidates.append((gw, _best_pool(served)))
-    candidates.sort(key=lambda c: (c[0].load, c[0].peer_count, c[0].id))
+    candidates.sort(key=lambda c: rank_key(c[0], capacity))
 
     pool_rejections = _pool_rejections(pools, healthy, country)
     rejections = (*gw_rejections, *fd_rejections, *pool_rejections)
@@ -357,15 +401,123 @@ def place(
     *,
     now: datetime,
     heartbeat_ttl: timedelta,
+    capacity: int = DEFAULT_CAPACITY,
 ) -> Placement:
     """Choose a gateway, front door and egress pool, or raise the catalog error saying why not.
 
-    Gateways: lowest load, then fewest peers, then id. Front doors: lowest priority, then id.
-    Pools: lowest load, then most headroom, then id. Ties end on ids so every handler replica
-    picks the same answer.
+    Gateways: lowest effective load (``rank_key``), then fewest peers, then id. Front doors:
+    lowest priority, then id. Pools: lowest load, then most headroom, then id. Ties end on ids
+    so every handler replica picks the same answer.
     """
-    result = explain(request, tier, gateways, pools, now=now, heartbeat_ttl=heartbeat_ttl)
+    result = explain(
+        request, tier, gateways, pools, now=now, heartbeat_ttl=heartbeat_ttl, capacity=capacity
+    )
     if result.error is not None:
         raise result.error
     assert result.chosen is not None
     return result.chosen
+
+
+def _eligible(gw: GatewayCandidate) -> bool:
+    return gw.active and gw.registered and any(fd.active for fd in gw.front_doors)
+
+
+class PlacementIndex:
+    """Gateways that could take a device, per region, in ``rank_key`` order.
+
+    Enrollment walks a region from the best entry and stops at the first healthy one, instead of
+    rebuilding and sorting the whole fleet per request. Only heartbeat freshness is left to the
+    walk (it depends on the clock); everything else that excludes a gateway keeps it out of the
+    index. A heartbeat that changes neither load nor peers only swaps the candidate, leaving the
+    order alone.
+    """
+
+    __slots__ = ("_keys", "_regions", "capacity", "gateways")
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self.capacity = max(capacity, 1)
+        self.gateways: dict[str, GatewayCandidate] = {}
+        self._keys: dict[str, tuple[str, RankKey]] = {}
+        self._regions: dict[str, SortedList[RankKey]] = {}
+
+    def put(self, gw: GatewayCandidate) -> None:
+        """Insert or update one gateway (after any event that changes what placement sees)."""
+        key = rank_key(gw, self.capacity)
+        old = self._keys.get(gw.id)
+        if old is not None and old == (gw.region, key) and _eligible(gw):
+            self.gateways[gw.id] = gw
+            return
+        self.remove(gw.id)
+        if not _eligible(gw):
+            return
+        self.gateways[gw.id] = gw
+        self._keys[gw.id] = (gw.region, key)
+        self._regions.setdefault(gw.region, SortedList()).add(key)
+
+    def remove(self, gateway_id: str) -> None:
+        old = self._keys.pop(gateway_id, None)
+        self.gateways.pop(gateway_id, None)
+        if old is not None:
+            region, key = old
+            ranked = self._regions[region]
+            ranked.remove(key)
+            if not ranked:
+                del self._regions[region]
+
+    def regions(self) -> set[str]:
+        return set(self._regions)
+
+    def ranked(self, region: str) -> Iterator[GatewayCandidate]:
+        for key in self._regions.get(region, ()):
+            yield self.gateways[key[2]]
+
+
+def place_indexed(
+    request: PlacementRequest,
+    tier: TierPolicy,
+    index: PlacementIndex,
+    pools: Sequence[EgressPool],
+    *,
+    now: datetime,
+    heartbeat_ttl: timedelta,
+    pending: Mapping[str, int] | None = None,
+) -> Placement | None:
+    """``place`` over the index: the same choice, or None where ``place`` would refuse (then
+    call ``explain`` for the reasons; refusals are rare, so they may cost a full pass).
+
+    ``pending`` counts devices this caller already placed but the index has not seen yet (a
+    group of enrollments decided together). Entries are walked in order of their indexed key;
+    a pending count can only raise a key, so the walk stops at the first indexed key above the
+    best one found. Raises only for an out-of-policy request, like ``place``.
+    """
+    _validate_clock(now, heartbeat_ttl)
+    req = _normalise(request)
+    _check_policy(req, tier)
+    extra = pending or {}
+    if req.region is not None:
+        regions = [req.region]
+    else:
+        regions = sorted(index.regions() & tier.regions if tier.regions else index.regions())
+    country = req.exit_country
+    best: tuple[RankKey, GatewayCandidate, list[EgressPool]] | None = None
+    for region in regions:
+        served = [
+            p
+            for p in pools
+            if p.active and p.region == region and (country is None or country in p.countries)
+        ]
+        if country is not None and not served:
+            continue
+        for gw in index.ranked(region):
+            base = rank_key(gw, index.capacity)
+            if best is not None and base > best[0]:
+                break
+            if not _usable(gw, req, tier, now, heartbeat_ttl):
+                continue
+            key = rank_key(gw, index.capacity, extra.get(gw.id, 0))
+            if best is None or key < best[0]:
+                best = (key, gw, served)
+    if best is None:
+        return None
+    _, gw, served = best
+    return Placement(gw, _best_front_door(gw), _best_pool(served), ())

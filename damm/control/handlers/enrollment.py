@@ -63,6 +63,8 @@ class Tentative:
             taken[address] += 1
         return address
 
+    assigned: Counter[str] = field(default_factory=Counter)
+
     def expect(self, state: DecisionState, subject: str) -> int | None:
         """Only a subject's first message in a batch carries the expectation."""
         if subject in self.subjects:
@@ -172,13 +174,26 @@ def decide_enrollment(
             code = Code.OVER_QUOTA if dev.reason == OVER_QUOTA else Code.DEVICE_SUSPENDED
             raise DammError(code, f"device {dev.device_id} is suspended ({dev.reason})")
         raise DammError(Code.KEY_REUSED, "generate a new key for a new enrollment")
-    placement = pl.place(
-        pl.PlacementRequest(req.region, req.exit_country),
-        tier_policy(tier),
-        candidates(state),
-        pools(state, now),
+    request = pl.PlacementRequest(req.region, req.exit_country)
+    policy = tier_policy(tier)
+    ttl = timedelta(seconds=settings.heartbeat_ttl_s)
+    pool_list = pools(state, now)
+    placement = pl.place_indexed(
+        request,
+        policy,
+        state.placement,
+        pool_list,
         now=now,
-        heartbeat_ttl=timedelta(seconds=settings.heartbeat_ttl_s),
+        heartbeat_ttl=ttl,
+        pending=tentative.assigned,
+    ) or pl.place(  # nothing placeable: the full pass raises the refusal with every reason
+        request,
+        policy,
+        candidates(state, tentative.assigned),
+        pool_list,
+        now=now,
+        heartbeat_ttl=ttl,
+        capacity=state.placement.capacity,
     )
     if index is None:
         raise DammError(Code.POOL_EXHAUSTED, f"no free address in {settings.overlay.network}")
@@ -249,6 +264,7 @@ def decide_enrollment(
     tentative.uses[token_id] += 1
     tentative.keys.add(public_key)
     tentative.requests.add(req.request_id)
+    tentative.assigned[placement.gateway.id] += 1
     return items
 
 

@@ -52,16 +52,13 @@ class KeyExpiryReactor:
             await sleep_or_stop(self.interval_s, stop)
 
     def due(self) -> list[str]:
-        now = self.now()
-        return [
-            d.device_id
-            for d in self.ctx.state.devices.values()
-            if d.status == "active" and d.key_expires_at is not None and d.key_expires_at <= now
-        ]
+        """Devices whose key is past its lifetime, popped from the fold's expiry heap."""
+        return self.ctx.state.due_keys(self.now())
 
     async def sweep(self) -> int:
         suspended = 0
-        for device_id in self.due():
+        due = self.due()
+        for i, device_id in enumerate(due):
             subject = event_subject("device", device_id)
             call = Call(f"key-expiry-{device_id}", POLICY_ACTOR)
 
@@ -85,7 +82,12 @@ class KeyExpiryReactor:
                 result = await self.ctx.commit(decide)
             except DammError as err:
                 _log.warning("key expiry not recorded", device_id=device_id, error=err.line())
+                self.ctx.state.expiry_pending(device_id)  # try again on the next sweep
                 continue
+            except BaseException:
+                for rest in due[i:]:  # the bus failed or we are stopping: keep them due
+                    self.ctx.state.expiry_pending(rest)
+                raise
             if result.seqs:
                 suspended += 1
                 _log.info("device suspended", device_id=device_id, reason=KEY_EXPIRED)
