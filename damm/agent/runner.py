@@ -260,6 +260,7 @@ class GatewayAgent:
                     if err.code in FATAL:
                         raise
                     _log.warning("resync failed; retrying", error=err.line())
+                    self._need_resync = True  # resync() cleared it before the call failed
                     await asyncio.sleep(1.0)
                     continue
             try:

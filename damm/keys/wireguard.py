@@ -51,6 +51,21 @@ def public_key_of(private_b64: str) -> str:
 def validate_public_key(key: str) -> str:
     """Return the key unchanged if it is the canonical base64 of a usable X25519 public key.
 
+    Everywhere a public key enters from outside. Private keys are any 32 bytes: check those
+    with ``validate_key_spelling``.
+    """
+    raw = base64.b64decode(validate_key_spelling(key))
+    u = int.from_bytes(raw, "little")
+    if u >= _P:  # the top bit (ignored by X25519) or u in [p, 2^255): a second spelling of a key
+        raise DammError(Code.MALFORMED_KEY, "not a canonical curve25519 u-coordinate")
+    if u in SMALL_ORDER_U:
+        raise DammError(Code.MALFORMED_KEY, "a low-order curve25519 point")
+    return key
+
+
+def validate_key_spelling(key: str) -> str:
+    """Return the key unchanged if it is the canonical base64 of 32 bytes.
+
     Non-canonical spellings (other padding bits, missing ``=``) are refused rather than
     normalised: two strings for one key would look like two peers to the diff.
     """
@@ -64,17 +79,12 @@ def validate_public_key(key: str) -> str:
         raise DammError(Code.MALFORMED_KEY, f"decodes to {len(raw)} bytes, not {KEY_BYTES}")
     if base64.b64encode(raw).decode("ascii") != key:
         raise DammError(Code.MALFORMED_KEY, "non-canonical base64 encoding")
-    u = int.from_bytes(raw, "little")
-    if u >= _P:  # the top bit (ignored by X25519) or u in [p, 2^255): a second spelling of a key
-        raise DammError(Code.MALFORMED_KEY, "not a canonical curve25519 u-coordinate")
-    if u in SMALL_ORDER_U:
-        raise DammError(Code.MALFORMED_KEY, "a low-order curve25519 point")
     return key
 
 
 def key_to_hex(key: str) -> str:
     """The userspace API speaks hex keys; the rest of DAMM speaks base64."""
-    return base64.b64decode(validate_public_key(key)).hex()
+    return base64.b64decode(validate_key_spelling(key)).hex()
 
 
 def hex_to_key(hex_key: str) -> str:

@@ -50,7 +50,8 @@ BUS_TROUBLE = (
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,  # JetStream did not answer (leader election, overload)
+    # JetStream did not answer (leader election, overload, a reload of the server's accounts)
+    nats.js.errors.ServiceUnavailableError,
 )
 
 

@@ -12,7 +12,12 @@ answer may go.
 - ``GW``: each gateway is its own user, ``gw-<id>``, whose password is its gateway token (the
   config holds only a bcrypt hash, recorded when the gateway was added). It imports the gateway
   requests the same way, and the peer-set stream, of which its permissions let it read only
-  ``damm.peers.<id>``; replies reach it on an inbox only it may read.
+  ``damm.peers.<id>``; replies reach it on an inbox only it may read. One shared account, not
+  one per gateway: nats-server (2.15/2.16, tried) does not wire service imports of an account
+  added by a config reload, and gateways are added at run time. The cost: a gateway may name
+  another gateway's peer subject or inbox as its reply and have an answer delivered there, in
+  the gateway account only. It cannot read it; the agent ignores anything on its peer subject
+  that is not a peer-set change.
 - The untrusted accounts get a small ``max_payload``: the server refuses an oversized body
   before it is ever delivered to the control plane.
 - The control-plane user may publish exactly what it writes: events, telemetry, peer sets, the
