@@ -5,6 +5,11 @@ that appends one message to JetStream and replies, measured in the same run on t
 configuration (sync_interval always). Targets (2-core machine): >= 1,000 enrollments/s sustained,
 p99 <= 50 ms at 300/s offered.
 
+Run twice in one go: with the shipped account layout (devices and gateways in their own
+accounts, their requests crossing service imports) and with the single shared account DAMM had
+before, so the cost of the accounts is a ratio from the same machine and minute. It may cost at
+most 10%.
+
     .venv/bin/python bench/bench_enroll.py [--n 3000] [--concurrency 64]
 """
 
@@ -86,8 +91,26 @@ async def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     args = ap.parse_args()
     log.configure("error", json=True)
+    before = await measure(args, single_account=True)
+    after = await measure(args, single_account=False)
+    print()
+    print(f"{'accounts vs single account (same run)':44} {'before':>10} {'after':>10} {'ratio':>7}")
+    for name, b, a in (
+        ("enrollments/s, closed loop", before[0], after[0]),
+        ("p99 ms, closed loop", before[1], after[1]),
+        ("p99 ms at 300/s offered", before[2], after[2]),
+    ):
+        ratio = a / b if b else float("nan")
+        print(f"{name:44} {b:10.1f} {a:10.1f} {ratio:7.2f}")
+    cost = 1 - after[0] / before[0]
+    print(f"throughput cost of the accounts: {cost:.1%} (budget 10%)")
+
+
+async def measure(args: argparse.Namespace, *, single_account: bool) -> tuple[float, float, float]:
+    """Throughput, closed-loop p99 and open-loop p99 (ms) on a fresh stack."""
+    print(f"--- {'single shared account (before)' if single_account else 'accounts (shipped)'}")
     root = Path(tempfile.mkdtemp(prefix="damm-bench-", dir="/tmp"))
-    nats_server = NatsServer(root / "nats")
+    nats_server = NatsServer(root / "nats", single_account=single_account)
     url = nats_server.start()
     pg = Postgres(root / "pg", delete_on_stop=True)
     dsn = pg.start()
@@ -110,10 +133,10 @@ async def main() -> None:
         env=env,
     )
     try:
-        nc = await connect(url, user="control", password=nats_server.passwords["control"])
+        nc = await connect(url, user="admin", password=nats_server.passwords["admin"])
         await ensure_streams(nc.jetstream())
         admin = await connect(url, user="admin", password=nats_server.passwords["admin"])
-        gw = await connect(url, user="control", password=nats_server.passwords["control"])
+        gw = await connect(url, user="admin", password=nats_server.passwords["admin"])
         device = await connect(url)
         for _ in range(100):
             try:
@@ -186,6 +209,7 @@ async def main() -> None:
         for c in (device, gw, admin, nc):
             await c.close()
         del fleet
+        return rate, pct(lat, 0.99) * 1000, pct(lat300, 0.99) * 1000
     finally:
         control.terminate()
         control.wait(30)
