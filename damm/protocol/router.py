@@ -155,7 +155,7 @@ class Service:
             if not REPLY_SUBJECT.fullmatch(msg.reply):
                 _log.warning(
                     "request dropped",
-                    code=Code.BADREPLY_SUBJECT_SUBJECT.slug,
+                    code=Code.BAD_REPLY_SUBJECT.slug,
                     reply=msg.reply[:80],
                     size=len(msg.data),
                 )
