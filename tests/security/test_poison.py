@@ -19,6 +19,8 @@ from damm.events.store import Append, EventStore, envelope
 from damm.projections import replay as rp
 from damm.protocol import messages as p
 from damm.protocol.client import call
+from damm.reports.render_text import render_text
+from damm.reports.report import generate
 from damm.stack.nats_server import NatsServer
 from damm.subjects import address_subject, event_subject, usage_subject
 from tests.fleet import enroll, keypair, setup_fleet
@@ -94,6 +96,13 @@ async def test_poisoned_aggregates_and_projector(
     assert any("int64" in r["error"] or "out of range" in r["error"] for r in rows), rows
     assert len(rows) == len(poisoned) + 1
     assert known == 3
+
+    fleet_report = await generate(control.database_url)
+    assert len(fleet_report.quarantined) == len(poisoned) + 1
+    assert {r.kind for r in fleet_report.recommendations if r.severity == "critical"} >= {
+        "events_quarantined"
+    }
+    assert "events_quarantined" in render_text(fleet_report, width=200)
 
     report = await rp.verify(nc, control.database_url)
     assert not report.ok and len(report.quarantined) == len(poisoned) + 1
