@@ -31,7 +31,7 @@ Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 Key = Annotated[str, Meta(min_length=1, max_length=64)]
 Secret = Annotated[str, Meta(min_length=1, max_length=128)]
-Proof = Annotated[str, Meta(min_length=1, max_length=512)]
+RotationProof = Annotated[str, Meta(min_length=1, max_length=64)]  # base64 of an HMAC-SHA256
 Label = Annotated[str, Meta(max_length=128)]
 Reason = Annotated[str, Meta(max_length=1024)]
 Endpoint = Annotated[str, Meta(min_length=1, max_length=255)]
@@ -234,7 +234,7 @@ class RotateKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     device_id: Id
     old_public_key: Key
     new_public_key: Key
-    proof: Proof
+    proof: RotationProof
     request_id: RequestId
 
 

@@ -72,7 +72,7 @@ def test_every_request_type_forbids_unknown_fields_and_has_no_untyped_field() ->
         p.DefineTier, p.CreateToken, p.RevokeToken, p.AddGateway, p.SetFrontDoor,
         p.SetGatewayStatus, p.DefineEgress, p.DeviceAction, p.ResetUsage, p.ExplainPlacement,
         p.Enroll, p.RotateKey, p.GetCatalog, p.RegisterGateway, p.Heartbeat, p.UsageEntry,
-        p.ReportUsage, p.PeerSnapshotRequest, p.Empty,
+        p.ReportUsage, p.PeerSnapshotRequest, p.Empty, p.DeviceCheckIn, p.ReportFailover,
     ]  # fmt: skip
     for cls in requests:
         assert cls.__struct_config__.forbid_unknown_fields, cls

@@ -30,6 +30,8 @@ DEVICE = {
     "damm.req.enroll": p.Enroll,
     "damm.req.device.rotate_key": p.RotateKey,
     "damm.req.catalog.get": p.GetCatalog,
+    "damm.req.device.status": p.DeviceCheckIn,
+    "damm.req.device.failover": p.ReportFailover,
 }
 GATEWAY = {
     "damm.req.gateway.register": p.RegisterGateway,
