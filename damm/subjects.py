@@ -10,6 +10,7 @@ import re
 
 from damm.errors import Code, DammError
 
+SNAPSHOT_BUCKET = "damm-snapshots"  # object store of decision-state snapshots
 EVENTS_STREAM = "DAMM_EVENTS"
 TELEMETRY_STREAM = "DAMM_TELEMETRY"
 EVENT_PREFIX = "damm.evt"

@@ -31,10 +31,11 @@ from damm.domain import egress
 from damm.domain.ipam import AddressPool
 from damm.errors import DammError
 from damm.events import model as m
+from damm.subjects import SNAPSHOT_BUCKET
 
 _log = log.get("damm.snapshots")
 
-BUCKET = "damm-snapshots"
+BUCKET = SNAPSHOT_BUCKET
 OBJECT = "decision-state"
 FORMAT = 1
 

@@ -34,6 +34,7 @@ from damm.subjects import (
     EVENT_PREFIX,
     PEERS_PREFIX,
     REQUEST_PREFIX,
+    SNAPSHOT_BUCKET,
     TELEMETRY_PREFIX,
     gateway_user,
     inbox_prefix,
@@ -62,6 +63,7 @@ CONTROL_PUBLISH = [
     "$JS.API.>",
     "$JS.ACK.>",
     "$JS.FC.>",
+    f"$O.{SNAPSHOT_BUCKET}.>",  # decision-state snapshots (object store chunks and metadata)
     f"{MAPPED_REPLY_PREFIX}.>",
     f"{inbox_prefix('control')}.>",
     f"{inbox_prefix('admin')}.>",
