@@ -99,6 +99,7 @@ class ServerSettings:
     max_payload: int = 1024 * 1024
     server_name: str = "damm"
     single_account: bool = False  # benchmarks only: the pre-accounts layout
+    max_file_store: int | None = None  # bytes; None lets nats-server use most of the disk
 
 
 def _quote(value: str) -> str:
@@ -129,6 +130,12 @@ def _permissions(perms: dict[str, list[str]] | None) -> str:
 def _user(name: str, password: str | None, perms: dict[str, list[str]] | None) -> str:
     pw = f", password: {_password(password)}" if password is not None else ""
     return f"      {{ user: {_quote(name)}{pw}{_permissions(perms)} }}"
+
+
+def _max_file_store(settings: ServerSettings) -> str:
+    if settings.max_file_store is None:
+        return ""
+    return f"\n  max_file_store: {settings.max_file_store}"
 
 
 def _imports(subjects: tuple[str, ...]) -> str:
@@ -229,7 +236,7 @@ jetstream {{
   store_dir: {_quote(settings.store_dir)}
   # fsync before acknowledging: the default 2-minute interval lost acknowledged writes
   # in Jepsen's 2025 analysis of NATS 2.12.1. DAMM acknowledges enrollments; it must not lose them.
-  sync_interval: always
+  sync_interval: always{_max_file_store(settings)}
 }}
 
 {accounts}
