@@ -55,6 +55,7 @@ class ControlPlane:
     password: str | None = None
     schema: str = "damm"
     run_projectors: bool = True
+    stream_replicas: int = 1
     clock: Clock = system_clock
     nc: NATS | None = None  # appends and publishing: the log's writer
     service_nc: NATS | None = None  # requests in, replies out
@@ -89,7 +90,7 @@ class ControlPlane:
             name="damm-control-follower",
             on_reconnected=self._reconnected,
         )
-        await ensure_streams(self.nc.jetstream())
+        await ensure_streams(self.nc.jetstream(), self.stream_replicas)
         conn = await asyncpg.connect(self.database_url)
         try:
             applied = await migrate(conn, self.schema)

@@ -92,6 +92,16 @@ def gateway_permissions(gateway_id: str) -> dict[str, list[str]]:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """One node's place in a JetStream cluster: every node lists every node's route (its own
+    included, which nats-server ignores), so one file template serves all of them."""
+
+    name: str
+    listen: str  # host:port for routes
+    routes: tuple[str, ...]  # nats-route://host:port of every node
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     store_dir: str
     passwords: dict[str, str]
@@ -100,6 +110,7 @@ class ServerSettings:
     server_name: str = "damm"
     single_account: bool = False  # benchmarks only: the pre-accounts layout
     max_file_store: int | None = None  # bytes; None lets nats-server use most of the disk
+    cluster: ClusterSettings | None = None
 
 
 def _quote(value: str) -> str:
@@ -138,6 +149,7 @@ def _max_file_store(settings: ServerSettings) -> str:
     return f"\n  max_file_store: {settings.max_file_store}"
 
 
+<<<<<<< HEAD
 def _imports(subjects: tuple[str, ...]) -> str:
     return ",\n".join(
         f'      {{ service: {{ account: "DAMM", subject: {_quote(s)} }} }}' for s in subjects
@@ -199,6 +211,26 @@ def _accounts(settings: ServerSettings, sys_password: str) -> str:
 
 def _single_account(settings: ServerSettings, sys_password: str) -> str:
     users = [_user(role, settings.passwords.get(role), LEGACY_PERMISSIONS[role]) for role in ROLES]
+=======
+def _cluster(settings: ServerSettings) -> str:
+    c = settings.cluster
+    if c is None:
+        return ""
+    routes = ", ".join(_quote(r) for r in c.routes)
+    return f"""
+# A JetStream cluster: streams are replicated (R3) across these nodes by Raft.
+cluster {{
+  name: {_quote(c.name)}
+  listen: {_quote(c.listen)}
+  routes: [{routes}]
+}}
+"""
+
+
+def render(settings: ServerSettings) -> str:
+    """Render a nats-server config. Passwords may be ``$ENV`` references (production)."""
+    users = [_user(role, settings.passwords.get(role), PERMISSIONS[role]) for role in ROLES]
+>>>>>>> c52544f (damm up --cluster 3: three nats-server nodes on loopback, R3 streams, two control planes)
     users += [
         _user(gateway_user(gw), pw_hash, gateway_permissions(gw))
         for gw, pw_hash in sorted(settings.gateways.items())
@@ -238,8 +270,23 @@ jetstream {{
   # in Jepsen's 2025 analysis of NATS 2.12.1. DAMM acknowledges enrollments; it must not lose them.
   sync_interval: always{_max_file_store(settings)}
 }}
+<<<<<<< HEAD
 
 {accounts}
+=======
+{_cluster(settings)}
+accounts {{
+  DAMM {{
+    jetstream: enabled
+    users: [
+{user_block}
+    ]
+  }}
+  SYS {{
+    users: [ {{ user: "sys", password: {sys_password} }} ]
+  }}
+}}
+>>>>>>> c52544f (damm up --cluster 3: three nats-server nodes on loopback, R3 streams, two control planes)
 system_account: SYS
 
 # Devices connect without credentials and get only the device account and permissions.
