@@ -10,13 +10,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.clock import FrozenClock
 from damm.errors import Code, DammError
-from damm.events.store import Append, Appended, ConflictError
+from damm.events.store import Append, Appended, AppendError, ConflictError
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -86,7 +87,7 @@ async def test_a_request_whose_deadline_passes_in_the_queue_is_never_recorded(
 
     entered = asyncio.Event()
 
-    async def slow_append(items: Sequence[Append]) -> Appended:
+    async def slow_append(items: Sequence[Append], **_: object) -> Appended:
         entered.set()
         await gate.wait()  # a blocked log: a lost race waiting in sync(), a leader election
         return await real_append(items)
@@ -119,7 +120,7 @@ async def test_lost_races_are_retried_until_the_deadline_not_a_fixed_count(
     real_append = fleet.log.append_batch
     losses = 25
 
-    async def contended(items: Sequence[Append]) -> Appended:
+    async def contended(items: Sequence[Append], **_: object) -> Appended:
         nonlocal losses
         if losses:
             losses -= 1
@@ -216,3 +217,48 @@ async def test_a_request_buffered_through_a_reconnect_still_gets_its_grace(
         await server_nc.close()
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize(
+    "trouble",
+    [
+        lambda: AppendError("no stream accepts the batch subject", transient=True),
+        lambda: nats.errors.TimeoutError(),
+    ],
+    ids=["no-stream-leader", "no-ack"],
+)
+async def test_a_log_without_a_leader_is_waited_out_within_the_deadline(
+    fleet: Fleet, trouble: Callable[[], Exception]
+) -> None:
+    """While a cluster elects a stream leader, appends find no responder or time out; the
+    group is tried again (a batch that did land comes back as a duplicate) until the deadline."""
+    tok = await fleet.token()
+    real_append = fleet.log.append_batch
+    failures = 3
+
+    async def leaderless(items: Sequence[Append], **_: object) -> Appended:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise trouble()
+        return await real_append(items)
+
+    fleet.log.append_batch = leaderless  # type: ignore[method-assign]
+    in_time = Call(uuid.uuid4().hex, call_as("device").actor, asyncio.get_running_loop().time() + 5)
+    enrolled = await fleet.enrollment.enroll(enroll_req(tok.token, keypair()[1]), in_time)
+    assert failures == 0
+    assert token_uses(fleet, tok.token_id) == 1
+    assert enrolled.device_id in fleet.ctx.state.devices
+
+
+async def test_a_full_store_is_not_retried(fleet: Fleet) -> None:
+    tok = await fleet.token()
+
+    async def full(items: Sequence[Append], **_: object) -> Appended:
+        raise AppendError("10023: insufficient resources")
+
+    fleet.log.append_batch = full  # type: ignore[method-assign]
+    in_time = Call(uuid.uuid4().hex, call_as("device").actor, asyncio.get_running_loop().time() + 5)
+    with pytest.raises(DammError) as info:
+        await fleet.enrollment.enroll(enroll_req(tok.token, keypair()[1]), in_time)
+    assert info.value.code is Code.UNAVAILABLE and "insufficient resources" in info.value.detail

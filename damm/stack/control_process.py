@@ -21,9 +21,11 @@ def spawn_control(
     projectors: bool = False,
     stream_replicas: int = 1,
     log_level: str = "info",
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
+        **(extra_env or {}),
         "DAMM_NATS_URL": nats_url,
         "DAMM_DATABASE_URL": database_url,
         "DAMM_CONTROL_PASSWORD": password,

@@ -29,7 +29,7 @@ from damm.domain.lifecycle import OVER_QUOTA
 from damm.errors import Code, DammError
 from damm.events import model as m
 from damm.events.model import Actor
-from damm.events.store import Append, ConflictError
+from damm.events.store import Append, AppendError, ConflictError
 from damm.keys.tokens import token_hash
 from damm.keys.wireguard import validate_public_key
 from damm.protocol import messages as p
@@ -41,6 +41,9 @@ _log = log.get("damm.enrollment")
 
 MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
 MAX_ATTEMPTS = 10
+# A group's append waits this long for the log's ack, then is tried again (safe: message ids
+# and expected sequences): a stream leader that died mid-append costs this, not the deadline.
+APPEND_ACK_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -349,13 +352,36 @@ class EnrollmentCommitter:
                     await self._commit(group)
                 except DammError as err:  # the log refused the batch (full disk, lost leader)
                     _log.warning("enrollment group not recorded", error=err.line())
-                    self._fail(group, err)
+                    if isinstance(err, AppendError) and err.transient:
+                        await self._again(group, err)
+                    else:
+                        self._fail(group, err)
                 except BUS_TROUBLE as exc:
+                    # Maybe recorded, maybe not: a retry is safe (the device event's message id
+                    # and the expected sequences make a landed batch come back as a duplicate).
                     _log.warning("enrollment group failed on the bus", error=repr(exc))
-                    self._fail(group, DammError(Code.UNAVAILABLE, "event log did not answer"))
+                    await self._again(
+                        group, DammError(Code.UNAVAILABLE, "event log did not answer")
+                    )
                 except Exception:  # never let one bad group stop enrollment
                     _log.exception("enrollment group failed")
                     self._fail(group, DammError(Code.INTERNAL, "enrollment failed; see logs"))
+
+    async def _again(self, group: list[_Waiting], err: DammError) -> None:
+        """Try the group again after a short pause while a cluster elects a stream leader; a
+        request whose deadline passes meanwhile gets ``err``, the reason it was not recorded."""
+        again = []
+        for w in group:
+            if w.future.done():
+                continue
+            w.attempts += 1
+            if w.call.expired() or (w.call.deadline == math.inf and w.attempts > MAX_ATTEMPTS):
+                _settle(w.future, err)
+            else:
+                again.append(w)
+        if again:
+            await asyncio.sleep(random.uniform(0.05, 0.15))
+            self._queue[:0] = again
 
     @staticmethod
     def _fail(group: list[_Waiting], err: DammError) -> None:
@@ -403,7 +429,7 @@ class EnrollmentCommitter:
             return
         batch = [item for _, items, _ in decided for item in items]
         try:
-            result = await ctx.store.append_batch(batch)
+            result = await ctx.store.append_batch(batch, ack_timeout=APPEND_ACK_TIMEOUT_S)
         except ConflictError as exc:
             _log.info("enrollment group lost a race", size=len(decided), subject=exc.subject)
             await ctx.follower.sync()

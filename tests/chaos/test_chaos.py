@@ -1,0 +1,116 @@
+"""Kill and pause every part under a steady enrollment load; the invariants hold every time.
+
+The CI-sized run kills the event stream's leader node and a control-plane process at 100
+enrollments/s; the slow run goes through every fault at 200/s and compares p99 with a single
+node. Figures land in test-artefacts/chaos-*.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from damm.protocol.bus import connect
+from tests.chaos.harness import (
+    Fault,
+    Outcome,
+    Stack,
+    check_invariants,
+    codes,
+    details,
+    drive,
+    failure_window,
+    kill_node,
+    kill_plane,
+    p99_outside,
+    read_log,
+)
+
+ARTEFACTS = Path(
+    os.environ.get("DAMM_TEST_ARTEFACTS", Path(__file__).resolve().parents[2] / "test-artefacts")
+)
+
+
+@pytest.fixture
+def root() -> AsyncIterator[Path]:  # type: ignore[misc]
+    path = Path(tempfile.mkdtemp(prefix="damm-chaos-", dir="/tmp"))
+    yield path
+    if not os.environ.get("DAMM_CHAOS_KEEP"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+async def run_with_faults(
+    stack: Stack,
+    rate: float,
+    warmup: float,
+    faults: list[Callable[[], Awaitable[Fault]]],
+    gap: float,
+) -> tuple[list[Outcome], list[Fault]]:
+    duration = warmup + len(faults) * gap + gap
+    load = asyncio.create_task(drive(stack, rate, duration))
+    done: list[Fault] = []
+    await asyncio.sleep(warmup)  # steady state before the first fault
+    for inject in faults:
+        started = asyncio.get_running_loop().time()
+        done.append(await inject())
+        await asyncio.sleep(max(0.0, gap - (asyncio.get_running_loop().time() - started)))
+    return await load, done
+
+
+async def verdict(stack: Stack, outcomes: list[Outcome], faults: list[Fault], name: str) -> dict:  # type: ignore[type-arg]
+    nc = await connect(stack.url, user="control", password=stack.password, name="chaos-check")
+    try:
+        envs = await read_log(nc)
+    finally:
+        await nc.close()
+    problems = check_invariants(envs, outcomes)
+    p99, n = p99_outside(outcomes, faults)
+    figures = {
+        "requests": len(outcomes),
+        "enrolled": sum(1 for o in outcomes if o.enrolled),
+        "codes": dict(codes(outcomes)),
+        "why": dict(details(outcomes).most_common(8)),
+        "windows_s": {f.name: round(failure_window(outcomes, f), 3) for f in faults},
+        "p99_outside_faults_s": round(p99, 4),
+        "p99_samples": n,
+        "problems": problems,
+    }
+    await asyncio.to_thread(_write, f"chaos-{name}.json", json.dumps(figures, indent=2))
+    return figures
+
+
+def _write(name: str, text: str) -> None:
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTEFACTS / name).write_text(text)
+
+
+async def test_leader_and_control_plane_kills_lose_nothing(root: Path, dsn: str) -> None:
+    stack = Stack(root, dsn, nodes=3, planes=2)
+    await stack.start()
+    try:
+        leader = await stack.stream_leader()
+        outcomes, faults = await run_with_faults(
+            stack,
+            rate=100,
+            warmup=3,
+            faults=[
+                lambda: kill_node(stack, leader, 1.0),
+                lambda: kill_plane(stack, 1, 0.5),
+            ],
+            gap=5,
+        )
+        figures = await verdict(stack, outcomes, faults, "ci")
+    finally:
+        await stack.stop()
+    assert figures["problems"] == [], figures
+    assert all(o.enrolled for o in outcomes), figures["codes"]
+    windows = figures["windows_s"]
+    assert windows[f"SIGKILL {leader}"] <= 5.0, figures
+    assert windows["SIGKILL control-1"] <= 2.0, figures
