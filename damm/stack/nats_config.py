@@ -285,3 +285,26 @@ def production(gateways: Mapping[str, str] | None = None) -> str:
             gateways=gateways or {},
         )
     )
+
+
+CLUSTER_ROUTES = tuple(f"nats-route://nats-{n}.damm.internal:6222" for n in (1, 2, 3))
+
+
+def production_cluster(gateways: Mapping[str, str] | None = None) -> str:
+    """One file for every node of a three-node production cluster (ops/nats-cluster.conf):
+    each host sets DAMM_NATS_NODE to its own name. Streams get three replicas from
+    `damm control run --stream-replicas 3`. Keep the route port reachable only from the other
+    nodes (and add a mutual-TLS ``tls {}`` block to ``cluster`` on an untrusted network)."""
+    return render(
+        ServerSettings(
+            store_dir="/var/lib/damm/jetstream",
+            passwords={
+                "control": "$DAMM_CONTROL_PASSWORD",
+                "admin": "$DAMM_ADMIN_PASSWORD",
+                "sys": "$DAMM_SYS_PASSWORD",
+            },
+            gateways=gateways or {},
+            server_name="$DAMM_NATS_NODE",
+            cluster=ClusterSettings("damm", "0.0.0.0:6222", CLUSTER_ROUTES),
+        )
+    )

@@ -33,6 +33,7 @@ from damm.stack import processes
 from damm.stack.control_process import spawn_control
 from damm.stack.nats_cluster import NatsCluster, until_meta_leader
 from damm.stack.nats_server import NatsServer
+from damm.stack.postgres import Postgres
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 from tests.fleet import heartbeat, keypair, setup_fleet
 
@@ -234,6 +235,40 @@ async def pause_plane(stack: Stack, i: int, paused_s: float) -> Fault:
     await asyncio.sleep(paused_s)
     os.kill(proc.pid, signal.SIGCONT)
     return Fault(f"SIGSTOP control-{i}", injected, time.monotonic())
+
+
+def _family(pid: int) -> list[int]:
+    """A process and its children (PostgreSQL's backends), for signalling them together."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return [pid]
+    return [pid, *(int(c) for c in text.split())]
+
+
+def postmaster(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().split()[0])
+
+
+async def pause_postgres(pgdata: Path, paused_s: float) -> Fault:
+    family = _family(postmaster(pgdata))
+    injected = time.monotonic()
+    for pid in family:
+        os.kill(pid, signal.SIGSTOP)
+    await asyncio.sleep(paused_s)
+    for pid in family:
+        _resume(pid)
+    return Fault("SIGSTOP postgres", injected, time.monotonic())
+
+
+async def kill_postgres(pg: Postgres, down_s: float) -> Fault:
+    family = _family(postmaster(pg.pgdata))
+    injected = time.monotonic()
+    for pid in family:
+        os.kill(pid, signal.SIGKILL)
+    await asyncio.sleep(down_s)
+    await asyncio.to_thread(pg.start)
+    return Fault("SIGKILL postgres", injected, time.monotonic())
 
 
 # --- load ----------------------------------------------------------------------------------------

@@ -15,9 +15,13 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import asyncpg
 import pytest
 
+from damm.errors import DammError
+from damm.projections.replay import VerifyReport, verify
 from damm.protocol.bus import connect
+from damm.stack.postgres import Postgres
 from tests.chaos.harness import (
     Fault,
     Outcome,
@@ -29,7 +33,11 @@ from tests.chaos.harness import (
     failure_window,
     kill_node,
     kill_plane,
+    kill_postgres,
     p99_outside,
+    pause_node,
+    pause_plane,
+    pause_postgres,
     read_log,
 )
 
@@ -71,6 +79,9 @@ async def verdict(stack: Stack, outcomes: list[Outcome], faults: list[Fault], na
     finally:
         await nc.close()
     problems = check_invariants(envs, outcomes)
+    report = await _verify(stack)
+    if not report.ok:
+        problems.append(f"replay --verify differs: {sorted(report.differing)}")
     p99, n = p99_outside(outcomes, faults)
     figures = {
         "requests": len(outcomes),
@@ -84,6 +95,23 @@ async def verdict(stack: Stack, outcomes: list[Outcome], faults: list[Fault], na
     }
     await asyncio.to_thread(_write, f"chaos-{name}.json", json.dumps(figures, indent=2))
     return figures
+
+
+async def _verify(stack: Stack) -> VerifyReport:
+    """replay --verify, once the projector has caught up with the log."""
+    nc = await connect(stack.url, user="control", password=stack.password, name="chaos-verify")
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while True:
+            try:
+                return await verify(nc, stack.dsn)
+            except DammError:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 def _write(name: str, text: str) -> None:
@@ -114,3 +142,54 @@ async def test_leader_and_control_plane_kills_lose_nothing(root: Path, dsn: str)
     windows = figures["windows_s"]
     assert windows[f"SIGKILL {leader}"] <= 5.0, figures
     assert windows["SIGKILL control-1"] <= 2.0, figures
+
+
+@pytest.mark.slow
+async def test_every_fault_in_turn_at_200_per_second(root: Path) -> None:
+    """The issue's figures: each fault's failure window and p99 away from faults, on a
+    three-node cluster with two control planes, against one node with one control plane."""
+    pg = Postgres(root / "pgdata")
+    dsn = await asyncio.to_thread(pg.start)
+    try:
+        conn = await asyncpg.connect(dsn)
+        await conn.execute("CREATE DATABASE single_node")
+        await conn.close()
+        single_dsn = dsn.replace("/postgres?", "/single_node?")
+        single = Stack(root / "single", single_dsn, nodes=1, planes=1)
+        await single.start()
+        try:
+            baseline, _ = await run_with_faults(single, rate=200, warmup=10, faults=[], gap=0)
+        finally:
+            await single.stop()
+        base_p99, base_n = p99_outside(baseline, [])
+        stack = Stack(root / "cluster", dsn, nodes=3, planes=2)
+        await stack.start()
+        try:
+            leader = await stack.stream_leader()
+            other = next(n.server_name for n in stack.servers if n.server_name != leader)
+            outcomes, faults = await run_with_faults(
+                stack,
+                rate=200,
+                warmup=4,
+                faults=[
+                    lambda: kill_node(stack, leader, 2.0),
+                    lambda: kill_node(stack, other, 2.0),
+                    lambda: pause_node(stack, leader, 3.0),
+                    lambda: pause_node(stack, other, 3.0),
+                    lambda: kill_plane(stack, 1, 1.0),
+                    lambda: pause_plane(stack, 1, 3.0),
+                    lambda: pause_postgres(pg.pgdata, 3.0),
+                    lambda: kill_postgres(pg, 1.0),
+                ],
+                gap=10,
+            )
+            figures = await verdict(stack, outcomes, faults, "slow")
+        finally:
+            await stack.stop()
+    finally:
+        await asyncio.to_thread(pg.stop)
+    figures["single_node_p99_s"] = round(base_p99, 4)
+    figures["single_node_samples"] = base_n
+    await asyncio.to_thread(_write, "chaos-slow.json", json.dumps(figures, indent=2))
+    assert figures["problems"] == [], figures
+    assert all(o.enrolled for o in outcomes), figures["codes"]
