@@ -136,19 +136,24 @@ class Service:
             decoder = msgspec.json.Decoder(route.request_type)
 
             async def on_msg(msg: Msg, route: Route = route, decoder: Any = decoder) -> None:
+                # Stamp the arrival before waiting for a slot: nats-py delivers a subscription's
+                # messages one callback at a time, so a callback that waited here left the next
+                # requests unstamped in its queue, and an overloaded process recorded requests
+                # whose callers had given up seconds earlier (the chaos suite found 190).
                 received = time.perf_counter()  # waiting for a slot is part of the latency
                 arrived = asyncio.get_running_loop().time()
-                await self._slots.acquire()
-                task = asyncio.create_task(self._serve(route, decoder, msg, received, arrived))
+                task = asyncio.create_task(self._slotted(route, decoder, msg, received, arrived))
                 self._tasks.add(task)
-                task.add_done_callback(self._done)
+                task.add_done_callback(self._tasks.discard)
 
             self._subs.append(await self.nc.subscribe(route.subject, queue=self.queue, cb=on_msg))
         await self.nc.flush()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    async def _slotted(
+        self, route: Route, decoder: Any, msg: Msg, received: float, arrived: float
+    ) -> None:
+        async with self._slots:
+            await self._serve(route, decoder, msg, received, arrived)
 
     async def stop(self) -> None:
         for sub in self._subs:

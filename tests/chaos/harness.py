@@ -33,7 +33,6 @@ from damm.stack import processes
 from damm.stack.control_process import spawn_control
 from damm.stack.nats_cluster import NatsCluster, until_meta_leader
 from damm.stack.nats_server import NatsServer
-from damm.stack.postgres import Postgres
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 from tests.fleet import heartbeat, keypair, setup_fleet
 
@@ -259,16 +258,6 @@ async def pause_postgres(pgdata: Path, paused_s: float) -> Fault:
     for pid in family:
         _resume(pid)
     return Fault("SIGSTOP postgres", injected, time.monotonic())
-
-
-async def kill_postgres(pg: Postgres, down_s: float) -> Fault:
-    family = _family(postmaster(pg.pgdata))
-    injected = time.monotonic()
-    for pid in family:
-        os.kill(pid, signal.SIGKILL)
-    await asyncio.sleep(down_s)
-    await asyncio.to_thread(pg.start)
-    return Fault("SIGKILL postgres", injected, time.monotonic())
 
 
 # --- load ----------------------------------------------------------------------------------------

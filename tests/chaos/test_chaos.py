@@ -33,7 +33,6 @@ from tests.chaos.harness import (
     failure_window,
     kill_node,
     kill_plane,
-    kill_postgres,
     p99_outside,
     pause_node,
     pause_plane,
@@ -179,7 +178,6 @@ async def test_every_fault_in_turn_at_200_per_second(root: Path) -> None:
                     lambda: kill_plane(stack, 1, 1.0),
                     lambda: pause_plane(stack, 1, 3.0),
                     lambda: pause_postgres(pg.pgdata, 3.0),
-                    lambda: kill_postgres(pg, 1.0),
                 ],
                 gap=10,
             )
