@@ -72,8 +72,9 @@ class Call:
     actor: Actor
     deadline: float = math.inf
 
-    def expired(self) -> bool:
-        return asyncio.get_running_loop().time() >= self.deadline
+    def expired(self, margin: float = 0.0) -> bool:
+        """Past the deadline, or closer to it than ``margin`` (the time the work may take)."""
+        return asyncio.get_running_loop().time() + margin >= self.deadline
 
 
 Handler = Callable[[Any, Call], Awaitable[msgspec.Struct]]

@@ -394,9 +394,10 @@ class EnrollmentCommitter:
         indices = iter(ctx.state.addresses.peek(len(group)))
         decided: list[tuple[_Waiting, list[Append], str]] = []
         for w in group:
-            if w.call.expired():
-                # Its caller has given up (it queued behind a blocked log): recording it now
-                # would record an enrollment its client was told failed.
+            if w.call.expired(APPEND_ACK_TIMEOUT_S):
+                # Its caller has given up, or will before the append is acknowledged (it
+                # queued behind a blocked log): recording it now would record an enrollment
+                # its client was told failed.
                 _settle(w.future, DammError(Code.DEADLINE_EXCEEDED, "expired while queued"))
                 continue
             known = prior_enrollment(ctx.state, w.req)
