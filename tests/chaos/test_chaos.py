@@ -80,7 +80,13 @@ async def verdict(stack: Stack, outcomes: list[Outcome], faults: list[Fault], na
     problems = check_invariants(envs, outcomes)
     report = await _verify(stack)
     if not report.ok:
-        problems.append(f"replay --verify differs: {sorted(report.differing)}")
+        problems.append(
+            "replay --verify differs: "
+            + ", ".join(
+                f"{name} ({diff.missing_in_live} missing, {diff.extra_in_live} extra in live)"
+                for name, diff in sorted(report.differing.items())
+            )
+        )
     p99, n = p99_outside(outcomes, faults)
     figures = {
         "requests": len(outcomes),
