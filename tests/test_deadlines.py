@@ -145,7 +145,7 @@ def test_the_budget_header_is_capped_and_checked() -> None:
 
 
 async def test_the_handler_sees_the_clients_deadline_and_skips_expired_requests(
-    nc: NATS,
+    nc: NATS, admin_nc: NATS
 ) -> None:
     seen: list[Call] = []
     release = asyncio.Event()
@@ -161,19 +161,21 @@ async def test_the_handler_sees_the_clients_deadline_and_skips_expired_requests(
     try:
         loop = asyncio.get_running_loop()
         before = loop.time()
-        await call(nc, "admin.tier.define", p.DefineTier(tier="fast"), p.Done, timeout=2.0)
+        await call(admin_nc, "admin.tier.define", p.DefineTier(tier="fast"), p.Done, timeout=2.0)
         assert before + 1.5 < seen[0].deadline <= before + 2.0
         slow = asyncio.create_task(
-            call(nc, "admin.tier.define", p.DefineTier(tier="slow"), p.Done, timeout=5.0)
+            call(admin_nc, "admin.tier.define", p.DefineTier(tier="slow"), p.Done, timeout=5.0)
         )
         await wait_until(lambda: len(seen) == 2)
         # Waits for the one slot behind "slow" and gives up before it frees.
         with pytest.raises(DammError) as info:
-            await call(nc, "admin.tier.define", p.DefineTier(tier="queued"), p.Done, timeout=0.3)
+            await call(
+                admin_nc, "admin.tier.define", p.DefineTier(tier="queued"), p.Done, timeout=0.3
+            )
         assert info.value.code is Code.UNAVAILABLE
         release.set()
         await slow
-        await call(nc, "admin.tier.define", p.DefineTier(tier="after"), p.Done)
+        await call(admin_nc, "admin.tier.define", p.DefineTier(tier="after"), p.Done)
         assert [c.deadline > 0 for c in seen] == [True] * 3  # "queued" never reached it
     finally:
         await service.stop()
@@ -185,7 +187,8 @@ async def test_a_request_buffered_through_a_reconnect_still_gets_its_grace(
     """The server restarts; the client's request waits for the reconnect, then meets "no
     responders" until the control plane has subscribed again, a moment later."""
     password = nats_server.passwords["control"]
-    client = await connect(nats_server.url, user="control", password=password)
+    admin = nats_server.passwords["admin"]
+    client = await connect(nats_server.url, user="admin", password=admin)
     port = urlsplit(nats_server.url).port
     assert port is not None
 

@@ -9,8 +9,8 @@ answers with a result or a catalogued error. Handlers stay plain functions of a 
 from __future__ import annotations
 
 import asyncio
-import re
 import math
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence

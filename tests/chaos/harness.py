@@ -116,7 +116,8 @@ class Stack:
             self.spawn_plane(i)
         passwords = self.servers[0].passwords
         self.admin = await connect(self.url, user="admin", password=passwords["admin"])
-        self.gateway = await connect(self.url, user="control", password=self.password)
+        # One gateway simulated over the operator's unrestricted user, as tests/conftest.py does.
+        self.gateway = await connect(self.url, user="admin", password=passwords["admin"])
         await self._until_served()
         self.fleet = await setup_fleet(self.admin, self.gateway)
         self._beats = asyncio.create_task(self._heartbeats())
