@@ -37,6 +37,9 @@ class Code(enum.Enum):
     BAD_REPLY_SUBJECT = ErrorSpec("the reply subject is not an inbox; no answer was sent")
     UNAVAILABLE = ErrorSpec("the control plane is unavailable", True, exit_status=3)
     INTERNAL = ErrorSpec("internal error in the control plane", True)
+    DEADLINE_EXCEEDED = ErrorSpec(
+        "the request's deadline passed before it was recorded; nothing was", True, exit_status=3
+    )
     CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
     NOT_FOUND = ErrorSpec("no such object")
     AMBIGUOUS_ID = ErrorSpec("that id prefix matches more than one object")

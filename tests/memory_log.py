@@ -32,7 +32,9 @@ class MemoryLog:
     async def append(self, item: Append) -> Appended:
         return await self.append_batch([item])
 
-    async def append_batch(self, items: Sequence[Append]) -> Appended:
+    async def append_batch(
+        self, items: Sequence[Append], *, ack_timeout: float | None = None
+    ) -> Appended:
         if not items:
             return Appended(())
         for item in items:

@@ -576,19 +576,21 @@ async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None
     type=click.Path(dir_okay=False, path_type=Path),
     help="write here (mode 0600) instead of stdout",
 )
+@click.option("--cluster", is_flag=True, help="the three-node cluster file (ops/nats-cluster.conf)")
 @click.pass_context
 @run
-async def nats_config(ctx: click.Context, out: Path | None) -> None:
+async def nats_config(ctx: click.Context, out: Path | None, cluster: bool) -> None:
     """Render the production nats-server config with one user per gateway; reload after."""
     from damm.private_files import write_atomic
-    from damm.stack.nats_config import production
+    from damm.stack.nats_config import production, production_cluster
 
     rows = await query(
         target(ctx),
         "SELECT gateway_id, nats_password_bcrypt FROM gateways"
         " WHERE nats_password_bcrypt IS NOT NULL ORDER BY gateway_id",
     )
-    text = production({r["gateway_id"]: r["nats_password_bcrypt"] for r in rows})
+    gateways = {r["gateway_id"]: r["nats_password_bcrypt"] for r in rows}
+    text = production_cluster(gateways) if cluster else production(gateways)
     if out is None:
         click.echo(text, nl=False)
         return

@@ -29,11 +29,23 @@ def control() -> None:
     help="catalog signing and rotation keys (0600)",
 )
 @click.option("--no-projectors", is_flag=True, help="serve requests only")
+@click.option(
+    "--stream-replicas",
+    type=click.IntRange(1, 5),
+    envvar="DAMM_STREAM_REPLICAS",
+    default=1,
+    show_default=True,
+    help="replicas of the event streams when this process creates them (3 on a cluster)",
+)
 @metrics_option
 @click.pass_context
 @run
 async def control_run(
-    ctx: click.Context, keys_dir: Path, no_projectors: bool, metrics_listen: str | None
+    ctx: click.Context,
+    keys_dir: Path,
+    no_projectors: bool,
+    stream_replicas: int,
+    metrics_listen: str | None,
 ) -> None:
     """Serve commands and project events until SIGTERM."""
     t = target(ctx)
@@ -45,6 +57,7 @@ async def control_run(
         user=user,
         password=password,
         run_projectors=not no_projectors,
+        stream_replicas=stream_replicas,
     )
     # A SIGTERM that arrives while the control plane starts still means a clean stop.
     stop = asyncio.Event()

@@ -21,8 +21,12 @@ from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.metrics import ControlMetrics
 from damm.private_files import write_atomic
+from damm.protocol.bus import connect
 from damm.settings import ControlSettings
+from damm.stack import processes
+from damm.stack.control_process import spawn_control
 from damm.stack.gateway_users import follow_gateways
+from damm.stack.nats_cluster import NatsCluster, until_meta_leader
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
 from damm.stack.stackfile import StackFile, home
@@ -70,11 +74,23 @@ def _start_nats(server: NatsServer, port: int) -> str:
 @click.command()
 @click.option("--no-demo", is_flag=True, help="do not start the demo gateway and device")
 @click.option("--exit-after-demo", is_flag=True, help="stop once the demo has shown the tunnel")
+@click.option(
+    "--cluster",
+    "cluster_size",
+    type=click.IntRange(3, 5),
+    default=None,
+    metavar="N",
+    help="N nats-server nodes on loopback (streams with 3 replicas) and two control planes",
+)
 @metrics_option
 @click.pass_context
 @run
 async def up(
-    ctx: click.Context, no_demo: bool, exit_after_demo: bool, metrics_listen: str | None
+    ctx: click.Context,
+    no_demo: bool,
+    exit_after_demo: bool,
+    cluster_size: int | None,
+    metrics_listen: str | None,
 ) -> None:
     """Start DAMM locally: NATS, Postgres, the control plane (and a demo tunnel as root)."""
     t = target(ctx)
@@ -97,8 +113,23 @@ async def up(
         await stack.enter_async_context(metrics_endpoint(metrics_listen, metrics.registry))
         nats_url = t.nats_url
         passwords: dict[str, str] = {}
-        server: NatsServer | None = None
-        if nats_url is None:
+        server: NatsServer | NatsCluster | None = None
+        if nats_url is None and cluster_size is not None:
+            prev = _previous(directory)
+            server = NatsCluster(
+                directory / "cluster", cluster_size, passwords=dict(prev.get("passwords", {}))
+            )
+            nats_url = await asyncio.to_thread(server.start)
+            stack.callback(server.stop)
+            passwords = server.passwords
+            await _meta_leader(nats_url, passwords["control"])
+            (directory / "nats").mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_atomic(
+                directory / "nats" / "identity.json",
+                json.dumps({"port": -1, "passwords": passwords}),
+                mode=0o600,
+            )
+        elif nats_url is None:
             prev = _previous(directory)
             server = NatsServer(directory / "nats", passwords=dict(prev.get("passwords", {})))
             nats_url = await asyncio.to_thread(_start_nats, server, int(prev.get("port", -1)))
@@ -119,11 +150,30 @@ async def up(
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
+        replicas = min(cluster_size, 3) if cluster_size else 1
         plane = ControlPlane(
-            nats_url, database_url, settings, user=user, password=password, metrics=metrics
+            nats_url,
+            database_url,
+            settings,
+            user=user,
+            password=password,
+            metrics=metrics,
+            stream_replicas=replicas,
         )
         await plane.start()
         stack.push_async_callback(plane.stop)
+        if cluster_size:
+            # The second control plane shares the keys directory: per-process signing keys
+            # would make half of all catalog fetches fail (issue 11, finding 1).
+            second = spawn_control(
+                nats_url,
+                database_url,
+                password or "",
+                settings.keys_dir,
+                directory / "control-2.log",
+                stream_replicas=replicas,
+            )
+            stack.callback(processes.stop, second)
         if server is not None:
             assert plane.ctx is not None
             users_stop = asyncio.Event()
@@ -147,6 +197,11 @@ async def up(
 
         click.echo("DAMM is up.")
         click.echo(f"  NATS       {nats_url}  (JetStream, sync_interval always, auth on)")
+        if cluster_size:
+            click.echo(
+                f"  cluster    {cluster_size} nodes, streams R{replicas}, two control planes"
+                f" (second logs to {directory / 'control-2.log'})"
+            )
         click.echo(f"  Postgres   {database_url}")
         click.echo(f"  state      {directory}  (stack file {path})")
         click.echo(f"  overlay    {settings.overlay.network}  gateway {settings.overlay.gateway}")
@@ -163,6 +218,15 @@ async def up(
 def _mark_stopped(stackfile: StackFile, directory: Path) -> None:
     stackfile.pid = 0
     stackfile.write(directory)
+
+
+async def _meta_leader(nats_url: str, password: str) -> None:
+    """Streams can only be created once the cluster has elected its JetStream meta leader."""
+    nc = await connect(nats_url, user="control", password=password, name="damm-up")
+    try:
+        await until_meta_leader(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 async def _demo(

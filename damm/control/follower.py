@@ -19,6 +19,10 @@ from damm.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMET
 
 _log = log.get("damm.follower")
 
+# nats-py recreates an ordered consumer after two missed heartbeats; its default of 5 s left the
+# state stale for 10-20 s when the node holding the consumer died without our connection noticing.
+IDLE_HEARTBEAT_S = 0.5
+
 
 class StateFollower:
     """Keeps a DecisionState current from the streams, and offers a read-your-writes barrier."""
@@ -38,6 +42,7 @@ class StateFollower:
         self.sync_timeout_s = sync_timeout_s
         self.progress_every_s = progress_every_s
         self._subs: list[object] = []
+        self._resuming: asyncio.Task[None] | None = None
         # The last stream sequence this follower has folded, in order. Own appends folded early
         # (Context.absorb) do not move it, so sync() really waits for everything before them.
         self.followed_seq = 0
@@ -71,6 +76,7 @@ class StateFollower:
                 stream=EVENTS_STREAM,
                 config=config,
                 ordered_consumer=True,
+                idle_heartbeat=IDLE_HEARTBEAT_S,
                 deliver_policy=policy,
                 cb=on_event,
                 pending_msgs_limit=-1,
@@ -84,6 +90,7 @@ class StateFollower:
             f"{TELEMETRY_PREFIX}.heartbeat.*",
             stream=TELEMETRY_STREAM,
             ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT_S,
             deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
             cb=on_heartbeat,
             pending_msgs_limit=-1,
@@ -130,8 +137,67 @@ class StateFollower:
                 return
             await asyncio.sleep(0.02)
 
+    def reconnected(self) -> None:
+        """Resume at once after the connection came back (a restarted server forgot our
+        consumers), rather than after nats-py's missed-heartbeat timer."""
+        if self._resuming is None or self._resuming.done():
+            self._resuming = asyncio.create_task(self._resume())
+
+    async def _resume(self, timeout: float = 30.0) -> None:
+        """Recreate both consumers, the event one from the first sequence not yet folded; a
+        server that has just restarted refuses for a moment while JetStream recovers."""
+
+        async def on_event(msg: object) -> None:
+            self._apply(msg, telemetry=False)
+
+        async def on_heartbeat(msg: object) -> None:
+            self._apply(msg, telemetry=True)
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        delay = 0.05
+        while True:
+            await self._unsubscribe()
+            try:
+                self._subs.append(
+                    await self.js.subscribe(
+                        f"{EVENT_PREFIX}.>",
+                        stream=EVENTS_STREAM,
+                        config=ConsumerConfig(opt_start_seq=self.followed_seq + 1),
+                        ordered_consumer=True,
+                        idle_heartbeat=IDLE_HEARTBEAT_S,
+                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                        cb=on_event,
+                        pending_msgs_limit=-1,
+                        pending_bytes_limit=-1,
+                    )
+                )
+                self._subs.append(
+                    await self.js.subscribe(
+                        f"{TELEMETRY_PREFIX}.heartbeat.*",
+                        stream=TELEMETRY_STREAM,
+                        ordered_consumer=True,
+                        idle_heartbeat=IDLE_HEARTBEAT_S,
+                        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+                        cb=on_heartbeat,
+                        pending_msgs_limit=-1,
+                        pending_bytes_limit=-1,
+                    )
+                )
+            except (nats.errors.Error, TimeoutError) as exc:
+                if loop.time() + delay > deadline:
+                    _log.error("follower could not resume; nats-py recovers it", error=repr(exc))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            _log.info("follower resumed", from_seq=self.followed_seq + 1)
+            return
+
     def _apply(self, msg: object, *, telemetry: bool) -> None:
         seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
+        if not telemetry and seq <= self.followed_seq:
+            return  # delivered again by a resumed consumer
         if not telemetry and self.until_seq is not None and seq > self.until_seq:
             return
         try:
@@ -174,7 +240,14 @@ class StateFollower:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.changed.wait(), 0.05)
 
+    async def _unsubscribe(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()  # type: ignore[attr-defined]
+
     async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.unsubscribe()  # type: ignore[attr-defined]
-        self._subs.clear()
+        if self._resuming is not None:
+            self._resuming.cancel()
+            await asyncio.gather(self._resuming, return_exceptions=True)
+        await self._unsubscribe()

@@ -55,6 +55,7 @@ class ControlPlane:
     password: str | None = None
     schema: str = "damm"
     run_projectors: bool = True
+    stream_replicas: int = 1
     clock: Clock = system_clock
     nc: NATS | None = None  # appends and publishing: the log's writer
     service_nc: NATS | None = None  # requests in, replies out
@@ -83,9 +84,13 @@ class ControlPlane:
             self.nats_url, user=self.user, password=self.password, name="damm-control-requests"
         )
         self.follow_nc = await connect(
-            self.nats_url, user=self.user, password=self.password, name="damm-control-follower"
+            self.nats_url,
+            user=self.user,
+            password=self.password,
+            name="damm-control-follower",
+            on_reconnected=self._reconnected,
         )
-        await ensure_streams(self.nc.jetstream())
+        await ensure_streams(self.nc.jetstream(), self.stream_replicas)
         conn = await asyncpg.connect(self.database_url)
         try:
             applied = await migrate(conn, self.schema)
@@ -172,6 +177,10 @@ class ControlPlane:
             for projector in self.projectors:
                 self._tasks.append(asyncio.create_task(projector.run(self.project_nc, self._stop)))
         _log.info("control plane ready", routes=len(routes), applied_seq=state.applied_seq)
+
+    async def _reconnected(self) -> None:
+        if self._follower is not None:
+            self._follower.reconnected()
 
     async def wait_projected(self, timeout: float = 10.0) -> None:
         """Wait until the read models hold everything in the event stream now (tests, CLI)."""

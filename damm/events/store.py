@@ -27,6 +27,9 @@ from damm.metrics import ControlMetrics
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
 
 WRONG_LAST_SEQUENCE = 10071
+# What a clustered stream answers an atomic batch whose expected sequence no longer holds (seen
+# on a three-node cluster): a lost race like 10071, not an infrastructure failure.
+BATCH_WRONG_LAST_SEQUENCE = 10164
 BATCH_DUPLICATE_MSG_ID = 10201
 MAX_BATCH = 1000
 
@@ -41,9 +44,13 @@ class ConflictError(DammError):
 
 class AppendError(DammError):
     """The log refused or did not acknowledge an append for a reason other than a conflict
-    (a full disk, no stream, a lost leader): nothing was decided, the request may be retried."""
+    (a full disk, no stream, a lost leader): nothing was decided, the request may be retried.
 
-    def __init__(self, detail: str) -> None:
+    ``transient`` marks the refusals that pass by themselves within seconds (no stream leader
+    while a cluster elects one), which the committer retries until the request's deadline."""
+
+    def __init__(self, detail: str, *, transient: bool = False) -> None:
+        self.transient = transient
         super().__init__(Code.UNAVAILABLE, f"the event log refused the append: {detail}")
 
 
@@ -120,8 +127,14 @@ class EventStore:
         ack = await self.js.publish(subject, codec.encode(env))
         return int(ack.seq)
 
-    async def append_batch(self, items: Sequence[Append]) -> Appended:
+    async def append_batch(
+        self, items: Sequence[Append], *, ack_timeout: float | None = None
+    ) -> Appended:
         """Append all of ``items`` or none of them.
+
+        ``ack_timeout`` (default: the store's) bounds the wait for the log's acknowledgement; a
+        caller that can safely retry (message ids) waits less, so a dead stream leader costs
+        one short wait rather than the caller's whole deadline.
 
         A 10071 or 10201 on a message that carries a Msg-Id may mean our own earlier attempt
         landed (JetStream runs the sequence check before dedupe), so the subject's last
@@ -133,13 +146,14 @@ class EventStore:
             raise AppendError(f"a batch holds at most {MAX_BATCH} messages, got {len(items)}")
         seqs: tuple[int, ...]
         try:
+            wait = ack_timeout or self.timeout
             if len(items) == 1:
-                seq, duplicate = await self._publish_one(items[0])
+                seq, duplicate = await self._publish_one(items[0], wait)
                 return Appended((seq,), duplicate=duplicate)
             else:
-                seqs = await self._publish_atomic(items)
+                seqs = await self._publish_atomic(items, wait)
         except _Refused as refused:
-            if refused.err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
+            if refused.err_code in _CONFLICTS:
                 mine = await self._already_mine(items)
                 if mine is not None:
                     return Appended((mine,), duplicate=True)
@@ -223,17 +237,20 @@ class EventStore:
 
     async def _explain(self, item: Append, err_code: int, description: str) -> Appended:
         """What ``append`` would have said about a refused pipelined message."""
-        if err_code in (WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID):
+        if err_code in _CONFLICTS:
             mine = await self._already_mine([item])
             if mine is not None:
                 return Appended((mine,), duplicate=True)
             raise ConflictError(item.subject, description)
         raise AppendError(f"{item.subject}: {err_code}: {description}")
 
-    async def _publish_one(self, item: Append) -> tuple[int, bool]:
+    async def _publish_one(self, item: Append, timeout: float) -> tuple[int, bool]:
         try:
             ack = await self.js.publish(
-                item.subject, codec.encode(item.envelope), headers=item.headers() or None
+                item.subject,
+                codec.encode(item.envelope),
+                timeout=timeout,
+                headers=item.headers() or None,
             )
         except APIError as exc:
             raise _Refused(exc.err_code or 0, exc.description or str(exc)) from None
@@ -243,7 +260,7 @@ class EventStore:
         self._count([item])
         return int(ack.seq), False
 
-    async def _publish_atomic(self, items: Sequence[Append]) -> tuple[int, ...]:
+    async def _publish_atomic(self, items: Sequence[Append], timeout: float) -> tuple[int, ...]:
         batch_id = uuid.uuid4().hex
         last = len(items)
         for n, item in enumerate(items, 1):
@@ -256,11 +273,9 @@ class EventStore:
                 continue
             headers["Nats-Batch-Commit"] = "1"
             try:
-                reply = await self.nc.request(
-                    item.subject, data, timeout=self.timeout, headers=headers
-                )
+                reply = await self.nc.request(item.subject, data, timeout=timeout, headers=headers)
             except nats.errors.NoRespondersError:
-                raise AppendError("no stream accepts the batch subject") from None
+                raise AppendError("no stream accepts the batch subject", transient=True) from None
             ack: dict[str, Any] = json.loads(reply.data)
             error = ack.get("error")
             if error:
@@ -313,6 +328,9 @@ class EventStore:
         finally:
             await sub.unsubscribe()
         return history, last
+
+
+_CONFLICTS = (WRONG_LAST_SEQUENCE, BATCH_WRONG_LAST_SEQUENCE, BATCH_DUPLICATE_MSG_ID)
 
 
 class _Refused(Exception):

@@ -25,8 +25,9 @@ MAX_EVENT_BYTES = 1024 * 1024
 TELEMETRY_MAX_AGE_S = 24 * 3600.0
 
 
-def events_stream() -> StreamConfig:
+def events_stream(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=EVENTS_STREAM,
         description="DAMM event log: the source of truth",
         subjects=[f"{EVENT_PREFIX}.>"],
@@ -42,8 +43,9 @@ def events_stream() -> StreamConfig:
     )
 
 
-def telemetry_stream() -> StreamConfig:
+def telemetry_stream(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
+        num_replicas=replicas,
         name=TELEMETRY_STREAM,
         description="DAMM gateway heartbeats (age-limited telemetry)",
         subjects=[f"{TELEMETRY_PREFIX}.>"],
@@ -59,12 +61,17 @@ def telemetry_stream() -> StreamConfig:
     )
 
 
-async def ensure_streams(js: Any) -> None:
-    """Create the streams if missing; update them when this build's definition changed."""
-    for config in (events_stream(), telemetry_stream()):
+async def ensure_streams(js: Any, replicas: int = 1) -> None:
+    """Create the streams if missing; update them when this build's definition changed.
+
+    ``replicas`` applies on creation and may raise an existing stream's count, never lower it:
+    a replica started without the cluster setting must not shrink an R3 log to R1.
+    """
+    for config in (events_stream(replicas), telemetry_stream(replicas)):
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
         else:
+            config.num_replicas = max(replicas, int(info.config.num_replicas or 1))
             await js.update_stream(config)

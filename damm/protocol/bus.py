@@ -47,7 +47,7 @@ async def connect(
             await on_reconnected()
 
     options: dict[str, Any] = {
-        "servers": [url],
+        "servers": [u.strip() for u in url.split(",") if u.strip()],
         "name": name,
         "connect_timeout": connect_timeout,
         "allow_reconnect": reconnect,

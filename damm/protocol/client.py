@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.errors import Code, DammError
-from damm.protocol.messages import Reply
+from damm.protocol.messages import TIMEOUT_HEADER, Reply
 from damm.subjects import request_subject
 
 T = TypeVar("T")
@@ -22,26 +22,46 @@ _encoder = msgspec.json.Encoder()
 
 
 NO_RESPONDERS_GRACE_S = 1.0
+# The server's budget is this much shorter than the client's wait, so a request the server still
+# records is one whose client is still listening for the answer.
+REPLY_MARGIN_S = 0.2
 
 
 async def _request(
     nc: NATS, subject: str, payload: bytes, timeout: float, headers: dict[str, str]
 ) -> Msg:
-    """A request, retried while nobody serves the subject for up to a second.
+    """A request within ``timeout`` overall, retried while nobody serves the subject.
 
     "No responders" means the request reached no handler, so sending it again cannot record
     anything twice; it happens while handler processes restart and for a moment after one has
-    just subscribed.
+    just subscribed. The grace for it starts at the first such answer, not before the first
+    send: a request that waited out a reconnect still gets its full second once it is sent.
+    Nothing is sent while disconnected (nats-py would buffer it and deliver it late, with a
+    budget computed before the wait), and each send carries the time left as the server's budget.
     """
     loop = asyncio.get_running_loop()
-    give_up = loop.time() + min(NO_RESPONDERS_GRACE_S, timeout)
+    deadline = loop.time() + timeout
+    give_up: float | None = None
     delay = 0.05
     while True:
+        while not nc.is_connected:
+            if nc.is_closed or loop.time() + 0.02 > deadline:
+                raise DammError(Code.UNAVAILABLE, f"not connected to NATS within {timeout:g}s")
+            await asyncio.sleep(0.02)
+        left = deadline - loop.time()
+        if left <= 0:
+            raise DammError(Code.UNAVAILABLE, f"no reply within {timeout:g}s")
+        budget_ms = max(1, int((left - min(REPLY_MARGIN_S, left / 2)) * 1000))
         try:
-            msg: Msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
+            msg: Msg = await nc.request(
+                subject, payload, timeout=left, headers={**headers, TIMEOUT_HEADER: str(budget_ms)}
+            )
             return msg
         except nats.errors.NoRespondersError:
-            if loop.time() + delay > give_up:
+            now = loop.time()
+            if give_up is None:
+                give_up = min(now + NO_RESPONDERS_GRACE_S, deadline)
+            if now + delay > give_up:
                 raise DammError(Code.UNAVAILABLE, f"nothing serves {subject}") from None
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.25)

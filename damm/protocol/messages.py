@@ -15,6 +15,11 @@ from msgspec import Meta
 from damm.events.model import TierStatus
 
 MAX_REQUEST_BYTES = 16 * 1024
+# A request's budget in milliseconds, counted from when the control plane received it: past it,
+# the caller has given up, so nothing may be recorded for the request any more.
+TIMEOUT_HEADER = "Damm-Timeout-Ms"
+MAX_BUDGET_MS = 60_000
+DEFAULT_BUDGET_MS = 30_000
 
 # A dotted-quad IPv4 address: the egress source a gateway writes into its NAT rules.
 IPv4Text = Annotated[

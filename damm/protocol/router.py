@@ -9,6 +9,7 @@ answers with a result or a catalogued error. Handlers stay plain functions of a 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import time
 import uuid
@@ -27,7 +28,14 @@ from damm import log
 from damm.errors import Code, DammError
 from damm.events.model import Actor
 from damm.metrics import ControlMetrics
-from damm.protocol.messages import MAX_REQUEST_BYTES, ErrorBody, Reply
+from damm.protocol.messages import (
+    DEFAULT_BUDGET_MS,
+    MAX_BUDGET_MS,
+    MAX_REQUEST_BYTES,
+    TIMEOUT_HEADER,
+    ErrorBody,
+    Reply,
+)
 from damm.subjects import request_subject
 
 _log = log.get("damm.handlers")
@@ -57,10 +65,16 @@ BUS_TROUBLE = (
 
 @dataclass(frozen=True)
 class Call:
-    """Who asked, and the request's correlation id (the dedupe key for its events)."""
+    """Who asked, the request's correlation id (the dedupe key for its events), and the event
+    loop time after which its caller has given up (nothing may be recorded for it after that)."""
 
     correlation_id: str
     actor: Actor
+    deadline: float = math.inf
+
+    def expired(self, margin: float = 0.0) -> bool:
+        """Past the deadline, or closer to it than ``margin`` (the time the work may take)."""
+        return asyncio.get_running_loop().time() + margin >= self.deadline
 
 
 Handler = Callable[[Any, Call], Awaitable[msgspec.Struct]]
@@ -123,18 +137,24 @@ class Service:
             decoder = msgspec.json.Decoder(route.request_type)
 
             async def on_msg(msg: Msg, route: Route = route, decoder: Any = decoder) -> None:
+                # Stamp the arrival before waiting for a slot: nats-py delivers a subscription's
+                # messages one callback at a time, so a callback that waited here left the next
+                # requests unstamped in its queue, and an overloaded process recorded requests
+                # whose callers had given up seconds earlier (the chaos suite found 190).
                 received = time.perf_counter()  # waiting for a slot is part of the latency
-                await self._slots.acquire()
-                task = asyncio.create_task(self._serve(route, decoder, msg, received))
+                arrived = asyncio.get_running_loop().time()
+                task = asyncio.create_task(self._slotted(route, decoder, msg, received, arrived))
                 self._tasks.add(task)
-                task.add_done_callback(self._done)
+                task.add_done_callback(self._tasks.discard)
 
             self._subs.append(await self.nc.subscribe(route.subject, queue=self.queue, cb=on_msg))
         await self.nc.flush()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    async def _slotted(
+        self, route: Route, decoder: Any, msg: Msg, received: float, arrived: float
+    ) -> None:
+        async with self._slots:
+            await self._serve(route, decoder, msg, received, arrived)
 
     async def stop(self) -> None:
         for sub in self._subs:
@@ -143,7 +163,9 @@ class Service:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _serve(self, route: Route, decoder: Any, msg: Msg, received: float) -> None:
+    async def _serve(
+        self, route: Route, decoder: Any, msg: Msg, received: float, arrived: float
+    ) -> None:
         headers = msg.headers or {}
         raw_id = headers.get(CORRELATION_HEADER)
         correlation_id = raw_id if raw_id and _CORRELATION_ID.fullmatch(raw_id) else None
@@ -164,7 +186,9 @@ class Service:
                 )
                 return
             try:
-                code, body = await self._answer(route, decoder, msg, headers, correlation_id)
+                code, body = await self._answer(
+                    route, decoder, msg, headers, correlation_id, arrived
+                )
             except Exception:  # never leave a requester without an answer
                 _log.exception("request failed outside the handler")
                 code, body = _refused(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
@@ -178,8 +202,19 @@ class Service:
         msg: Msg,
         headers: dict[str, str],
         correlation_id: str | None,
+        arrived: float,
     ) -> tuple[str, bytes]:
         """The answer, and the code it carries ("ok" or an error code) for the metrics."""
+        try:
+            deadline = arrived + budget_s((msg.headers or {}).get(TIMEOUT_HEADER))
+        except DammError as err:
+            _log.info("request refused", code=err.code.slug, detail=err.detail)
+            return _refused(err)
+        if asyncio.get_running_loop().time() >= deadline:
+            # Its caller has given up while it waited for a slot: deciding it now could only
+            # record something the caller was told failed.
+            _log.info("request refused", code="deadline_exceeded")
+            return _refused(DammError(Code.DEADLINE_EXCEEDED, "expired while queued"))
         if len(msg.data) > route.max_bytes:
             _log.info("request refused", code="request_too_large", size=len(msg.data))
             return _refused(
@@ -211,7 +246,7 @@ class Service:
             return _refused(DammError(Code.REQUEST_TOO_DEEP))
         try:
             actor = Actor(route.actor_kind, actor_name)
-            result = await route.handler(request, Call(correlation_id, actor))
+            result = await route.handler(request, Call(correlation_id, actor, deadline))
         except DammError as err:
             _log.info("request refused", code=err.code.slug, detail=err.detail)
             return _refused(err)
@@ -225,6 +260,16 @@ class Service:
             _log.exception("handler failed")
             return _refused(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
         return "ok", ok_reply(result)
+
+
+def budget_s(header: str | None) -> float:
+    """A request's budget in seconds from its timeout header; a missing header (an older
+    client) gets the default, and no caller may hold the control plane longer than the cap."""
+    if header is None:
+        return DEFAULT_BUDGET_MS / 1000
+    if not header.isascii() or not header.isdigit() or len(header) > 9:
+        raise DammError(Code.MALFORMED_REQUEST, f"{TIMEOUT_HEADER} must be whole milliseconds")
+    return min(int(header), MAX_BUDGET_MS) / 1000
 
 
 def _refused(err: DammError) -> tuple[str, bytes]:

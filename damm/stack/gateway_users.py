@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Protocol
 
 from damm import log
 from damm.control.state import DecisionState
-from damm.stack.nats_server import NatsServer
 
 _log = log.get("damm.stack")
+
+
+class GatewayUsers(Protocol):
+    """A single node or a whole cluster: every node gets the same gateway users."""
+
+    def set_gateways(self, gateways: dict[str, str]) -> bool: ...
 
 
 def gateway_hashes(state: DecisionState) -> dict[str, str]:
@@ -25,7 +31,7 @@ def gateway_hashes(state: DecisionState) -> dict[str, str]:
 
 
 async def follow_gateways(
-    server: NatsServer, state: DecisionState, stop: asyncio.Event, interval_s: float = 0.2
+    server: GatewayUsers, state: DecisionState, stop: asyncio.Event, interval_s: float = 0.2
 ) -> None:
     while not stop.is_set():
         wanted = gateway_hashes(state)

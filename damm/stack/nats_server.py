@@ -14,7 +14,7 @@ from pathlib import Path
 
 from damm.private_files import write_atomic
 from damm.stack import processes
-from damm.stack.nats_config import ServerSettings, render
+from damm.stack.nats_config import ClusterSettings, ServerSettings, render
 
 GATEWAYS = "gateways.json"  # gateway id -> bcrypt hash of its token, as last configured
 
@@ -39,6 +39,9 @@ class NatsServer:
     proc: subprocess.Popen[bytes] | None = None
     gateways: dict[str, str] = field(default_factory=dict)  # gateway id -> bcrypt hash
     single_account: bool = False  # benchmarks only: the layout before accounts
+    max_file_store: int | None = None
+    server_name: str = "damm"
+    cluster: ClusterSettings | None = None
 
     def _write_config(self) -> None:
         settings = ServerSettings(
@@ -46,6 +49,9 @@ class NatsServer:
             self.passwords,
             self.gateways,
             single_account=self.single_account,
+            max_file_store=self.max_file_store,
+            server_name=self.server_name,
+            cluster=self.cluster,
         )
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
         # Kept for the next start: a running agent reconnecting to a restarted server must find

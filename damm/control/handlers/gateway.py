@@ -45,6 +45,17 @@ class GatewayHandlers:
             raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r} and token do not match")
         return gw
 
+    async def registered(self, gateway_id: str, token: str) -> GatewayState:
+        """The authenticated gateway, registered; with several control planes the registration
+        may have landed through another one a moment ago, so catch up before refusing."""
+        gw = await self.authenticate(gateway_id, token)
+        if not gw.registered:
+            await self.ctx.fresh(lambda: self.ctx.state.gateways[gateway_id].registered)
+            gw = self.ctx.state.gateways[gateway_id]
+        if not gw.registered:
+            raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
+        return gw
+
     async def register(self, req: p.RegisterGateway, call: Call) -> p.Registered:
         gw = await self.authenticate(req.gateway_id, req.token)
         public_key = validate_public_key(req.public_key)
@@ -82,9 +93,7 @@ class GatewayHandlers:
         )
 
     async def heartbeat(self, req: p.Heartbeat, call: Call) -> p.HeartbeatAck:
-        gw = await self.authenticate(req.gateway_id, req.token)
-        if not gw.registered:
-            raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
+        gw = await self.registered(req.gateway_id, req.token)
         event = m.GatewayHeartbeat(
             gateway_id=gw.gateway_id,
             peer_count=req.peer_count,
@@ -122,9 +131,7 @@ class GatewayHandlers:
         return owners
 
     async def report_usage(self, req: p.ReportUsage, call: Call) -> p.Done:
-        gw = await self.authenticate(req.gateway_id, req.token)
-        if not gw.registered:
-            raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
+        gw = await self.registered(req.gateway_id, req.token)
         mark = (gw.gateway_id, req.ledger_id)
         numbered = bool(req.ledger_id and req.report_seq)
 

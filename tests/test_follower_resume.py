@@ -1,0 +1,79 @@
+"""The decision-state follower against a real nats-server that restarts under it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from damm.control.follower import StateFollower
+from damm.control.state import DecisionState
+from damm.events import model as m
+from damm.events.store import Append, EventStore, envelope
+from damm.events.streams import ensure_streams
+from damm.protocol.bus import connect
+from damm.settings import ControlSettings
+from damm.stack.nats_server import NatsServer
+from damm.subjects import event_subject
+
+ADMIN = m.Actor("admin", "alice")
+
+
+def tier(name: str) -> Append:
+    subject = event_subject("tier", name)
+    env = envelope(
+        subject, m.TierDefined(tier=name, regions=("eu",)), actor=ADMIN, correlation_id=name
+    )
+    return Append(subject, env, expected_seq=0)
+
+
+async def test_follower_folds_new_events_within_a_second_of_a_restart(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    followers: list[StateFollower] = []
+
+    async def reconnected() -> None:
+        for f in followers:
+            f.reconnected()
+
+    password = nats_server.passwords["control"]
+    nc = await connect(
+        nats_server.url, user="control", password=password, on_reconnected=reconnected
+    )
+    writer = await connect(nats_server.url, user="control", password=password)
+    try:
+        await ensure_streams(nc.jetstream())
+        store = EventStore(writer)
+        await store.append(tier("before"))
+        state = DecisionState(ControlSettings(keys_dir=tmp_path / "keys").overlay)
+        follower = StateFollower(nc, state)
+        followers.append(follower)
+        await follower.start()
+        assert "before" in state.tiers
+
+        port = urlsplit(nats_server.url).port
+        assert port is not None
+        nats_server.stop()
+        nats_server.port = port
+        nats_server.start()
+        # The writer may itself still be reconnecting: keep trying until the log takes it.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while True:
+            try:
+                await store.append(tier("after"))
+                break
+            except Exception:
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        appended = time.monotonic()
+        while "after" not in state.tiers:
+            assert time.monotonic() - appended < 1.0, "follower blind after the restart"
+            await asyncio.sleep(0.01)
+        await follower.sync(timeout=1.0)
+        await follower.stop()
+    finally:
+        await writer.close()
+        await nc.close()
