@@ -270,9 +270,7 @@ class OrchestratorStepStarted(_OrchestratorStep, frozen=True, tag="orchestrator.
     pass
 
 
-class OrchestratorStepSucceeded(
-    _OrchestratorStep, frozen=True, tag="orchestrator.step_succeeded"
-):
+class OrchestratorStepSucceeded(_OrchestratorStep, frozen=True, tag="orchestrator.step_succeeded"):
     pass
 
 
