@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from damm import netns as netlab
 from damm.control.process import ControlPlane
-from damm.dev import demo, netlab
+from damm.dev import demo
 from damm.device import files
 from damm.device.wgconfig import parse_endpoint
 from damm.stack.nats_server import NatsServer

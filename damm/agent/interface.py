@@ -96,11 +96,8 @@ async def ensure(
     """The interface named ``ifname``, created when it is missing."""
     sock = socket_path_for(ifname, socket_dir)
     if await exists(ifname):
-        backend: Literal["kernel", "uapi"]
-        if kind == "auto":
-            backend = "uapi" if sock.exists() else "kernel"
-        else:
-            backend = kind
+        found: Literal["kernel", "uapi"] = "uapi" if _present(sock) else "kernel"
+        backend = found if kind == "auto" else kind
         _log.info("interface found", interface=ifname, backend=backend)
         return Interface(ifname, backend, sock)
     if kind in ("auto", "kernel"):
@@ -114,9 +111,9 @@ async def ensure(
 
 
 async def _start_wireguard_go(ifname: str, sock: Path) -> Interface:
-    if sock.exists():
-        # A socket without its interface: left by a killed daemon, it would block the name.
-        sock.unlink()
+    # A socket without its interface: left by a killed daemon, it would block the name.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(sock)
     log_fd, log_name = tempfile.mkstemp(prefix=f"wireguard-go-{ifname}-", suffix=".log")
     env = dict(os.environ, WG_PROCESS_FOREGROUND="1", LOG_LEVEL="error")
     try:
@@ -134,15 +131,25 @@ async def _start_wireguard_go(ifname: str, sock: Path) -> Interface:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + READY_S
     try:
-        while not sock.exists():  # the socket appears once the TUN is up and listening
+        while not _present(sock):  # the socket appears once the TUN is up and listening
             if proc.returncode is not None or loop.time() > deadline:
-                tail = Path(log_name).read_text(errors="replace").strip()[-300:]
+                tail = _tail(log_name)
                 raise DammError(Code.WG_BACKEND, f"wireguard-go {ifname} did not start: {tail}")
             await asyncio.sleep(0.02)
     except BaseException:
         await iface.close()
         raise
     finally:
-        Path(log_name).unlink(missing_ok=True)
+        os.unlink(log_name)
     _log.info("interface created", interface=ifname, backend="uapi", pid=proc.pid)
     return iface
+
+
+def _tail(path: str) -> str:
+    with open(path, errors="replace") as f:
+        return f.read().strip()[-300:]
+
+
+def _present(path: Path) -> bool:
+    """A stat of a local socket path: cheap enough to poll from the loop."""
+    return path.exists()

@@ -17,8 +17,8 @@ from damm.control.follower import StateFollower
 from damm.control.handlers.admin import AdminHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
-from damm.control.handlers.peer_snapshot import PeerSetHandlers
 from damm.control.handlers.orchestrator import OrchestratorHandlers
+from damm.control.handlers.peer_snapshot import PeerSetHandlers
 from damm.control.handlers.signing_keys import SigningKeys
 from damm.control.leadership import Leadership
 from damm.control.publishers.catalogs import CatalogPublisher

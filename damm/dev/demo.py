@@ -26,8 +26,8 @@ from pathlib import Path
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm import netns as netlab
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.dev import netlab
 from damm.device import files
 from damm.device.failover import (
     FailoverResult,
