@@ -5,7 +5,7 @@ nats-server listens on the machine's 127.0.0.1 only. The relay opens a listening
 the namespace (a socket belongs to the namespace it was made in, so it enters the namespace just
 long enough to make one) and forwards each connection to the real server from outside. The
 agent in the namespace then runs the very command an operator runs, ``--nats`` pointing at its
-own loopback. Run as ``python -m damm.orchestrator.providers.relay NS LISTEN_PORT TARGET_URL``.
+own loopback. Run as ``python -m damm.orchestrator.providers.relay NS PORT TARGET_URL [PIDFILE]``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import ctypes
 import os
 import socket
 import sys
+from pathlib import Path
 from urllib.parse import urlsplit
 
 CLONE_NEWNET = 0x40000000
@@ -77,12 +78,14 @@ def target_of(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 4222
 
 
-async def _main(netns: str, listen_port: int, url: str) -> None:
+async def _main(netns: str, listen_port: int, url: str, pidfile: str | None) -> None:
     host, port = target_of(url)
     server = await serve(listen_in(netns, listen_port), host, port)
+    if pidfile:  # written by the relay itself: found even if its starter died right after
+        Path(pidfile).write_text(str(os.getpid()))  # noqa: ASYNC240 - once, tiny
     async with server:
         await server.serve_forever()
 
 
 if __name__ == "__main__":
-    asyncio.run(_main(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
+    asyncio.run(_main(sys.argv[1], int(sys.argv[2]), sys.argv[3], next(iter(sys.argv[4:]), None)))
