@@ -91,7 +91,7 @@ class Fleet:
     lab: netlab.Lab
 
     def provider(self) -> NetnsProvider:
-        spec = topo.load(self.topology).providers["lab"]
+        spec = topo.Provider(kind="netns", subnet="172.31.0.0/24", heartbeat_s=1, capacity=2)
         return NetnsProvider("lab", spec, self.state / "providers" / "lab")
 
     def write_topology(self, text: str) -> None:
@@ -324,3 +324,55 @@ async def test_run_replaces_a_killed_host_and_scale_out_is_capped(fleet: Fleet) 
     assert refusal["action"]["kind"] == "add_gateway"
     assert "eu load 1.00 over target 0.60" in refusal["action"]["reason"]
     assert "maximum is 1" in refusal["detail"]
+
+
+EXEC_TOPOLOGY = """
+[guardrails]
+cooldown_s = 0
+
+[providers.cloud]
+kind = "exec"
+command = ["{python}", "{script}"]
+timeout_s = 60
+
+[regions.eu]
+provider = "cloud"
+gateways = {n}
+front_doors = ["fd1"]
+egress = [{{ country = "DE" }}]
+"""
+
+
+EXEC_SCRIPT = Path(__file__).resolve().parent / "orchestrator_exec_provider.py"
+
+
+async def test_exec_provider_drives_hosts_through_its_json_contract(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = EXEC_SCRIPT
+    exec_state = fleet.tmp / "exec-state"
+    monkeypatch.setenv("DAMM_EXEC_STATE", str(exec_state))  # the CLI's children inherit it
+    spec = topo.Provider(kind="netns", subnet="172.31.9.0/24")
+    lab = NetnsProvider("exec-lab", spec, exec_state)
+    try:
+        for n in (2, 1):
+            fleet.write_topology(EXEC_TOPOLOGY.format(python=sys.executable, script=script, n=n))
+            done = await fleet.cli("apply")
+            assert done.returncode == 0, done.stderr
+        assert "retire_gateway eu-2: succeeded" in done.stdout
+        await eventually(lambda: fleet.healthy("eu-1"), HEALTHY_BOUND_S, "eu-1 healthy")
+        assert [(h.gateway_id, h.state) for h in await lab.list()] == [("eu-1", "running")]
+        status = await fleet.gateways()
+        assert status["eu-2"] == "disabled"
+        rep = await generate(fleet.dsn, ttl_s=10.0, now=datetime.now(UTC))
+        (pool,) = rep.egress_pools
+        assert (pool.pool_id, pool.countries, pool.provider) == ("eu-de-1", ["DE"], "cloud")
+        assert (await fleet.plan())["actions"] == []
+
+        fleet.write_topology(EXEC_TOPOLOGY.format(python="false", script="", n=1))
+        failed = await fleet.cli("plan")
+        assert failed.returncode == 1
+        assert failed.stderr.startswith(f"error: {Code.PROVIDER_FAILED.slug}: ")
+        assert "cloud list: exit 1" in failed.stderr
+    finally:
+        await lab.teardown()
