@@ -255,16 +255,23 @@ async def test_killed_apply_run_again_finishes_without_duplicates(fleet: Fleet) 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    records = fleet.state / "providers" / "lab" / "hosts"
     try:
-        # Half-way: once the second gateway's host exists, before the plan is done.
-        await eventually(
-            lambda: _hosts_at_least(fleet, 2), 30, "second host created by the first apply"
-        )
+        # Half-way: the second host is being made (its inventory record is written first).
+        deadline = time.monotonic() + 30
+        while len(list(records.glob("*.json"))) < 2:
+            assert time.monotonic() < deadline, "the first apply never reached the second host"
+            await asyncio.sleep(0.005)
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+    steps = await collect(fleet.admin, AuditFilter(actor="orchestrator"))
+    finished = [e for e in steps if isinstance(e.event, m.OrchestratorStepSucceeded)]
+    assert len(finished) < 3, "the kill came after the plan was done"
     again = await fleet.cli("apply", "--plan", str(fleet.tmp / "plan.json"))
     assert again.returncode == 0, again.stderr
+    assert "0. add_gateway eu-1: skipped" in again.stdout
+    assert "2. add_gateway eu-3: succeeded" in again.stdout
     await eventually(
         lambda: fleet.healthy("eu-1", "eu-2", "eu-3"), HEALTHY_BOUND_S, "three healthy"
     )
@@ -274,10 +281,6 @@ async def test_killed_apply_run_again_finishes_without_duplicates(fleet: Fleet) 
     assert sorted(h.gateway_id for h in hosts) == ["eu-1", "eu-2", "eu-3"]
     assert all(h.state == "running" for h in hosts)
     assert (await fleet.plan())["actions"] == []
-
-
-async def _hosts_at_least(fleet: Fleet, n: int) -> bool:
-    return len(await fleet.provider().list()) >= n
 
 
 async def test_run_replaces_a_killed_host_and_scale_out_is_capped(fleet: Fleet) -> None:

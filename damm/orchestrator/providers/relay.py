@@ -84,7 +84,9 @@ async def _main(netns: str, listen_port: int, url: str, pidfile: str | None) -> 
     if pidfile:  # written by the relay itself: found even if its starter died right after
         Path(pidfile).write_text(str(os.getpid()))  # noqa: ASYNC240 - once, tiny
     async with server:
-        await server.serve_forever()
+        # The relay lives exactly as long as its host: once the namespace is gone, so is it.
+        while await asyncio.to_thread(os.path.exists, f"/run/netns/{netns}"):
+            await asyncio.sleep(1.0)
 
 
 if __name__ == "__main__":
