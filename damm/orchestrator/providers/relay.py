@@ -16,6 +16,7 @@ import ctypes
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -78,6 +79,11 @@ def target_of(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 4222
 
 
+def _wait_for_removal(path: str) -> None:
+    while os.path.exists(path):
+        time.sleep(1.0)
+
+
 async def _main(netns: str, listen_port: int, url: str, pidfile: str | None) -> None:
     host, port = target_of(url)
     server = await serve(listen_in(netns, listen_port), host, port)
@@ -85,8 +91,7 @@ async def _main(netns: str, listen_port: int, url: str, pidfile: str | None) -> 
         Path(pidfile).write_text(str(os.getpid()))  # noqa: ASYNC240 - once, tiny
     async with server:
         # The relay lives exactly as long as its host: once the namespace is gone, so is it.
-        while await asyncio.to_thread(os.path.exists, f"/run/netns/{netns}"):
-            await asyncio.sleep(1.0)
+        await asyncio.to_thread(_wait_for_removal, f"/run/netns/{netns}")
 
 
 if __name__ == "__main__":
