@@ -330,8 +330,14 @@ def test_no_sequence_of_plans_breaks_a_guardrail(data: st.DataObject) -> None:
         for name, spec in regions.items():
             grew = after_regions.get(name, 0) > before_regions.get(name, 0)
             assert not grew or after_regions[name] <= spec.max_gateways
+            dead = {g.gateway_id for g in fleet.gateways if is_dead(g, rails.dead_after_s)}
             scaled = any(
-                isinstance(x, a.AddGateway | a.RetireGateway) and x.region == name
+                x.region == name
+                and (
+                    isinstance(x, a.AddGateway)
+                    # clearing away a dead gateway changes no capacity: not a scaling step
+                    or (isinstance(x, a.RetireGateway) and x.gateway_id not in dead)
+                )
                 for x in result.actions
             )
             last = fleet.last_scaled.get(name)
@@ -376,3 +382,13 @@ def test_no_sequence_of_plans_breaks_a_guardrail(data: st.DataObject) -> None:
                 for g in after.gateways
             ),
         )
+
+
+def test_a_gateway_whose_host_vanished_does_not_count_as_healthy() -> None:
+    """Found by the property above: a dead host still reported healthy let a retire through."""
+    desired = topo({"eu": t.Region(provider="lab", max_gateways=0, min_healthy=2)})
+    fleet = Fleet(gateways=(gw("eu-1"), gw("eu-2"), gw("eu-3", host="missing")))
+    result = plan(desired, fleet, [], NOW)
+    retired = [x.gateway_id for x in result.actions if isinstance(x, a.RetireGateway)]
+    assert retired == ["eu-3"]
+    assert {r.code for r in result.refusals} == {Code.GUARDRAIL_MIN_HEALTHY.slug}

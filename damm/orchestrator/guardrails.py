@@ -41,7 +41,7 @@ class Tally:
             tally.in_region[g.region] = tally.in_region.get(g.region, 0) + 1
             if g.gateway_id not in dead:
                 tally.alive[g.region] = tally.alive.get(g.region, 0) + 1
-            if g.status == "healthy":
+            if g.status == "healthy" and g.gateway_id not in dead:  # a vanished host serves none
                 tally.healthy[g.region] = tally.healthy.get(g.region, 0) + 1
             if g.provider is not None:
                 tally.per_provider[g.provider] = tally.per_provider.get(g.provider, 0) + 1
