@@ -165,3 +165,25 @@ async def test_control_unit_serves_and_stops(
         proc.terminate()
         code = await asyncio.wait_for(proc.wait(), STOP_LIMIT_S)
     assert code == 0, (await proc.stderr.read()).decode()[-2000:]  # type: ignore[union-attr]
+
+
+@pytest.mark.netns
+async def test_gateway_run_uses_a_live_interface_of_another_namespace_and_leaves_it() -> None:
+    """An agent beside (not inside) the interface's namespace talks to its UAPI socket only."""
+    ok, why = netlab.can_run_netns()
+    if not ok:
+        pytest.skip(why)
+    from damm.agent import interface
+
+    async with netlab.Lab() as lab:
+        ns = await lab.netns("side")
+        daemon = await lab.wireguard_go(ns, "s")
+        for kind in ("auto", "uapi"):
+            found = await interface.ensure(daemon.ifname, kind)  # type: ignore[arg-type]
+            assert (found.backend, found.created, found.local) == ("uapi", False, False)
+            await found.configure("10.44.0.1/24")
+            await found.close()
+        assert daemon.process.returncode is None, "the daemon someone else started still runs"
+        shown = await netlab.exec_in(ns, "ip", "-o", "addr", "show", "dev", daemon.ifname)
+        assert "10.44.0.1" not in shown.stdout, "not ours to address"
+        assert not await interface.exists(daemon.ifname)  # and nothing appeared out here

@@ -49,6 +49,7 @@ class Interface:
     backend: Literal["kernel", "uapi"]
     socket_path: Path
     created: bool = False
+    local: bool = True  # visible in this network namespace, so its addresses are ours to set
     wireguard_go: asyncio.subprocess.Process | None = None
     addresses: list[str] = field(default_factory=list)
 
@@ -57,6 +58,8 @@ class Interface:
 
         ``replace`` makes it idempotent: a restarted agent finds the address already there.
         """
+        if not self.local:
+            return
         for cidr in cidrs:
             await _ip("address", "replace", cidr, "dev", self.ifname)
             self.addresses.append(cidr)
@@ -90,14 +93,34 @@ async def exists(ifname: str) -> bool:
     return code == 0
 
 
+async def listening(sock: Path) -> bool:
+    """Whether a UAPI daemon answers on ``sock`` (a leftover socket file refuses)."""
+    try:
+        _, writer = await asyncio.open_unix_connection(sock)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
 async def ensure(
     ifname: str, kind: Kind = "auto", socket_dir: Path = DEFAULT_SOCKET_DIR
 ) -> Interface:
-    """The interface named ``ifname``, created when it is missing."""
+    """The interface named ``ifname``, created when it is missing.
+
+    A live UAPI socket means the interface exists, possibly in another network namespace (the
+    socket directory is shared): the agent then only talks to it, and leaves its addresses and
+    its daemon to whoever made it.
+    """
     sock = socket_path_for(ifname, socket_dir)
+    if kind != "kernel" and await listening(sock):
+        local = await exists(ifname)
+        _log.info("interface found", interface=ifname, backend="uapi", local=local)
+        return Interface(ifname, "uapi", sock, local=local)
     if await exists(ifname):
-        found: Literal["kernel", "uapi"] = "uapi" if _present(sock) else "kernel"
-        backend = found if kind == "auto" else kind
+        backend: Literal["kernel", "uapi"] = "kernel" if kind == "auto" else kind
         _log.info("interface found", interface=ifname, backend=backend)
         return Interface(ifname, backend, sock)
     if kind in ("auto", "kernel"):
@@ -111,7 +134,7 @@ async def ensure(
 
 
 async def _start_wireguard_go(ifname: str, sock: Path) -> Interface:
-    # A socket without its interface: left by a killed daemon, it would block the name.
+    # A socket nobody answers on: left by a killed daemon, it would block the name.
     with contextlib.suppress(FileNotFoundError):
         os.unlink(sock)
     log_fd, log_name = tempfile.mkstemp(prefix=f"wireguard-go-{ifname}-", suffix=".log")
