@@ -36,7 +36,7 @@ def fleet_from(
             GatewayNow(
                 gateway_id=g.gateway_id,
                 region=g.region,
-                status=g.status,  # type: ignore[arg-type]
+                status=g.status,
                 load=g.load,
                 devices_active=g.devices_active,
                 silent_s=silent,

@@ -18,15 +18,15 @@ from datetime import datetime, timedelta
 
 import nats.js.errors
 
-from damm.control.context import Call, Context, token_hash
+from damm.control.context import Context
 from damm.control.handlers.admin import AdminHandlers
 from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.store import Append, ConflictError
+from damm.keys.tokens import gateway_password_hash, token_hash
 from damm.protocol import messages as p
-from damm.protocol.router import Route, route
-from damm.stack.nats_config import gateway_password_hash
+from damm.protocol.router import Call, Route, route
 from damm.subjects import event_subject
 
 LEASE_ATTEMPTS = 3
