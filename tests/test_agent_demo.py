@@ -25,7 +25,7 @@ def _pids(pattern: str) -> set[str]:
 
 
 async def test_demo_fails_over_and_cleans_up(
-    control: ControlPlane, nats_server: NatsServer, tmp_path: Path
+    control: ControlPlane, nats_server: NatsServer, dsn: str, tmp_path: Path
 ) -> None:
     ok, why = demo.demo_possible()
     if not ok:
@@ -35,6 +35,7 @@ async def test_demo_fails_over_and_cleans_up(
     handle = await demo.run_demo(
         nats_server.url,
         nats_server.passwords["admin"],
+        dsn,
         tmp_path / "demo",
     )
     wg_pattern = f"wireguard-go -f wg{handle.lab.tag}"
@@ -79,6 +80,7 @@ async def test_demo_fails_over_and_cleans_up(
     again = await demo.run_demo(
         nats_server.url,
         nats_server.passwords["admin"],
+        dsn,
         tmp_path / "demo",
     )
     try:

@@ -1,8 +1,9 @@
 """The demo `damm up` shows as root: a gateway and a device, each in its own network namespace.
 
-It goes through the same doors as production: the admin API defines a tier, a gateway with two
-front doors (fd1 and fd2, one veth address each in the gateway namespace) and a token; the
-gateway agent registers and follows its peer set on a real wireguard-go interface; the device
+It goes through the same doors as production: the admin API defines a tier and a token; the
+orchestrator plans and applies a one-gateway topology on the `netns` provider, so the gateway
+host (a namespace on the provider bridge, front doors fd1 and fd2 as two bridge addresses) runs
+`damm gateway run`, which makes its wireguard-go interface, registers and heartbeats; the device
 generates its key, enrolls over NATS, writes the state dir `damm device enroll` writes
 (``device.json`` with the catalog trust pinned from the reply, ``wg0.conf``), brings its tunnel
 up through fd1 and pings the gateway's tunnel address. Then fd1 goes dark (its address is
@@ -20,14 +21,13 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from nats.aio.client import Client as NATS
 
 from damm import log
 from damm import netns as netlab
-from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.device import files
 from damm.device.failover import (
     FailoverResult,
@@ -38,6 +38,10 @@ from damm.device.failover import (
 )
 from damm.device.profile import save_enrollment
 from damm.errors import Code, DammError
+from damm.orchestrator import actions as a
+from damm.orchestrator import topology as topo
+from damm.orchestrator.loop import Orchestrator, build_providers
+from damm.orchestrator.providers.netns import NetnsProvider
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -48,13 +52,20 @@ _log = log.get("damm.dev.demo")
 
 PORT = 51820
 REGION = "demo"
-# One veth pair per front door: fd1 on 172.30.1.0/24, fd2 on 172.30.2.0/24.
-FD1_ADDR, FD1_DEV = "172.30.1.1", "172.30.1.2"
-FD2_ADDR, FD2_DEV = "172.30.2.1", "172.30.2.2"
+# The provider bridge's subnet: the gateway's fd1 and fd2 take its first two addresses.
+SUBNET = "172.30.0.0/24"
+FD1_ADDR, FD2_ADDR = "172.30.0.1", "172.30.0.2"
 FD1, FD2 = f"{FD1_ADDR}:{PORT}", f"{FD2_ADDR}:{PORT}"
 FD1_PRIORITY, FD2_PRIORITY = 10, 20
 CATALOG_WAIT_S = 20.0
 _RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+
+
+TOPOLOGY = topo.Topology(
+    providers={"demo": topo.Provider(kind="netns", subnet=SUBNET, heartbeat_s=2.0)},
+    regions={REGION: topo.Region(provider="demo", gateways=1, front_doors=("fd1", "fd2"))},
+    guardrails=topo.Guardrails(cooldown_s=0),
+)
 
 
 def demo_possible() -> tuple[bool, str]:
@@ -92,9 +103,9 @@ class DemoHandle:
     failover_ping_rtt_ms: float | None = None
     recovery_ms: float = 0.0  # failover start to the first answered ping through fd2
     failover_error: str = ""
+    plan_lines: tuple[str, ...] = ()  # what the orchestrator planned, with its reasons
     _admin: tuple[str, str] = ("", "")  # NATS URL and admin password, to retire the gateway
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _agent_task: asyncio.Task[None] | None = None
+    _provider: NetnsProvider | None = None
 
     @property
     def ok(self) -> bool:
@@ -102,6 +113,7 @@ class DemoHandle:
 
     def summary(self) -> list[str]:
         lines = [
+            *self.plan_lines,
             f"gateway {self.gateway_id} in netns {self.gw_ns} (wireguard-go, tunnel "
             f"{self.gateway_address})",
             f"front doors fd1 {FD1} (priority {FD1_PRIORITY}), fd2 {FD2} (priority {FD2_PRIORITY})",
@@ -147,14 +159,12 @@ class DemoHandle:
         return lines
 
     async def close(self) -> None:
-        self._stop.set()
-        if self._agent_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._agent_task, 5)
         if self.gateway_id and self._admin[0]:
             # Its heartbeat stays fresh for a while: a demo started right after this one must
             # not place its device on a gateway whose namespace is gone.
             await _retire(*self._admin, [self.gateway_id])
+        if self._provider is not None:
+            await self._provider.teardown()  # the gateway host, its processes, the bridge
         await self.lab.close()
 
 
@@ -166,68 +176,58 @@ def _ms(since: float) -> float:
     return (time.monotonic() - since) * 1000
 
 
-async def run_demo(nats_url: str, admin_password: str, state_dir: Path) -> DemoHandle:
+async def run_demo(
+    nats_url: str, admin_password: str, database_url: str, state_dir: Path
+) -> DemoHandle:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
     handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
-        await _build(handle, nats_url, admin_password, state_dir)
+        await _build(handle, nats_url, admin_password, database_url, state_dir)
     except BaseException:
         await handle.close()
         raise
     return handle
 
 
-async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path) -> None:
+async def _build(
+    h: DemoHandle, nats_url: str, admin_password: str, database_url: str, state_dir: Path
+) -> None:
     lab = h.lab
-    h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
-    fd1_if, _ = await lab.veth(h.gw_ns, h.dev_ns, f"{FD1_ADDR}/24", f"{FD1_DEV}/24")
-    await lab.veth(h.gw_ns, h.dev_ns, f"{FD2_ADDR}/24", f"{FD2_DEV}/24")
-    gwd, devd = await lab.wireguard_go(h.gw_ns, "g"), await lab.wireguard_go(h.dev_ns, "d")
+    h.dev_ns = await lab.netns("dev")
+    devd = await lab.wireguard_go(h.dev_ns, "d")
     h.dev_ifname = devd.ifname
     admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
     device_nc = await connect(nats_url, name="damm-demo-device")
     try:
-        await _retire_stale(admin, state_dir)
-        h.gateway_id = f"demo-{lab.tag}"
+        orch_dir = state_dir / "orchestrator"
+        providers = build_providers(TOPOLOGY, orch_dir)
+        provider = providers["demo"]
+        assert isinstance(provider, NetnsProvider)
+        await _retire_stale(admin, state_dir, provider)
+        h._provider = provider
         await call(admin, "admin.tier.define", p.DefineTier(tier="demo", regions=(REGION,)), p.Done)
-        added = await call(
-            admin,
-            "admin.gateway.add",
-            p.AddGateway(
-                gateway_id=h.gateway_id, region=REGION, front_door=FD1, priority=FD1_PRIORITY
-            ),
-            p.GatewayAdded,
-        )
-        await call(
-            admin,
-            "admin.gateway.front_door",
-            p.SetFrontDoor(
-                gateway_id=h.gateway_id, front_door_id="fd2", endpoint=FD2, priority=FD2_PRIORITY
-            ),
-            p.Done,
-        )
         token = (
             await call(
                 admin, "admin.token.create", p.CreateToken(tier="demo", uses=1), p.TokenCreated
             )
         ).token
-        agent = GatewayAgent(
-            AgentConfig(
-                gateway_id=h.gateway_id,
-                token=added.token,
-                nats_url=nats_url,
-                state_dir=state_dir / f"gateway-{lab.tag}",
-                listen_port=PORT,
-                heartbeat_s=5,
-                usage_s=10,
-            ),
-            UapiBackend(gwd.ifname),
+        orch = Orchestrator(admin, database_url, TOPOLOGY, providers, orch_dir, nats_url)
+        plan = await orch.plan()
+        h.plan_lines = tuple(
+            f"orchestrator: {a.kind_of(x)} {a.target_of(x)}: {x.reason}" for x in plan.actions
         )
-        h._agent_task = asyncio.create_task(agent.run(h._stop))
-        await asyncio.wait_for(agent.synced.wait(), 15)
-        assert agent.registration is not None
-        await netlab.configure_interface(h.gw_ns, gwd.ifname, agent.registration.gateway_address)
-        h.gateway_address = agent.registration.gateway_address.split("/")[0]
+        for step in await orch.apply(plan):
+            if step.outcome == "failed":
+                raise DammError(Code.PROVIDER_FAILED, step.error)
+        made = [x for x in plan.actions if isinstance(x, a.AddGateway | a.ReplaceGateway)]
+        if not made:
+            raise DammError(Code.INTERNAL, f"the demo plan made no gateway: {h.plan_lines}")
+        new = made[0]
+        h.gateway_id = new.gateway_id if isinstance(new, a.AddGateway) else new.new_gateway_id
+        host = next(x for x in await provider.list() if x.gateway_id == h.gateway_id)
+        h.gw_ns = host.provider_ref
+        h.gateway_address = await _tunnel_address(h.gw_ns)
+        await provider.attach_client(h.dev_ns, f"dev-{lab.tag}")
 
         # The device: its key made locally, enrolled, the state dir `damm device enroll` writes.
         dev_dir = h.state_dir = state_dir / f"device-{lab.tag}"
@@ -243,10 +243,6 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
         await _device_up(
             UapiBackend(devd.ifname), h.dev_ns, devd.ifname, files.private_key(dev_dir), dev
         )
-        for _ in range(50):  # the peer reaches the gateway within milliseconds; bound it anyway
-            if public in (await UapiBackend(gwd.ifname).read()).peers:
-                break
-            await asyncio.sleep(0.05)
         h.ping_ok, h.ping_rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=3, wait=5)
         h.tunnel_ms = _ms(started)
         _log.info("demo tunnel up", ping_ok=h.ping_ok, device_id=h.device_id)
@@ -258,7 +254,7 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
             )
             return
         try:
-            await _failover_step(h, admin, device_nc, fd1_if)
+            await _failover_step(h, admin, device_nc)
         except (DammError, TimeoutError, netlab.LabError) as exc:
             h.failover_error = exc.line() if isinstance(exc, DammError) else str(exc) or "timeout"
             _log.warning("demo failover failed", error=h.failover_error)
@@ -266,6 +262,20 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
     finally:
         await admin.close()
         await device_nc.close()
+
+
+async def _tunnel_address(ns: str, timeout: float = 20.0) -> str:
+    """The gateway's tunnel address, once its agent registered and set it on its interface."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = await netlab.exec_in(ns, "ip", "-o", "-4", "addr", "show", check=False)
+        for line in shown.stdout.splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[1].startswith("wgo"):
+                return fields[3].split("/")[0]
+        if time.monotonic() > deadline:
+            raise DammError(Code.UNAVAILABLE, f"the demo gateway in {ns} set no tunnel address")
+        await asyncio.sleep(0.1)
 
 
 async def _retire(nats_url: str, admin_password: str, gateway_ids: list[str]) -> None:
@@ -285,11 +295,13 @@ async def _retire_with(admin: NATS, gateway_ids: list[str]) -> None:
             await call(admin, "admin.gateway.status", request, p.Done, timeout=3.0)
 
 
-async def _retire_stale(admin: NATS, state_dir: Path) -> None:
+async def _retire_stale(admin: NATS, state_dir: Path, provider: NetnsProvider) -> None:
     """Retire the gateways of earlier demos (a crashed one could not) and drop their files."""
     stale = await asyncio.to_thread(_earlier_runs, state_dir)
     gateways = [d.name.removeprefix("gateway-") for d in stale if d.name.startswith("gateway-")]
-    await _retire_with(admin, [f"demo-{tag}" for tag in gateways])
+    hosts = [x.gateway_id for x in await provider.list()]
+    await _retire_with(admin, [f"demo-{tag}" for tag in gateways] + hosts)
+    await provider.teardown()
     for old in stale:
         await asyncio.to_thread(shutil.rmtree, old, ignore_errors=True)
 
@@ -298,7 +310,7 @@ def _earlier_runs(state_dir: Path) -> list[Path]:
     return sorted([*state_dir.glob("gateway-*"), *state_dir.glob("device-*")])
 
 
-async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS, fd1_if: str) -> None:
+async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS) -> None:
     assert h.state_dir is not None
     # The signed catalog must list both doors before fd1 goes: the device needs somewhere to go.
     started = time.monotonic()
@@ -308,7 +320,8 @@ async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS, fd1_if: st
     h.catalog_wait_ms = _ms(started)
 
     # fd1 goes dark, and the operator marks it inactive.
-    await netlab.run("ip", "-n", h.gw_ns, "addr", "del", f"{FD1_ADDR}/24", "dev", fd1_if)
+    assert h._provider is not None
+    await h._provider.remove_front_door(h.gateway_id, "fd1")
     await call(admin, "admin.gateway.front_door", p.SetFrontDoor(
         gateway_id=h.gateway_id, front_door_id="fd1", endpoint=FD1, priority=FD1_PRIORITY,
         active=False), p.Done)  # fmt: skip

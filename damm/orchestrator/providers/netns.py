@@ -240,6 +240,12 @@ class NetnsProvider:
         self._save(record)  # first, so a crash from here on leaves something to clean up
         await run("ip", "netns", "add", ns)
         await run("ip", "-n", ns, "link", "set", "lo", "up")
+        # Front doors share one subnet; without this, removing the first address (fd1) makes
+        # the kernel drop every other address of that subnet (fd2 too) with it.
+        await exec_in(
+            ns, "sysctl", "-q", "-w", "net.ipv4.conf.all.promote_secondaries=1",
+            "net.ipv4.conf.default.promote_secondaries=1",
+        )  # fmt: skip
         record.veth = await self._attach(ns, self.tag + spec.gateway_id)
         for fd in spec.front_doors:
             address = self._allocate(set(record.front_doors.values()))
@@ -388,6 +394,10 @@ class NetnsProvider:
         """Every host, then the hub: nothing of this provider is left on the machine."""
         for rec in self._records():
             await self.destroy(rec.gateway_id)
+        inv = self._inventory()
+        if inv.clients:
+            inv.clients.clear()  # their links went with the hub
+            self._save_inventory(inv)
         if await self._netns_exists(self.hub):
             await self._kill(await self._pids(self.hub))
             await run("ip", "netns", "del", self.hub)
