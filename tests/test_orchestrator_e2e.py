@@ -327,6 +327,9 @@ async def test_run_replaces_a_killed_host_and_scale_out_is_capped(fleet: Fleet) 
     assert refusal["action"]["kind"] == "add_gateway"
     assert "eu load 1.00 over target 0.60" in refusal["action"]["reason"]
     assert "maximum is 1" in refusal["detail"]
+    text = (await fleet.cli("plan")).stdout
+    assert "refused by guardrails: 1" in text
+    assert "guardrail_region_cap: add_gateway eu-3: eu has 1 gateway(s), its maximum is 1" in text
 
 
 EXEC_TOPOLOGY = """
@@ -379,3 +382,30 @@ async def test_exec_provider_drives_hosts_through_its_json_contract(
         assert "cloud list: exit 1" in failed.stderr
     finally:
         await lab.teardown()
+
+
+async def test_front_doors_follow_the_topology(fleet: Fleet) -> None:
+    fleet.write_topology(topology_text("gateways = 1"))
+    assert (await fleet.cli("apply")).returncode == 0
+
+    async def doors() -> dict[str, bool]:
+        rep = await generate(fleet.dsn, ttl_s=10.0, now=datetime.now(UTC))
+        return {d.front_door_id: d.active for d in rep.front_doors if d.gateway_id == "eu-1"}
+
+    async def doors_are(want: dict[str, bool]) -> bool:
+        return await doors() == want
+
+    await eventually(lambda: doors_are({"fd1": True}), 10, "fd1 recorded")
+    fleet.write_topology(
+        topology_text("gateways = 1").replace('front_doors = ["fd1"]', 'front_doors = ["fd2"]')
+    )
+    text = await fleet.cli("plan")
+    assert "add_front_door eu-1/fd2" in text.stdout
+    assert "deactivate_front_door eu-1/fd1 (eu, lab): front door fd1 of eu-1 is no longer" in (
+        text.stdout
+    )
+    assert (await fleet.cli("apply")).returncode == 0
+    await eventually(lambda: doors_are({"fd1": False, "fd2": True}), 10, "fd2 replaced fd1")
+    (host,) = await fleet.provider().list()
+    assert list(host.front_doors) == ["fd2"]
+    assert (await fleet.plan())["actions"] == []

@@ -159,3 +159,42 @@ def test_fleet_from_joins_report_hosts_and_history() -> None:
         "missing",
         40.0,
     )
+
+
+@pytest.mark.parametrize(
+    ("script", "detail"),
+    [
+        ("exit 3", "x list: exit 3: boom"),
+        ("echo not-json", "x list: answer:"),
+        ("sleep 5", "x list: no answer in 0.5s"),
+    ],
+)
+async def test_exec_provider_failures_are_provider_failed(script: str, detail: str) -> None:
+    from damm.orchestrator.providers.exec import ExecProvider
+
+    spec = t.Provider(kind="exec", command=("sh", "-c", f"echo boom >&2; {script}"), timeout_s=0.5)
+    with pytest.raises(DammError) as err:
+        await ExecProvider("x", spec).list()
+    assert err.value.code is Code.PROVIDER_FAILED
+    assert detail in err.value.detail
+
+
+async def test_exec_provider_gets_the_token_on_stdin_only(tmp_path: Path) -> None:
+    from damm.orchestrator.providers.exec import ExecProvider
+
+    seen = tmp_path / "seen"
+    answer = '{"gateway_id":"eu-1","region":"eu","provider_ref":"vm-1","state":"running"}'
+    spec = t.Provider(
+        kind="exec", command=("sh", "-c", f"cat > {seen}; echo '{answer}'"), timeout_s=5
+    )
+    spec_in = HostSpec(
+        gateway_id="eu-1",
+        region="eu",
+        token="dmg_" + "s" * 40,
+        nats_url="nats://n:4222",
+        front_doors=("fd1",),
+    )
+    host = await ExecProvider("x", spec).create(spec_in)
+    assert host.provider_ref == "vm-1"
+    sent = seen.read_text()
+    assert '"op":"create"' in sent and "dmg_" + "s" * 40 in sent
