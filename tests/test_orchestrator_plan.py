@@ -334,8 +334,8 @@ def test_no_sequence_of_plans_breaks_a_guardrail(data: st.DataObject) -> None:
             scaled = any(
                 x.region == name
                 and (
-                    isinstance(x, a.AddGateway)
-                    # clearing away a dead gateway changes no capacity: not a scaling step
+                    (isinstance(x, a.AddGateway) and x.gateway_id not in dead)
+                    # neither clearing away nor remaking a dead gateway is a scaling step
                     or (isinstance(x, a.RetireGateway) and x.gateway_id not in dead)
                 )
                 for x in result.actions
@@ -392,3 +392,19 @@ def test_a_gateway_whose_host_vanished_does_not_count_as_healthy() -> None:
     retired = [x.gateway_id for x in result.actions if isinstance(x, a.RetireGateway)]
     assert retired == ["eu-3"]
     assert {r.code for r in result.refusals} == {Code.GUARDRAIL_MIN_HEALTHY.slug}
+
+
+def test_a_gateway_cut_short_while_being_made_is_made_again_under_its_name() -> None:
+    desired = topo({"eu": t.Region(provider="lab", gateways=2, max_gateways=2)}, cooldown_s=300)
+    fleet = Fleet(
+        gateways=(
+            gw("eu-1"),
+            gw("eu-2", status="unregistered", host="missing", silent_s=3.0, front_doors={}),
+        ),
+        last_scaled={"eu": NOW - timedelta(seconds=3)},
+    )
+    result = plan(desired, fleet, [], NOW)
+    assert not result.refusals  # neither growth (cap) nor scaling (cool-down)
+    (action,) = result.actions
+    assert isinstance(action, a.AddGateway) and action.gateway_id == "eu-2"
+    assert action.reason == "eu-2 was recorded but its host never came up: make it again"

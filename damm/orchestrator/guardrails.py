@@ -76,6 +76,8 @@ class Tally:
                 action,
             )
         match action:
+            case a.AddGateway() if action.gateway_id in self.dead:
+                return None  # making a cut-short gateway again: already counted, not scaling
             case a.AddGateway():
                 return self._cooldown(action) or self._growth(action)
             case a.RetireGateway() if action.gateway_id in self.dead:
@@ -160,6 +162,8 @@ class Tally:
     def keep(self, action: a.Action, gateway: GatewayNow | None = None) -> None:
         self.changes += 1
         match action:
+            case a.AddGateway() if action.gateway_id in self.dead:
+                self.alive[action.region] = self.alive.get(action.region, 0) + 1
             case a.AddGateway():
                 self._count(action.region, action.provider, +1)
             case a.RetireGateway() if action.gateway_id in self.dead:

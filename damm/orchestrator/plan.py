@@ -118,10 +118,25 @@ def plan(
         alive = [g for g in members if g.gateway_id not in dead and _counts(g, rails.dead_after_s)]
         want, why = wanted(name, spec, healthy, recommendations)
 
-        # Dead ones are replaced while the region needs them, and cleared away beyond that.
+        # Dead ones are replaced while the region needs them, and cleared away beyond that. One
+        # that never registered and has no host was cut short while being made: make it again
+        # under its own name (its token can be derived again), rather than a new one.
         lost = sorted((g for g in members if g.gateway_id in dead), key=lambda g: g.gateway_id)
         short = max(0, want - len(alive))
         for g in lost[:short]:
+            if g.status == "unregistered" and g.host == "missing":
+                offer(
+                    a.AddGateway(
+                        region=name,
+                        provider=spec.provider,
+                        reason=f"{g.gateway_id} was recorded but its host never came up: "
+                        "make it again",
+                        gateway_id=g.gateway_id,
+                        front_doors=spec.front_doors,
+                    ),
+                    g,
+                )
+                continue
             offer(
                 a.ReplaceGateway(
                     region=name,
@@ -226,7 +241,7 @@ def plan(
     )
     digest = fingerprint(current, draft.targets())
     return msgspec.structs.replace(
-        draft, plan_id=plan_id or digest[:12] + now.strftime("%H%M%S"), fleet_digest=digest
+        draft, plan_id=plan_id or digest[:12] + now.strftime("%Y%m%d%H%M%S"), fleet_digest=digest
     )
 
 
