@@ -18,6 +18,9 @@ The contract, so a Terraform wrapper, a cloud CLI or an Ansible play can be a pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
 import subprocess
 from typing import Any, TypeVar
 
@@ -54,6 +57,7 @@ class ExecProvider:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env=self.env,
+                start_new_session=True,  # so a timeout ends the script and all it started
             )
         except OSError as exc:
             raise DammError(Code.PROVIDER_FAILED, f"{self.name} {op}: {exc}") from None
@@ -62,7 +66,8 @@ class ExecProvider:
                 proc.communicate(msgspec.json.encode(request)), self.spec.timeout_s
             )
         except TimeoutError:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise DammError(
                 Code.PROVIDER_FAILED, f"{self.name} {op}: no answer in {self.spec.timeout_s:g}s"
