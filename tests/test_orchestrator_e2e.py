@@ -227,6 +227,15 @@ async def test_two_gateways_planned_applied_healthy_in_catalog_and_carrying_a_de
     assert {s.provider_ref for s in succeeded} == {
         h.provider_ref for h in await fleet.provider().list()
     }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "damm.cli.main", "--nats", fleet.nats.url, "admin", "audit",
+        "--actor", "orchestrator", "--json", env=fleet.env(), stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    text = out.decode()
+    assert text.count('"type":"orchestrator.step_succeeded","aggregate"') == 2
+    assert "add_gateway eu-2 succeeded (lab)" in text
 
 
 async def test_saved_plan_goes_stale_and_is_refused(fleet: Fleet) -> None:
