@@ -204,7 +204,13 @@ def _row(r: StepResult) -> _Row:
 @orchestrate.command("run")
 @_common
 @click.option("--interval", default=10.0, show_default=True, type=float, help="Seconds per round.")
-@click.option("--lease-ttl", default=60.0, show_default=True, type=float)
+@click.option(
+    "--lease-ttl",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Seconds a round that acts holds the lease; other loops act only once it lapses.",
+)
 @click.option("--rounds", default=None, type=int, help="Stop after this many rounds.")
 @click.pass_context
 @run
