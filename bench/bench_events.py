@@ -187,7 +187,7 @@ async def main(count: int, profile: bool) -> None:
         rows = await conn.fetch("SHOW synchronous_commit")
         await conn.close()
         nc = await connect(
-            nats_server.url, user="control", password=nats_server.passwords["control"], name="bench"
+            nats_server.url, user="admin", password=nats_server.passwords["admin"], name="bench"
         )
         await ensure_streams(nc.jetstream())
         items = workload(count)

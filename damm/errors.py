@@ -32,6 +32,9 @@ class Code(enum.Enum):
     USAGE = ErrorSpec("the command line is not valid", exit_status=2)
     MALFORMED_REQUEST = ErrorSpec("the request could not be decoded", exit_status=2)
     REQUEST_TOO_LARGE = ErrorSpec("the request body is larger than the limit")
+    REQUEST_TOO_DEEP = ErrorSpec("the request body nests deeper than the decoder allows")
+    BAD_HEADER = ErrorSpec("a request header is too long or uses characters outside its alphabet")
+    BAD_REPLY_SUBJECT = ErrorSpec("the reply subject is not an inbox; no answer was sent")
     UNAVAILABLE = ErrorSpec("the control plane is unavailable", True, exit_status=3)
     INTERNAL = ErrorSpec("internal error in the control plane", True)
     CONFLICT = ErrorSpec("a concurrent change won; retry the request", True)
@@ -74,6 +77,9 @@ class Code(enum.Enum):
     # the log and the read models
     UNDECODABLE_EVENT = ErrorSpec("an event in the log cannot be decoded")
     REPLAY_FAILED = ErrorSpec("the log could not be replayed into the read models")
+    EVENT_QUARANTINED = ErrorSpec(
+        "an event could not be applied to the read models and was quarantined", exit_status=4
+    )
     # local state
     STATE_MISSING = ErrorSpec("the device state directory is missing or incomplete")
     # orchestrator: topology, plans, providers and guardrail refusals

@@ -127,10 +127,9 @@ async def device_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 
 @pytest.fixture
 async def gateway_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
-    # Handler tests simulate many gateways over one connection; per-gateway NATS users are
-    # exercised by the agent tests and tests/test_stack.py.
-    client = await connect(
-        nats_server.url, user="control", password=nats_server.passwords["control"]
-    )
+    # Handler tests simulate many gateways over one connection (the operator's unrestricted
+    # admin user: the control-plane user may not send requests); per-gateway NATS users are
+    # exercised by the agent tests, tests/test_stack.py and tests/security.
+    client = await connect(nats_server.url, user="admin", password=nats_server.passwords["admin"])
     yield client
     await client.close()

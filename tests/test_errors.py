@@ -23,10 +23,11 @@ from damm.projections.replay import ReplayError
 
 def test_every_code_has_an_exit_status_and_a_message() -> None:
     for code in Code:
-        assert code.exit_status in (1, 2, 3), code
+        assert code.exit_status in (1, 2, 3, 4), code
         assert code.message and code.slug == code.name.lower()
     assert Code.UNAVAILABLE.exit_status == 3
     assert Code.USAGE.exit_status == 2
+    assert Code.EVENT_QUARANTINED.exit_status == 4  # replay --verify with a quarantined event
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from socket import AF_INET, AF_INET6, inet_pton
 from typing import Any
 
 import pytest
+from nacl.public import PrivateKey
 
 from damm.netns import can_run_netns, run, unique_tag
 from damm.wireguard import WireGuardError, reconcile
@@ -165,7 +166,10 @@ async def test_kernel_backend_live() -> None:
         await backend.set_identity(base64.b64encode(os.urandom(32)).decode(), 0)
         desired = {
             k: Peer(k, (f"10.44.{i}.0/24", f"fd00:{i}::/64"))
-            for i, k in enumerate(base64.b64encode(os.urandom(32)).decode() for _ in range(300))
+            for i, k in enumerate(
+                base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
+                for _ in range(300)
+            )
         }
         assert len((await reconcile(backend, desired)).add) == 300
         assert (await reconcile(backend, desired)).is_empty

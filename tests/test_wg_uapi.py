@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import pytest_asyncio
 from nacl.bindings import crypto_scalarmult_base
+from nacl.public import PrivateKey
 
 from damm.netns import Lab, WireGuardGo, can_run_netns, run
 from damm.wireguard import WireGuardError, reconcile
@@ -20,7 +21,7 @@ needs_netns = [pytest.mark.netns, pytest.mark.skipif(not CAN_RUN, reason=WHY_NOT
 
 
 def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
+    return base64.b64encode(bytes(PrivateKey.generate().public_key)).decode()
 
 
 def hexkey(b64: str) -> str:

@@ -31,21 +31,30 @@ class PendingReport(msgspec.Struct, frozen=True):
     report_id: str
     measured_at: datetime
     entries: tuple[UsageEntry, ...]
+    report_seq: int = 0
 
 
 class _LedgerFile(msgspec.Struct):
     meter: dict[str, Any]
     pending: list[PendingReport] = msgspec.field(default_factory=list)
+    # Reports are numbered per ledger, so the control plane dedupes them forever with one
+    # integer per ledger instead of remembering every report id.
+    ledger_id: str = ""
+    last_seq: int = 0
 
 
 class UsageLedger:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / LEDGER_FILE
         self.pending: list[PendingReport] = []
+        self.ledger_id = uuid.uuid4().hex
+        self.last_seq = 0
         if self.path.exists():
             data = msgspec.json.decode(self.path.read_bytes(), type=_LedgerFile)
             self.meter = UsageMeter.from_state(data.meter)
             self.pending = list(data.pending)
+            if data.ledger_id:
+                self.ledger_id, self.last_seq = data.ledger_id, data.last_seq
         else:
             self.meter = UsageMeter()
 
@@ -57,11 +66,13 @@ class UsageLedger:
         items = sorted(deltas.items())
         for start in range(0, len(items), MAX_ENTRIES_PER_REPORT):
             chunk = items[start : start + MAX_ENTRIES_PER_REPORT]
+            self.last_seq += 1
             self.pending.append(
                 PendingReport(
                     uuid.uuid4().hex,
                     when,
                     tuple(UsageEntry(key, rx, tx) for key, (rx, tx) in chunk),
+                    self.last_seq,
                 )
             )
         if deltas or before != set(readings):
@@ -73,5 +84,5 @@ class UsageLedger:
         self.save()
 
     def save(self) -> None:
-        data = _LedgerFile(self.meter.export_state(), self.pending)
+        data = _LedgerFile(self.meter.export_state(), self.pending, self.ledger_id, self.last_seq)
         write_atomic(self.path, msgspec.json.encode(data).decode(), 0o600)

@@ -242,9 +242,15 @@ class GatewayAgent:
     async def _on_change(self, msg: Any) -> None:
         try:
             change = _change_decoder.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            _log.warning("undecodable peer change; resyncing", error=str(exc))
-            self.request_resync()
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            # Not a change the control plane sent: ignore it. Resyncing on garbage would let
+            # whoever sent it keep the agent resyncing forever; a real lost change still shows
+            # as a revision gap or in the heartbeat's peer-set revision.
+            _log.warning(
+                "undecodable peer change ignored",
+                code=Code.MALFORMED_REQUEST.slug,
+                error=str(exc)[:200],
+            )
             return
         if change.gateway_id == self.config.gateway_id:
             self._changes.append(change)
@@ -259,6 +265,7 @@ class GatewayAgent:
                     if err.code in FATAL:
                         raise
                     _log.warning("resync failed; retrying", error=err.line())
+                    self._need_resync = True  # resync() cleared it before the call failed
                     await asyncio.sleep(1.0)
                     continue
             try:
@@ -488,6 +495,8 @@ class GatewayAgent:
                         report_id=report.report_id,
                         entries=report.entries,
                         measured_at=report.measured_at,
+                        ledger_id=self.ledger.ledger_id if report.report_seq else "",
+                        report_seq=report.report_seq,
                     ),
                     p.Done,
                 )

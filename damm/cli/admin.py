@@ -655,6 +655,10 @@ async def replay(ctx: click.Context, check: bool, as_json: bool) -> None:
             for name, d in report.tables.items()
             if not d.ok
         },
+        "quarantined": [
+            {"seq": q.seq, "subject": q.subject, "event_type": q.event_type, "error": q.error}
+            for q in report.quarantined
+        ],
     }
     emit(
         t,
@@ -665,6 +669,8 @@ async def replay(ctx: click.Context, check: bool, as_json: bool) -> None:
             else "\n".join(rp.describe(report))
         ),
     )
+    if report.quarantined:
+        raise SystemExit(Code.EVENT_QUARANTINED.exit_status)
     if not report.ok:
         raise SystemExit(1)
 

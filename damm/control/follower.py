@@ -13,6 +13,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from damm import log
 from damm.control.state import DecisionState
+from damm.errors import Code
 from damm.events import codec
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM, TELEMETRY_PREFIX, TELEMETRY_STREAM
 
@@ -136,11 +137,19 @@ class StateFollower:
         try:
             env = codec.decode(msg.data)  # type: ignore[attr-defined]
         except codec.CodecError as exc:
-            _log.error("undecodable event ignored by decision state", seq=seq, error=str(exc))
+            _log.error(
+                "undecodable event skipped by decision state",
+                code=Code.UNDECODABLE_EVENT.slug,
+                seq=seq,
+                subject=str(msg.subject)[:200],  # type: ignore[attr-defined]
+                error=str(exc)[:200],
+            )
             if telemetry:
                 self.telemetry_seq = max(self.telemetry_seq, seq)
             else:
+                self.state.skip(msg.subject, seq)  # type: ignore[attr-defined]
                 self.followed_seq = max(self.followed_seq, seq)
+                self.state.changed.set()
             return
         if telemetry:
             # Telemetry sequences belong to another stream: fold without touching subject_seq.

@@ -1,4 +1,9 @@
-"""The control plane process: handlers, decision state and projectors over one NATS connection."""
+"""The control plane process: handlers, decision state, appends and projectors.
+
+Each of them has its own NATS connection. Outside parties decide how much arrives on the request
+subjects; if one connection carried everything, a flood there could get it cut as a slow
+consumer and take the follower and every append with it.
+"""
 
 from __future__ import annotations
 
@@ -52,7 +57,10 @@ class ControlPlane:
     schema: str = "damm"
     run_projectors: bool = True
     clock: Clock = system_clock
-    nc: NATS | None = None
+    nc: NATS | None = None  # appends and publishing: the log's writer
+    service_nc: NATS | None = None  # requests in, replies out
+    follow_nc: NATS | None = None  # the decision state's ordered consumers
+    project_nc: NATS | None = None  # the projectors' pulls
     ctx: Context | None = None
     projectors: list[Projector] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,7 +78,13 @@ class ControlPlane:
 
     async def start(self) -> None:
         self.nc = await connect(
-            self.nats_url, user=self.user, password=self.password, name="damm-control"
+            self.nats_url, user=self.user, password=self.password, name="damm-control-log"
+        )
+        self.service_nc = await connect(
+            self.nats_url, user=self.user, password=self.password, name="damm-control-requests"
+        )
+        self.follow_nc = await connect(
+            self.nats_url, user=self.user, password=self.password, name="damm-control-follower"
         )
         await ensure_streams(self.nc.jetstream())
         conn = await asyncpg.connect(self.database_url)
@@ -89,7 +103,9 @@ class ControlPlane:
         snapshots = SnapshotStore(js)
         last_seq = int((await js.stream_info(EVENTS_STREAM)).state.last_seq)
         after = self.started_from = await start_state(snapshots, state, last_seq)
-        self._follower = StateFollower(self.nc, state, sync_timeout_s=self.settings.sync_timeout_s)
+        self._follower = StateFollower(
+            self.follow_nc, state, sync_timeout_s=self.settings.sync_timeout_s
+        )
         # Nothing below serves a request or publishes before this returns: no partial fold.
         await self._follower.start(after_seq=after)
         store = EventStore(self.nc, metrics=self.metrics)
@@ -140,17 +156,23 @@ class ControlPlane:
             *signing_keys.routes(),
             *OrchestratorHandlers(self.ctx).routes(),
         ]
-        self._service = Service(self.nc, routes, metrics=self.metrics)
+        self._service = Service(self.service_nc, routes, metrics=self.metrics)
         await self._service.start()
         self.catalogs.start()
         if self.run_projectors:
             m = self.metrics
+            self.project_nc = await connect(
+                self.nats_url,
+                user=self.user,
+                password=self.password,
+                name="damm-control-projectors",
+            )
             self.projectors = [
                 Projector("readmodels", EVENTS_STREAM, self.database_url, self.schema, metrics=m),
                 Projector("telemetry", TELEMETRY_STREAM, self.database_url, self.schema, metrics=m),
             ]
             for projector in self.projectors:
-                self._tasks.append(asyncio.create_task(projector.run(self.nc, self._stop)))
+                self._tasks.append(asyncio.create_task(projector.run(self.project_nc, self._stop)))
         _log.info("control plane ready", routes=len(routes), applied_seq=state.applied_seq)
 
     async def wait_projected(self, timeout: float = 10.0) -> None:
@@ -179,8 +201,9 @@ class ControlPlane:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._follower:
             await self._follower.stop()
-        if self.nc:
-            await self.nc.drain()
+        for nc in (self.service_nc, self.project_nc, self.follow_nc, self.nc):
+            if nc is not None and not nc.is_closed:
+                await nc.drain()
 
 
 def _load_keys(keys: Path) -> tuple[CatalogSigner, RotationKey]:

@@ -58,6 +58,8 @@ class StateImage(msgspec.Struct, frozen=True, kw_only=True):
     pool_traffic: list[tuple[str, str, int]]  # (pool, usage period, bytes)
     usage: list[tuple[str, str, int]]  # (device, usage period, bytes)
     announced_keys: set[str]
+    # (gateway, agent ledger, highest usage report number): dedupe beyond JetStream's window
+    usage_marks: list[tuple[str, str, int]] = msgspec.field(default_factory=list)
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -96,6 +98,7 @@ def image(state: DecisionState, seq: int) -> StateImage:
         pool_traffic=sorted((pool, period, n) for (pool, period), n in state.pool_traffic.items()),
         usage=sorted((device, period, n) for (device, period), n in state.usage.items()),
         announced_keys=state.announced_keys,
+        usage_marks=sorted((gw, ledger, n) for (gw, ledger), n in state.usage_marks.items()),
     )
 
 
@@ -143,6 +146,7 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
     state.pool_traffic = Counter({(pool, period): n for pool, period, n in img.pool_traffic})
     state.usage = {(device, period): n for device, period, n in img.usage}
     state.announced_keys = set(img.announced_keys)
+    state.usage_marks = {(gw, ledger): n for gw, ledger, n in img.usage_marks}
     state.pool_assigned = Counter()
     state.egress_in_use = {}
     state.devices = dict(img.devices)

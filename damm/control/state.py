@@ -158,6 +158,9 @@ class DecisionState:
         self.usage: dict[tuple[str, str], int] = {}
         # Announced catalog signing keys not yet activated.
         self.announced_keys: set[str] = set()
+        # (gateway, agent ledger) -> the highest report number recorded: usage dedupe that
+        # outlives JetStream's duplicate window, one integer per ledger.
+        self.usage_marks: dict[tuple[str, str], int] = {}
         self.applied_seq = 0
         self.changed = asyncio.Event()
         # Per gateway: the highest event sequence that changed its peer set (deterministic over
@@ -263,6 +266,14 @@ class DecisionState:
 
     def seq_of(self, subject: str) -> int:
         return self.subject_seq.get(subject, 0)
+
+    def skip(self, subject: str, seq: int) -> None:
+        """A message on ``subject`` that cannot be decoded still takes its place in the sequence:
+        otherwise every later append there would expect an older sequence and conflict forever.
+        What it said is unknown, so nothing else changes."""
+        if seq > self.subject_seq.get(subject, 0):
+            self.subject_seq[subject] = seq
+        self.applied_seq = max(self.applied_seq, seq)
 
     def apply(self, env: m.Envelope, subject: str | None = None) -> None:
         subject = subject or f"{EVENT_PREFIX}.{env.aggregate.replace('/', '.', 1)}"
@@ -373,6 +384,9 @@ class DecisionState:
             case m.CatalogPublished():
                 current = self.catalog_versions.get(e.region, 0)
                 self.catalog_versions[e.region] = max(current, e.version)
+            case m.UsageReported() if e.ledger_id and e.report_seq:
+                mark = (e.gateway_id, e.ledger_id)
+                self.usage_marks[mark] = max(self.usage_marks.get(mark, 0), e.report_seq)
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
             case m.UsagePeriodReset():

@@ -239,6 +239,8 @@ class UsageReported(_Event, frozen=True, tag="usage.reported"):
     report_id: str
     deltas: tuple[UsageDelta, ...]
     measured_at: datetime | None = None
+    ledger_id: str = ""  # the agent ledger that numbered this report, and its number there
+    report_seq: int = 0
 
 
 class UsagePeriodReset(_Event, frozen=True, tag="usage.period_reset"):

@@ -134,7 +134,8 @@ class EventStore:
         seqs: tuple[int, ...]
         try:
             if len(items) == 1:
-                seqs = (await self._publish_one(items[0]),)
+                seq, duplicate = await self._publish_one(items[0])
+                return Appended((seq,), duplicate=duplicate)
             else:
                 seqs = await self._publish_atomic(items)
         except _Refused as refused:
@@ -229,7 +230,7 @@ class EventStore:
             raise ConflictError(item.subject, description)
         raise AppendError(f"{item.subject}: {err_code}: {description}")
 
-    async def _publish_one(self, item: Append) -> int:
+    async def _publish_one(self, item: Append) -> tuple[int, bool]:
         try:
             ack = await self.js.publish(
                 item.subject, codec.encode(item.envelope), headers=item.headers() or None
@@ -238,9 +239,9 @@ class EventStore:
             raise _Refused(exc.err_code or 0, exc.description or str(exc)) from None
         if ack.duplicate:
             seq = await self._already_mine([item])
-            return seq if seq is not None else int(ack.seq)
+            return (seq if seq is not None else int(ack.seq)), True
         self._count([item])
-        return int(ack.seq)
+        return int(ack.seq), False
 
     async def _publish_atomic(self, items: Sequence[Append]) -> tuple[int, ...]:
         batch_id = uuid.uuid4().hex

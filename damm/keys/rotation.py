@@ -73,7 +73,10 @@ class RotationKey:
         new_public_key: str,
         request_id: str,
     ) -> bool:
-        shared = crypto_scalarmult(self._private, _decode_key(old_public_key))
+        try:
+            shared = crypto_scalarmult(self._private, _decode_key(old_public_key))
+        except RuntimeError:  # libsodium refuses a low-order point: no proof can hold
+            return False
         mac = hmac.new(shared, _message(device_id, new_public_key, request_id), hashlib.sha256)
         return _matches(mac.digest(), proof_b64)
 

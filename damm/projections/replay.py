@@ -28,7 +28,15 @@ from damm import log
 from damm.errors import Code, DammError
 from damm.projections.migrate import check_schema, migrate
 from damm.projections.readmodels import REPLAYED_TABLES
-from damm.projections.runner import Puller, apply_batch, checkpoint, decode_all, stream_seq
+from damm.projections.runner import (
+    Puller,
+    Quarantined,
+    apply_batch,
+    checkpoint,
+    decode_batch,
+    quarantined,
+    stream_seq,
+)
 from damm.subjects import EVENTS_STREAM
 
 _log = log.get("damm.replay")
@@ -63,10 +71,12 @@ class TableDiff:
 class VerifyReport:
     seq: int
     tables: dict[str, TableDiff] = field(default_factory=dict)
+    # Events the live projector set aside: the read models cannot be said to match the log.
+    quarantined: tuple[Quarantined, ...] = ()
 
     @property
     def ok(self) -> bool:
-        return all(diff.ok for diff in self.tables.values())
+        return not self.quarantined and all(diff.ok for diff in self.tables.values())
 
     @property
     def differing(self) -> dict[str, TableDiff]:
@@ -122,6 +132,7 @@ async def verify(
     try:
         async with live.transaction(isolation="repeatable_read"):
             seq = await _live_checkpoint(live, live_schema, projector)
+            held = tuple(await quarantined(live, projector, live_schema))
             await live.execute(f"DROP SCHEMA IF EXISTS {frozen} CASCADE")
             await live.execute(f"CREATE SCHEMA {frozen}")
             for table in REPLAYED_TABLES:
@@ -135,7 +146,7 @@ async def verify(
                     tables = {
                         t: await _diff(live, frozen, shadow_schema, t) for t in REPLAYED_TABLES
                     }
-                    return VerifyReport(seq=seq, tables=tables)
+                    return VerifyReport(seq=seq, tables=tables, quarantined=held)
                 finally:
                     if not keep_shadow:
                         await shadow.execute(f"DROP SCHEMA IF EXISTS {shadow_schema} CASCADE")
@@ -249,9 +260,11 @@ async def _fold(
             if isinstance(item, BaseException):
                 raise item
             done, msgs = item
-            envelopes = [e for e in decode_all(msgs) if e.seq <= upto]
-            if envelopes:
-                await apply_batch(conn, projector, envelopes)
+            decoded, undecodable = decode_batch(msgs)
+            envelopes = [e for e in decoded if e.seq <= upto]
+            bad = [q for q in undecodable if q.seq <= upto]
+            if envelopes or bad:
+                await apply_batch(conn, projector, envelopes, undecodable=bad)
             if progress is not None:
                 progress(done, upto)
         await reader
@@ -389,7 +402,10 @@ async def _diff(conn: Any, live: str, shadow: str, table: str) -> TableDiff:
 
 def describe(report: VerifyReport) -> Sequence[str]:
     """One line per differing table, for the CLI and logs."""
-    lines = []
+    lines = [
+        f"{Code.EVENT_QUARANTINED.slug}: event {q.seq} on {q.subject} ({q.event_type}): {q.error}"
+        for q in report.quarantined
+    ]
     for name, diff in report.differing.items():
         lines.append(
             f"{name}: {diff.missing_in_live} row(s) missing in live,"

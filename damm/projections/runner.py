@@ -24,9 +24,11 @@ from nats.js.errors import NotFoundError
 
 from damm import log
 from damm.clock import sleep_or_stop
+from damm.errors import Code
 from damm.events import codec
 from damm.events.model import Envelope
 from damm.metrics import ControlMetrics
+from damm.projections.migrate import check_schema
 from damm.projections.readmodels import Stmt, statements
 
 _log = log.get("damm.projector")
@@ -47,14 +49,20 @@ def plan(
     heartbeats only the latest is written (the upsert keeps the latest anyway), so a thousand
     gateways beating cost a thousand rows per batch at most, whatever the rate.
     """
+    return group((st for env in envelopes for st in project(env)), coalesce=coalesce)
+
+
+def group(
+    stmts: Iterable[Stmt], *, coalesce: bool = True
+) -> list[tuple[str, list[tuple[Any, ...]]]]:
+    """``plan`` over statements already built."""
     per_table: dict[str, list[tuple[str, list[tuple[Any, ...]]]]] = {}
-    for env in envelopes:
-        for st in project(env):
-            runs = per_table.setdefault(st.table, [])
-            if runs and runs[-1][0] == st.sql:
-                runs[-1][1].append(st.args)
-            else:
-                runs.append((st.sql, [st.args]))
+    for st in stmts:
+        runs = per_table.setdefault(st.table, [])
+        if runs and runs[-1][0] == st.sql:
+            runs[-1][1].append(st.args)
+        else:
+            runs.append((st.sql, [st.args]))
     out: list[tuple[str, list[tuple[Any, ...]]]] = []
     for runs in per_table.values():
         for sql, rows in runs:
@@ -90,10 +98,92 @@ async def checkpoint(conn: Any, name: str) -> int:
     return int(seq or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class Quarantined:
+    """An event a projector set aside: its place in the stream and why it could not apply."""
+
+    seq: int
+    subject: str
+    event_type: str
+    error: str
+
+
+# What an event's own content can make Postgres refuse (a number out of a column's range, a
+# string it cannot store, a broken constraint). Anything else is the database's trouble.
+EVENT_REFUSALS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+
+
+async def _quarantine(conn: Any, name: str, items: Iterable[Quarantined]) -> None:
+    for q in items:
+        _log.error(
+            "event quarantined by projector",
+            code=Code.EVENT_QUARANTINED.slug,
+            projector=name,
+            seq=q.seq,
+            subject=q.subject,
+            event_type=q.event_type,
+            error=q.error,
+        )
+        await conn.execute(
+            "INSERT INTO quarantine (projector, seq, subject, event_type, error)"
+            " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (projector, seq) DO NOTHING",
+            name,
+            q.seq,
+            q.subject[:200],
+            q.event_type[:100],
+            q.error[:500],
+        )
+
+
+async def _apply_one_by_one(
+    conn: Any, name: str, envelopes: Sequence[Envelope], project: Project
+) -> list[Quarantined]:
+    """The slow path after a batch was refused: each event in its own savepoint, so one event
+    the columns cannot hold is set aside and every other one still lands, in order."""
+    refused: list[Quarantined] = []
+    for env in envelopes:
+        try:
+            async with conn.transaction():
+                for sql, rows in plan([env], project):
+                    await conn.executemany(sql, rows)
+        except EVENT_REFUSALS as exc:
+            refused.append(Quarantined(env.seq, env.aggregate, env.type, str(exc)))
+    return refused
+
+
+def _plan_each(
+    envelopes: Sequence[Envelope], project: Project
+) -> tuple[list[Envelope], list[Stmt], list[Quarantined]]:
+    """Events whose statements cannot even be built are set aside before touching Postgres."""
+    good: list[Envelope] = []
+    stmts: list[Stmt] = []
+    bad: list[Quarantined] = []
+    for env in envelopes:
+        try:
+            built = list(project(env))
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+            bad.append(Quarantined(env.seq, env.aggregate, env.type, repr(exc)))
+        else:
+            good.append(env)
+            stmts += built
+    return good, stmts, bad
+
+
 async def apply_batch(
-    conn: Any, name: str, envelopes: Sequence[Envelope], project: Project = statements
+    conn: Any,
+    name: str,
+    envelopes: Sequence[Envelope],
+    project: Project = statements,
+    undecodable: Sequence[Quarantined] = (),
 ) -> int:
-    """Apply envelopes above the checkpoint in one transaction; return the new checkpoint."""
+    """Apply envelopes above the checkpoint in one transaction; return the new checkpoint.
+
+    An event that cannot be applied is quarantined (a row, a loud log line) and the checkpoint
+    moves past it: one bad record must never stop every read model behind it.
+    """
     async with conn.transaction():
         last = await conn.fetchval(
             "SELECT last_seq FROM checkpoint WHERE projector = $1 FOR UPDATE", name
@@ -102,13 +192,34 @@ async def apply_batch(
             await conn.execute("INSERT INTO checkpoint (projector, last_seq) VALUES ($1, 0)", name)
             last = 0
         fresh = [e for e in envelopes if e.seq > last]
-        if not fresh:
+        bad = [q for q in undecodable if q.seq > last]
+        if not fresh and not bad:
             return int(last)
-        for sql, rows in plan(fresh, project):
-            await conn.executemany(sql, rows)
-        new = max(e.seq for e in fresh)
+        fresh, stmts, unplannable = _plan_each(fresh, project)
+        bad += unplannable
+        try:
+            async with conn.transaction():
+                for sql, rows in group(stmts):
+                    await conn.executemany(sql, rows)
+        except EVENT_REFUSALS:
+            bad += await _apply_one_by_one(conn, name, fresh, project)
+        await _quarantine(conn, name, sorted(bad, key=lambda q: q.seq))
+        new = max([e.seq for e in fresh] + [q.seq for q in bad])
         await conn.execute("UPDATE checkpoint SET last_seq = $2 WHERE projector = $1", name, new)
         return new
+
+
+async def quarantined(
+    conn: Any, name: str | None = None, schema: str | None = None
+) -> list[Quarantined]:
+    """What a projector (or every projector) has set aside, oldest first."""
+    table = f"{check_schema(schema)}.quarantine" if schema else "quarantine"
+    rows = await conn.fetch(
+        f"SELECT seq, subject, event_type, error FROM {table}"
+        " WHERE $1::text IS NULL OR projector = $1 ORDER BY projector, seq",
+        name,
+    )
+    return [Quarantined(int(r["seq"]), r["subject"], r["event_type"], r["error"]) for r in rows]
 
 
 def stream_seq(msg: Any) -> int:
@@ -229,14 +340,22 @@ class Puller:
 
 
 def decode_all(msgs: Sequence[Any]) -> Iterator[Envelope]:
+    envelopes, _ = decode_batch(msgs)
+    yield from envelopes
+
+
+def decode_batch(msgs: Sequence[Any]) -> tuple[list[Envelope], list[Quarantined]]:
+    """Decode a fetched batch; what cannot be decoded is quarantined by ``apply_batch``
+    rather than blocking the projector (the log keeps the message for inspection)."""
+    envelopes: list[Envelope] = []
+    bad: list[Quarantined] = []
     for msg in msgs:
         seq = stream_seq(msg)
         try:
-            yield codec.decode(msg.data, seq=seq)
-        except codec.CodecError as exc:
-            # An undecodable message is skipped, loudly: blocking the projector on it would
-            # stop every read model for one bad record, and the log keeps it for inspection.
-            _log.error("undecodable event skipped", seq=seq, error=str(exc))
+            envelopes.append(codec.decode(msg.data, seq=seq))
+        except (codec.CodecError, RecursionError) as exc:
+            bad.append(Quarantined(seq, str(msg.subject), "undecodable", str(exc)[:500]))
+    return envelopes, bad
 
 
 @dataclass
@@ -325,8 +444,10 @@ class Projector:
                         ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
                         continue
                     ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
-                    envelopes = list(decode_all(msgs))
-                    self.applied_seq = await apply_batch(conn, self.name, envelopes, self.project)
+                    envelopes, undecodable = decode_batch(msgs)
+                    self.applied_seq = await apply_batch(
+                        conn, self.name, envelopes, self.project, undecodable
+                    )
                     # Everything after the batch was still undelivered when its last message
                     # came, prefetched or not, so that message's pending count is the backlog.
                     self.applied_at, self.waiting = stream_position(msgs[-1])

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 import msgspec
+from msgspec import Meta
 
 from damm.events.model import TierStatus
 
@@ -19,6 +20,35 @@ MAX_REQUEST_BYTES = 16 * 1024
 IPv4Text = Annotated[
     str, msgspec.Meta(min_length=7, max_length=15, pattern=r"^[0-9]{1,3}(\.[0-9]{1,3}){3}$")
 ]
+
+# Bounds on everything an outside party controls. Numbers match the read-model columns
+# (integer, bigint, non-negative where they count), so nothing accepted here can stall a
+# projector; strings and lists are short enough that no event grows without limit.
+INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
+
+Id = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+RequestId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+Key = Annotated[str, Meta(min_length=1, max_length=64)]
+Secret = Annotated[str, Meta(min_length=1, max_length=128)]
+RotationProof = Annotated[str, Meta(min_length=1, max_length=64)]  # base64 of an HMAC-SHA256
+Label = Annotated[str, Meta(max_length=128)]
+Reason = Annotated[str, Meta(max_length=1024)]
+Endpoint = Annotated[str, Meta(min_length=1, max_length=255)]
+Country = Annotated[str, Meta(pattern=r"^[A-Za-z]{2}$")]
+Count32 = Annotated[int, Meta(ge=0, le=INT32_MAX)]
+Positive32 = Annotated[int, Meta(ge=1, le=INT32_MAX)]
+Count64 = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+Positive64 = Annotated[int, Meta(ge=1, le=INT64_MAX)]
+Priority = Annotated[int, Meta(ge=-INT32_MAX, le=INT32_MAX)]
+Port = Annotated[int, Meta(ge=1, le=65535)]
+TtlSeconds = Annotated[int, Meta(ge=1, le=20 * 365 * 86400)]
+Load = Annotated[float, Meta(ge=0.0, le=1e6)]
+# A usage delta covers one agent interval: 2**48 bytes (256 TiB) is far beyond any link, and
+# keeps a device's bigint total from overflowing for tens of thousands of reports.
+UsageBytes = Annotated[int, Meta(ge=0, le=2**48)]
+MAX_LIST = 64
+MAX_USAGE_ENTRIES = 2000
 
 
 class ErrorBody(msgspec.Struct, frozen=True):
@@ -34,7 +64,7 @@ class Reply(msgspec.Struct, frozen=True):
     error: ErrorBody | None = None
 
 
-class Empty(msgspec.Struct, frozen=True):
+class Empty(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     pass
 
 
@@ -42,19 +72,19 @@ class Empty(msgspec.Struct, frozen=True):
 
 
 class DefineTier(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    tier: str
-    regions: tuple[str, ...] = ()
-    exit_countries: tuple[str, ...] = ()
-    session_limit: int | None = None
-    byte_limit: int | None = None
-    key_lifetime_s: int | None = None
+    tier: Id
+    regions: Annotated[tuple[Id, ...], Meta(max_length=MAX_LIST)] = ()
+    exit_countries: Annotated[tuple[Country, ...], Meta(max_length=MAX_LIST)] = ()
+    session_limit: Count32 | None = None
+    byte_limit: Count64 | None = None
+    key_lifetime_s: Positive32 | None = None
     status: TierStatus = "active"
 
 
 class CreateToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    tier: str
-    uses: int | None = None
-    ttl_s: int | None = None
+    tier: Id
+    uses: Positive32 | None = None
+    ttl_s: TtlSeconds | None = None
 
 
 class TokenCreated(msgspec.Struct, frozen=True):
@@ -66,15 +96,15 @@ class TokenCreated(msgspec.Struct, frozen=True):
 
 
 class RevokeToken(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    token_id: str
-    reason: str = ""
+    token_id: Id
+    reason: Reason = ""
 
 
 class AddGateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    region: str
-    front_door: str | None = None
-    priority: int = 10
+    gateway_id: Id
+    region: Id
+    front_door: Endpoint | None = None
+    priority: Priority = 10
 
 
 class GatewayAdded(msgspec.Struct, frozen=True):
@@ -83,47 +113,47 @@ class GatewayAdded(msgspec.Struct, frozen=True):
 
 
 class SetFrontDoor(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    front_door_id: str
-    endpoint: str
-    transport: str = "udp"
-    priority: int = 10
+    gateway_id: Id
+    front_door_id: Id
+    endpoint: Endpoint
+    transport: Label = "udp"
+    priority: Priority = 10
     active: bool = True
 
 
 class SetGatewayStatus(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
+    gateway_id: Id
     active: bool
-    reason: str = ""
+    reason: Reason = ""
 
 
 class DefineEgress(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    pool_id: str
-    provider: str = "static"
-    region: str
-    countries: tuple[str, ...]
-    ips: tuple[str, ...] = ()
-    load: float = 0.0  # ignored: load is measured from assignments
-    headroom: float = 1.0  # ignored likewise
+    pool_id: Id
+    provider: Label = "static"
+    region: Id
+    countries: Annotated[tuple[Country, ...], Meta(max_length=MAX_LIST)]
+    ips: Annotated[tuple[Annotated[str, Meta(max_length=64)], ...], Meta(max_length=4096)] = ()
+    load: Load = 0.0  # ignored: load is measured from assignments
+    headroom: Load = 1.0  # ignored likewise
     active: bool = True
     devices_per_address: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 128
     transfer_per_address: Annotated[int, msgspec.Meta(ge=1, le=2**62)] | None = None
 
 
 class DeviceAction(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    device_id: str
-    reason: str = ""
+    device_id: Id
+    reason: Reason = ""
 
 
 class ResetUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    device_id: str
-    period: str | None = None
+    device_id: Id
+    period: Label | None = None
 
 
 class ExplainPlacement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    tier: str
-    region: str | None = None
-    exit_country: str | None = None
+    tier: Id
+    region: Id | None = None
+    exit_country: Country | None = None
 
 
 class Rejected(msgspec.Struct, frozen=True):
@@ -170,11 +200,11 @@ class Done(msgspec.Struct, frozen=True):
 
 
 class Enroll(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    token: str
-    public_key: str
-    region: str | None = None
-    exit_country: str | None = None
-    request_id: str
+    token: Secret
+    public_key: Key
+    region: Id | None = None
+    exit_country: Country | None = None
+    request_id: RequestId
 
 
 class CatalogTrust(msgspec.Struct, frozen=True):
@@ -201,11 +231,11 @@ class Enrolled(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class RotateKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    device_id: str
-    old_public_key: str
-    new_public_key: str
-    proof: str
-    request_id: str
+    device_id: Id
+    old_public_key: Key
+    new_public_key: Key
+    proof: RotationProof
+    request_id: RequestId
 
 
 class KeyRotated(msgspec.Struct, frozen=True):
@@ -260,7 +290,7 @@ class ReportFailover(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 
 class GetCatalog(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    region: str
+    region: Id
 
 
 class SignedCatalogReply(msgspec.Struct, frozen=True):
@@ -271,11 +301,11 @@ class SignedCatalogReply(msgspec.Struct, frozen=True):
 
 
 class RegisterGateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    token: str
-    public_key: str
-    listen_port: int
-    agent_version: str = ""
+    gateway_id: Id
+    token: Secret
+    public_key: Key
+    listen_port: Port
+    agent_version: Label = ""
 
 
 class Registered(msgspec.Struct, frozen=True):
@@ -287,33 +317,38 @@ class Registered(msgspec.Struct, frozen=True):
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    token: str
-    peer_count: int
-    active_peers: int
-    rx_bytes: int
-    tx_bytes: int
-    load: float
-    peer_set_revision: int = 0
+    gateway_id: Id
+    token: Secret
+    peer_count: Count32
+    active_peers: Count32
+    rx_bytes: Count64
+    tx_bytes: Count64
+    load: Load
+    peer_set_revision: Count64 = 0
 
 
-class UsageEntry(msgspec.Struct, frozen=True):
-    public_key: str
-    rx_bytes: int
-    tx_bytes: int
+class UsageEntry(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    public_key: Key
+    rx_bytes: UsageBytes
+    tx_bytes: UsageBytes
 
 
 class ReportUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    token: str
-    report_id: str
-    entries: tuple[UsageEntry, ...]
+    gateway_id: Id
+    token: Secret
+    report_id: RequestId
+    entries: Annotated[tuple[UsageEntry, ...], Meta(max_length=MAX_USAGE_ENTRIES)]
     measured_at: datetime | None = None
+    # The agent's ledger numbers its reports: with ``ledger_id`` the control plane remembers the
+    # highest number per ledger, so a report resent long after JetStream's dedupe window is
+    # still recognised. Zero means an agent that does not number (deduped for the window only).
+    ledger_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
+    report_seq: Count64 = 0
 
 
 class PeerSnapshotRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    gateway_id: str
-    token: str
+    gateway_id: Id
+    token: Secret
 
 
 # --- peer sets (gateway agent) ----------------------------------------------------------------

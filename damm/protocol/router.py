@@ -9,6 +9,7 @@ answers with a result or a catalogued error. Handlers stay plain functions of a 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -34,13 +35,23 @@ _encoder = msgspec.json.Encoder()
 
 QUEUE_GROUP = "damm-control"
 
+CORRELATION_HEADER = "Damm-Correlation-Id"
+ACTOR_HEADER = "Damm-Actor"
+# Both headers are copied into every event a request causes: bounded and plain, or refused.
+_CORRELATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_ACTOR = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
+# Where an answer may go: an inbox. Outside parties' replies arrive mapped by the server
+# (``_R_.``, see damm.stack.nats_config); this check is the second line behind that.
+REPLY_SUBJECT = re.compile(r"(_R_|_INBOX|_INBOX_[A-Za-z0-9_-]{1,80})(\.[A-Za-z0-9_-]{1,64}){1,4}")
+
 BUS_TROUBLE = (
     TimeoutError,
     nats.errors.TimeoutError,
     nats.errors.NoRespondersError,
     nats.errors.ConnectionClosedError,
     nats.js.errors.NoStreamResponseError,
-    nats.js.errors.ServiceUnavailableError,  # JetStream did not answer (leader election, overload)
+    # JetStream did not answer (leader election, overload, a reload of the server's accounts)
+    nats.js.errors.ServiceUnavailableError,
 )
 
 
@@ -134,17 +145,39 @@ class Service:
 
     async def _serve(self, route: Route, decoder: Any, msg: Msg, received: float) -> None:
         headers = msg.headers or {}
-        correlation_id = headers.get("Damm-Correlation-Id") or uuid.uuid4().hex
+        raw_id = headers.get(CORRELATION_HEADER)
+        correlation_id = raw_id if raw_id and _CORRELATION_ID.fullmatch(raw_id) else None
         with structlog.contextvars.bound_contextvars(
-            correlation_id=correlation_id, command=route.command
+            correlation_id=correlation_id or "-", command=route.command
         ):
-            code, body = await self._answer(route, decoder, msg, correlation_id)
-            if msg.reply:
-                await self.nc.publish(msg.reply, body)
+            if not msg.reply:
+                return
+            if not REPLY_SUBJECT.fullmatch(msg.reply):
+                _log.warning(
+                    "request dropped",
+                    code=Code.BAD_REPLY_SUBJECT.slug,
+                    reply=msg.reply[:80],
+                    size=len(msg.data),
+                )
+                self.metrics.request(
+                    route.command, Code.BAD_REPLY_SUBJECT.slug, time.perf_counter() - received
+                )
+                return
+            try:
+                code, body = await self._answer(route, decoder, msg, headers, correlation_id)
+            except Exception:  # never leave a requester without an answer
+                _log.exception("request failed outside the handler")
+                code, body = _refused(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
+            await self.nc.publish(msg.reply, body)
             self.metrics.request(route.command, code, time.perf_counter() - received)
 
     async def _answer(
-        self, route: Route, decoder: Any, msg: Msg, correlation_id: str
+        self,
+        route: Route,
+        decoder: Any,
+        msg: Msg,
+        headers: dict[str, str],
+        correlation_id: str | None,
     ) -> tuple[str, bytes]:
         """The answer, and the code it carries ("ok" or an error code) for the metrics."""
         if len(msg.data) > route.max_bytes:
@@ -154,13 +187,30 @@ class Service:
                     Code.REQUEST_TOO_LARGE, f"{len(msg.data)} bytes > {route.max_bytes} bytes"
                 )
             )
+        raw_id = headers.get(CORRELATION_HEADER)
+        actor_name = headers.get(ACTOR_HEADER, "-")
+        if (raw_id is not None and correlation_id is None) or (
+            actor_name != "-" and not _ACTOR.fullmatch(actor_name)
+        ):
+            _log.info("request refused", code=Code.BAD_HEADER.slug)
+            return _refused(
+                DammError(
+                    Code.BAD_HEADER,
+                    f"{CORRELATION_HEADER} and {ACTOR_HEADER}: 1-64 of A-Z a-z 0-9 and _.:-@+",
+                )
+            )
+        correlation_id = correlation_id or uuid.uuid4().hex
+        structlog.contextvars.bind_contextvars(correlation_id=correlation_id)
         try:
             request = decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
-            _log.info("request refused", code="malformed_request", error=str(exc))
-            return _refused(DammError(Code.MALFORMED_REQUEST, str(exc)))
+            _log.info("request refused", code="malformed_request", error=str(exc)[:200])
+            return _refused(DammError(Code.MALFORMED_REQUEST, str(exc)[:200]))
+        except RecursionError:
+            _log.info("request refused", code=Code.REQUEST_TOO_DEEP.slug)
+            return _refused(DammError(Code.REQUEST_TOO_DEEP))
         try:
-            actor = Actor(route.actor_kind, (msg.headers or {}).get("Damm-Actor", "-")[:64])
+            actor = Actor(route.actor_kind, actor_name)
             result = await route.handler(request, Call(correlation_id, actor))
         except DammError as err:
             _log.info("request refused", code=err.code.slug, detail=err.detail)

@@ -139,7 +139,7 @@ class Recommendation(msgspec.Struct, kw_only=True):
     severity: str  # critical | warning | info
     # region_near_capacity | region_without_capacity | pool_low_headroom | gateway_stale |
     # front_door_unused | front_door_silent | devices_over_quota | token_at_session_limit |
-    # catalog_key_not_fetched
+    # catalog_key_not_fetched | events_quarantined
     kind: str
     subject: str
     message: str
@@ -155,6 +155,14 @@ class Totals(msgspec.Struct, kw_only=True):
     used_bytes: int
     near_quota: int
     over_quota: int
+
+
+class QuarantinedRow(msgspec.Struct, kw_only=True):
+    projector: str
+    seq: int
+    subject: str
+    event_type: str
+    error: str
 
 
 class Report(msgspec.Struct, kw_only=True):
@@ -173,6 +181,7 @@ class Report(msgspec.Struct, kw_only=True):
     tokens_at_session_limit: list[SessionRow]
     recommendations: list[Recommendation]
     catalog_keys: list[CatalogKeyRow] = msgspec.field(default_factory=list)
+    quarantined: list[QuarantinedRow] = msgspec.field(default_factory=list)
 
 
 # --- rows from Postgres ------------------------------------------------------------------------
@@ -197,6 +206,7 @@ class Rows:
     sessions_at_limit: list[dict[str, Any]] = field(default_factory=list)
     # key_id, announced_at, devices_with_key, devices_active
     catalog_keys: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
 
 
 _GATEWAYS = """
@@ -290,6 +300,10 @@ async def gather(
         rows.quota = await fetch(_QUOTA, period, NEAR_QUOTA, quota_limit)
         counts = await conn.fetchrow(_QUOTA_COUNTS, period, NEAR_QUOTA)
         rows.quota_counts = {"near": int(counts["near"]), "over": int(counts["over"])}
+        rows.quarantined = await fetch(
+            "SELECT projector, seq, subject, event_type, error FROM quarantine"
+            " ORDER BY projector, seq LIMIT 100"
+        )
         rows.used_bytes = int(await conn.fetchval(_USED, period))
         rows.sessions_at_limit = await fetch(_SESSIONS_AT_LIMIT)
         rows.catalog_keys = await fetch(_CATALOG_KEYS)
@@ -484,6 +498,16 @@ def build(rows: Rows, now: datetime, ttl_s: float) -> Report:
             )
             for r in rows.catalog_keys
         ],
+        quarantined=[
+            QuarantinedRow(
+                projector=r["projector"],
+                seq=int(r["seq"]),
+                subject=r["subject"],
+                event_type=r["event_type"],
+                error=r["error"],
+            )
+            for r in rows.quarantined
+        ],
     )
     report.recommendations = recommend(report)
     return report
@@ -495,6 +519,18 @@ _SEVERITY = {"critical": 0, "warning": 1, "info": 2}
 def recommend(report: Report) -> list[Recommendation]:
     """Placement advice from a built report; most severe first, then by kind and subject."""
     out: list[Recommendation] = []
+    for q in report.quarantined:
+        out.append(
+            Recommendation(
+                severity="critical",
+                kind="events_quarantined",
+                subject=f"{q.projector}:{q.seq}",
+                message=(
+                    f"event {q.seq} on {q.subject} ({q.event_type}) was not applied to the "
+                    f"read models: {q.error[:160]}; the read models miss what it said"
+                ),
+            )
+        )
     for region in report.regions:
         if region.healthy == 0:
             out.append(

@@ -38,9 +38,15 @@ class NatsServer:
     url: str = ""
     proc: subprocess.Popen[bytes] | None = None
     gateways: dict[str, str] = field(default_factory=dict)  # gateway id -> bcrypt hash
+    single_account: bool = False  # benchmarks only: the layout before accounts
 
     def _write_config(self) -> None:
-        settings = ServerSettings(str(self.data_dir / "jetstream"), self.passwords, self.gateways)
+        settings = ServerSettings(
+            str(self.data_dir / "jetstream"),
+            self.passwords,
+            self.gateways,
+            single_account=self.single_account,
+        )
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
         # Kept for the next start: a running agent reconnecting to a restarted server must find
         # its user there at once, not only after the control plane has folded the log again.

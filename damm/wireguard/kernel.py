@@ -21,7 +21,7 @@ from typing import Any, TypedDict, TypeVar
 
 import structlog
 
-from damm.keys.wireguard import validate_public_key
+from damm.keys.wireguard import validate_key_spelling, validate_public_key
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
 from damm.wireguard.peer_diff import PeerDiff
 
@@ -231,7 +231,7 @@ class KernelBackend:
 
     async def set_identity(self, private_key_b64: str, listen_port: int) -> None:
         try:
-            validate_public_key(private_key_b64)
+            validate_key_spelling(private_key_b64)
         except Exception:
             raise WireGuardError("private key is not base64 of 32 bytes") from None
 

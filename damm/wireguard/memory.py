@@ -13,7 +13,7 @@ import msgspec
 from nacl.bindings import crypto_scalarmult_base
 
 from damm.errors import DammError
-from damm.keys.wireguard import validate_public_key
+from damm.keys.wireguard import validate_key_spelling
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
 from damm.wireguard.peer_diff import PeerDiff
 
@@ -59,7 +59,7 @@ class MemoryBackend:
     async def set_identity(self, private_key_b64: str, listen_port: int) -> None:
         self._check_open()
         try:
-            private = base64.b64decode(validate_public_key(private_key_b64))
+            private = base64.b64decode(validate_key_spelling(private_key_b64))
         except DammError:
             raise WireGuardError("private key is not base64 of 32 bytes") from None
         self.public_key = base64.b64encode(crypto_scalarmult_base(private)).decode("ascii")

@@ -310,8 +310,6 @@ class EnrollmentCommitter:
             _settle(waiting.future, DammError(Code.UNAVAILABLE, "control plane stopping"))
 
     async def enroll(self, req: p.Enroll, call: Call) -> p.Enrolled:
-        if len(req.request_id) > 64 or not req.request_id:
-            raise DammError(Code.MALFORMED_REQUEST, "request_id must be 1-64 characters")
         known = self.ctx.state.requests.get(req.request_id)
         if known is not None:
             return replayed(self.ctx, req, known)
@@ -425,6 +423,10 @@ class EnrollmentCommitter:
         ctx = self.ctx
         new_key = validate_public_key(req.new_public_key)
         old_key = validate_public_key(req.old_public_key)
+        # The proof first: until it holds, the caller learns nothing about the device, not even
+        # whether it exists or what its current key is.
+        if not ctx.rotation.verify(req.proof, old_key, req.device_id, new_key, req.request_id):
+            raise DammError(Code.UNAUTHORIZED, "the proof of the old key does not verify")
         await ctx.fresh(lambda: req.device_id in ctx.state.devices)
         dev = ctx.state.devices.get(req.device_id)
         if dev is None:
@@ -432,11 +434,9 @@ class EnrollmentCommitter:
         if dev.status == "revoked":
             raise DammError(Code.DEVICE_REVOKED, f"device {dev.device_id}")
         if dev.public_key != old_key:
-            if dev.public_key == new_key:
+            if dev.public_key == new_key:  # a retry of a rotation that already happened
                 return p.KeyRotated(dev.device_id, dev.public_key, dev.key_expires_at)
             raise DammError(Code.UNAUTHORIZED, "the old key is not this device's current key")
-        if not ctx.rotation.verify(req.proof, old_key, dev.device_id, new_key, req.request_id):
-            raise DammError(Code.UNAUTHORIZED, "the proof of the old key does not verify")
         tier = ctx.state.tiers.get(dev.tier)
         lifetime = tier.key_lifetime_s if tier else None
         expires = ctx.now() + timedelta(seconds=lifetime) if lifetime else None

@@ -24,7 +24,6 @@ from damm.subjects import event_subject, heartbeat_subject, usage_subject
 
 _log = log.get("damm.gateway")
 
-MAX_USAGE_ENTRIES = 2000
 MAX_USAGE_BYTES = 256 * 1024
 
 
@@ -49,8 +48,6 @@ class GatewayHandlers:
     async def register(self, req: p.RegisterGateway, call: Call) -> p.Registered:
         gw = await self.authenticate(req.gateway_id, req.token)
         public_key = validate_public_key(req.public_key)
-        if not 0 < req.listen_port < 65536:
-            raise DammError(Code.INVALID_ARGUMENT, f"listen port {req.listen_port}")
         gcall = Call(call.correlation_id, Actor("gateway", gw.gateway_id))
         subject = event_subject("gateway", gw.gateway_id)
 
@@ -88,8 +85,6 @@ class GatewayHandlers:
         gw = await self.authenticate(req.gateway_id, req.token)
         if not gw.registered:
             raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
-        if req.load < 0 or min(req.peer_count, req.active_peers, req.rx_bytes, req.tx_bytes) < 0:
-            raise DammError(Code.INVALID_ARGUMENT, "metrics must not be negative")
         event = m.GatewayHeartbeat(
             gateway_id=gw.gateway_id,
             peer_count=req.peer_count,
@@ -130,15 +125,14 @@ class GatewayHandlers:
         gw = await self.authenticate(req.gateway_id, req.token)
         if not gw.registered:
             raise DammError(Code.GATEWAY_NOT_REGISTERED, f"gateway {gw.gateway_id}: register first")
-        if len(req.entries) > MAX_USAGE_ENTRIES:
-            raise DammError(
-                Code.REQUEST_TOO_LARGE,
-                f"{len(req.entries)} entries > {MAX_USAGE_ENTRIES}; split the report",
-            )
-        if not req.report_id or len(req.report_id) > 64:
-            raise DammError(Code.MALFORMED_REQUEST, "report_id must be 1-64 characters")
-        if any(e.rx_bytes < 0 or e.tx_bytes < 0 for e in req.entries):
-            raise DammError(Code.INVALID_ARGUMENT, "usage deltas must not be negative")
+        mark = (gw.gateway_id, req.ledger_id)
+        numbered = bool(req.ledger_id and req.report_seq)
+
+        def seen() -> bool:
+            return numbered and req.report_seq <= self.ctx.state.usage_marks.get(mark, 0)
+
+        if seen():
+            return p.Done(seq=0, duplicate=True)
         owners = self._owners(gw.gateway_id, req.entries)
         if len(owners) < len({e.public_key for e in req.entries}):
             # A device enrolled through another control-plane process may not be folded yet.
@@ -159,13 +153,30 @@ class GatewayHandlers:
             report_id=req.report_id,
             deltas=tuple(deltas),
             measured_at=req.measured_at,
+            ledger_id=req.ledger_id,
+            report_seq=req.report_seq,
         )
         gcall = Call(call.correlation_id, Actor("gateway", gw.gateway_id))
-        result = await self.ctx.commit(
-            lambda: [
+        duplicate = False
+
+        def decide() -> list[Append]:
+            nonlocal duplicate
+            duplicate = seen()
+            if duplicate:
+                return []
+            # Numbered reports expect the subject's sequence, so two processes cannot both
+            # record one report between them; the mark they check is folded from this subject.
+            return [
                 self.ctx.append(
-                    subject, event, gcall, msg_id=f"usage-{gw.gateway_id}-{req.report_id}"
+                    subject,
+                    event,
+                    gcall,
+                    expected=self.ctx.state.seq_of(subject) if numbered else None,
+                    msg_id=f"usage-{gw.gateway_id}-{req.report_id}",
                 )
             ]
-        )
+
+        result = await self.ctx.commit(decide)
+        if duplicate:
+            return p.Done(seq=0, duplicate=True)
         return p.Done(seq=result.seqs[-1], duplicate=result.duplicate)

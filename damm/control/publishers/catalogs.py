@@ -268,10 +268,21 @@ class CatalogPublisher:
         except NotFoundError:
             return Published(region=region, version=0, seq=0, digest="", expires_at=0)
         seq = int(raw.seq or 0)
-        env = codec.decode(raw.data or b"", seq=seq)
-        event = env.event
+        try:
+            event: object = codec.decode(raw.data or b"", seq=seq).event
+        except codec.CodecError:
+            event = None
         if not isinstance(event, m.CatalogPublished):
-            return Published(region=region, version=0, seq=seq, digest="", expires_at=0)
+            # Something else sits last on the subject (undecodable, or not a publication): build
+            # on it, with the highest version the fold has seen, so versions never go back.
+            _log.error(
+                "catalog subject ends in a message that is not a publication",
+                code=Code.UNDECODABLE_EVENT.slug,
+                region=region,
+                seq=seq,
+            )
+            version = self.ctx.state.catalog_versions.get(region, 0)
+            return Published(region=region, version=version, seq=seq, digest="", expires_at=0)
         expires = int(event.expires_at.timestamp()) if event.expires_at else 0
         return Published(
             region=region, version=event.version, seq=seq, digest=event.digest, expires_at=expires
