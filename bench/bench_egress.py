@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from damm.agent import egress as nat
-from damm.dev.netlab import Lab, can_run_netns, exec_in
+from damm.netns import Lab, can_run_netns, exec_in
 
 
 def devices(count: int, shift: int = 0) -> dict[str, str]:

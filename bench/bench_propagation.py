@@ -88,7 +88,7 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
         ).token
         backend: WireGuardBackend
         if backend_kind == "uapi":
-            from damm.dev.netlab import Lab
+            from damm.netns import Lab
             from damm.wireguard.uapi import UapiBackend
 
             lab = Lab()

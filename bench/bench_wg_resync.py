@@ -24,7 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from damm.dev.netlab import Lab, can_run_netns, run
+from damm.netns import Lab, can_run_netns, run
 from damm.wireguard import reconcile
 from damm.wireguard.peer_diff import Peer, diff
 from damm.wireguard.uapi import UapiBackend, build_set_request, parse_get_reply

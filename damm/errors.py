@@ -85,6 +85,21 @@ class Code(enum.Enum):
     )
     # local state
     STATE_MISSING = ErrorSpec("the device state directory is missing or incomplete")
+    # orchestrator: topology, plans, providers and guardrail refusals
+    TOPOLOGY_INVALID = ErrorSpec("the topology file is invalid")
+    PLAN_STALE = ErrorSpec("the plan's inputs changed since it was made; plan again")
+    PLAN_INVALID = ErrorSpec("the plan file is unreadable or not a plan")
+    PROVIDER_FAILED = ErrorSpec("the provider failed an operation", True)
+    LEASE_HELD = ErrorSpec("another orchestrator holds the lease", True)
+    GUARDRAIL_REGION_CAP = ErrorSpec("guardrail: the region is at its maximum of gateways")
+    GUARDRAIL_PROVIDER_CAP = ErrorSpec("guardrail: the provider is at its maximum of gateways")
+    GUARDRAIL_PROVIDER_REGION = ErrorSpec("guardrail: the provider may not serve that region")
+    GUARDRAIL_COST = ErrorSpec("guardrail: the change would exceed the monthly cost limit")
+    GUARDRAIL_CHANGE_BUDGET = ErrorSpec("guardrail: the apply's budget of changes is spent")
+    GUARDRAIL_COOLDOWN = ErrorSpec("guardrail: the region scaled too recently")
+    GUARDRAIL_MIN_HEALTHY = ErrorSpec("guardrail: the region would fall below its healthy minimum")
+    GUARDRAIL_LAST_GATEWAY = ErrorSpec("guardrail: that is the region's last gateway")
+    GUARDRAIL_ACTIVE_DEVICES = ErrorSpec("guardrail: the gateway still carries active devices")
 
     @property
     def message(self) -> str:

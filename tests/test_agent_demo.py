@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from damm import netns as netlab
 from damm.control.process import ControlPlane
-from damm.dev import demo, netlab
+from damm.dev import demo
 from damm.device import files
 from damm.device.wgconfig import parse_endpoint
 from damm.stack.nats_server import NatsServer
@@ -24,7 +25,7 @@ def _pids(pattern: str) -> set[str]:
 
 
 async def test_demo_fails_over_and_cleans_up(
-    control: ControlPlane, nats_server: NatsServer, tmp_path: Path
+    control: ControlPlane, nats_server: NatsServer, dsn: str, tmp_path: Path
 ) -> None:
     ok, why = demo.demo_possible()
     if not ok:
@@ -34,6 +35,7 @@ async def test_demo_fails_over_and_cleans_up(
     handle = await demo.run_demo(
         nats_server.url,
         nats_server.passwords["admin"],
+        dsn,
         tmp_path / "demo",
     )
     wg_pattern = f"wireguard-go -f wg{handle.lab.tag}"
@@ -42,6 +44,9 @@ async def test_demo_fails_over_and_cleans_up(
         text = "\n".join(summary)
         assert handle.ok, text
         assert _pids(wg_pattern), "the demo's wireguard-go daemons run while it is up"
+        # The orchestrator made the gateway: its plan, with the reason, opens the summary.
+        assert summary[0].startswith(f"orchestrator: add_gateway {handle.gateway_id}: "), text
+        assert not handle.gateway_restarted and not handle.reused
 
         # Step 1: the tunnel came up through fd1 and answered.
         assert handle.ping_ok and handle.first_endpoint == demo.FD1
@@ -75,14 +80,23 @@ async def test_demo_fails_over_and_cleans_up(
 
     # A demo right after, on the same data: it reuses its gateway and its device instead of
     # adding new ones that would linger stale in reports, and shows the same tunnel and failover.
+    # The stopped host boots again under its own id; the orchestrator only has fd1 to turn back on.
     again = await demo.run_demo(
         nats_server.url,
         nats_server.passwords["admin"],
+        dsn,
         tmp_path / "demo",
     )
     try:
-        assert again.ok, "\n".join(again.summary())
+        text = "\n".join(again.summary())
+        assert again.ok, text
         assert (again.gateway_id, again.device_id) == (handle.gateway_id, handle.device_id)
+        assert again.gateway_restarted and again.reused, text
+        assert again.plan_lines == (
+            f"orchestrator: add_front_door {handle.gateway_id}/fd1: topology lists front door "
+            f"fd1 for {demo.REGION} gateways; {handle.gateway_id} lacks it",
+        ), text
+        assert again.first_endpoint == demo.FD1 and again.gateway_address == handle.gateway_address
         assert again.failover_result is not None
         assert again.failover_result.front_door_id == "fd2"
         assert control.ctx is not None

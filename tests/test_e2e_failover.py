@@ -23,11 +23,11 @@ from damm.catalog.verify import initial_trust
 from damm.cli.device import write_config
 from damm.control.process import ControlPlane
 from damm.control.publishers.catalogs import CatalogPublisher
-from damm.dev.netlab import Lab, can_run_netns, configure_interface, run
-from damm.dev.netlab import ping as lab_ping
 from damm.device import files
 from damm.device.failover import failover
 from damm.device.wgconfig import parse_endpoint
+from damm.netns import Lab, can_run_netns, configure_interface, run
+from damm.netns import ping as lab_ping
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.protocol.router import Service

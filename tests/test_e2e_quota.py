@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm import netns as netlab
 from damm.control.process import ControlPlane
-from damm.dev import netlab
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from tests.fleet import enroll, keypair

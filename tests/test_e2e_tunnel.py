@@ -24,8 +24,8 @@ import asyncpg
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm import netns as netlab
 from damm.control.process import ControlPlane
-from damm.dev import netlab
 from damm.device.wgconfig import render_wg_quick
 from damm.private_files import write_atomic
 from damm.protocol import messages as p

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
+from damm import netns as netlab
 from damm.agent import egress as nat
 from damm.control.process import ControlPlane
-from damm.dev import netlab
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from damm import netns as netlab
 from damm.agent import egress as nat
-from damm.dev import netlab
 
 pytestmark = pytest.mark.netns
 

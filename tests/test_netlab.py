@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from damm.dev.netlab import Lab, LabError, can_run_netns, configure_interface, exec_in, ping, run
+from damm.netns import Lab, LabError, can_run_netns, configure_interface, exec_in, ping, run
 from damm.wireguard import reconcile
 from damm.wireguard.peer_diff import Peer
 from damm.wireguard.uapi import UapiBackend

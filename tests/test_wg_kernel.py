@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from nacl.public import PrivateKey
 
-from damm.dev.netlab import can_run_netns, run, unique_tag
+from damm.netns import can_run_netns, run, unique_tag
 from damm.wireguard import WireGuardError, reconcile
 from damm.wireguard.kernel import (
     NLM_F_DUMP_INTR,

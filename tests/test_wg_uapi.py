@@ -11,7 +11,7 @@ import pytest_asyncio
 from nacl.bindings import crypto_scalarmult_base
 from nacl.public import PrivateKey
 
-from damm.dev.netlab import Lab, WireGuardGo, can_run_netns, run
+from damm.netns import Lab, WireGuardGo, can_run_netns, run
 from damm.wireguard import WireGuardError, reconcile
 from damm.wireguard.peer_diff import Peer, PeerDiff
 from damm.wireguard.uapi import UapiBackend, build_set_request, parse_get_reply

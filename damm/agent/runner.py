@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,6 +69,7 @@ class AgentConfig:
 
 
 AppliedHook = Callable[[PeerDiff, float], None]
+RegisteredHook = Callable[[p.Registered], Awaitable[None]]
 
 
 class GatewayAgent:
@@ -92,6 +93,8 @@ class GatewayAgent:
         self.registration: p.Registered | None = None
         self.synced = asyncio.Event()  # set after each successful snapshot resync
         self.on_applied: list[AppliedHook] = []
+        # Runs once registration answered, before peers: the host sets its tunnel address here.
+        self.on_registered: RegisteredHook | None = None
         self.resyncs = 0
         self._changes: deque[p.PeerSetChange] = deque()
         self._wake = asyncio.Event()
@@ -213,6 +216,8 @@ class GatewayAgent:
             if self.egress is not None and self.egress.overlay != reply.overlay:
                 self.egress.overlay = reply.overlay
                 self.egress.applied = None  # the rule changes: next reconcile is a full one
+            if self.on_registered is not None:
+                await self.on_registered(reply)
             self.registered.set()
             return True
         return False

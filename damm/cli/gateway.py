@@ -1,7 +1,8 @@
 """`damm gateway run`: the agent on a gateway host.
 
-The interface must already exist (for wireguard-go, the systemd unit starts it; see
-ops/damm-gateway.service); the agent sets its key and port and owns its peers from then on.
+The agent makes its interface when it is missing (kernel module, else wireguard-go), sets the
+tunnel address it learns at registration, brings the link up, and removes what it made on stop.
+An interface that already exists is used as it is (see damm/agent/interface.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import click
 
 from damm import log, settings
 from damm.agent.egress import EgressReconciler, Nftables
+from damm.agent.interface import Interface
+from damm.agent.interface import ensure as ensure_interface
 from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.cli.common import Target, run
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.errors import Code, DammError
+from damm.protocol.messages import Registered
 from damm.wireguard.base import WireGuardBackend
 
 
@@ -56,10 +60,10 @@ def gateway() -> None:
 @click.option(
     "--wg",
     "wg_kind",
-    type=click.Choice(["kernel", "uapi", "memory"]),
-    default="kernel",
+    type=click.Choice(["auto", "kernel", "uapi", "memory"]),
+    default="auto",
     show_default=True,
-    help="WireGuard backend.",
+    help="WireGuard backend; auto: the kernel module, else wireguard-go.",
 )
 @click.option("--interface", default="wg0", show_default=True, help="WireGuard interface")
 @click.option(
@@ -131,20 +135,33 @@ async def run_cmd(
         usage_s=usage_interval,
         capacity=capacity,
     )
+    iface: Interface | None = None
+    if wg_kind != "memory" and uapi_socket is None:
+        iface = await ensure_interface(interface, wg_kind)  # type: ignore[arg-type]
+        wg_kind = iface.backend
     backend = make_backend(wg_kind, interface, uapi_socket)
+    wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
+    egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
+    agent = GatewayAgent(config, backend, egress)
+    if iface is not None:
+        configure = iface.configure
+
+        async def on_registered(reply: Registered) -> None:
+            await configure(*(a for a in (reply.gateway_address, reply.gateway_address6) if a))
+
+        agent.on_registered = on_registered
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    wrapper = ("ip", "netns", "exec", egress_netns) if egress_netns else ()
-    egress = EgressReconciler(Nftables(wrapper=wrapper)) if egress_kind == "nftables" else None
-    agent = GatewayAgent(config, backend, egress)
     try:
         async with metrics_endpoint(metrics_listen, agent.metrics.registry):
             await agent.run(stop)
     finally:
         await backend.close()
+        if iface is not None:
+            await iface.close()
 
 
 if __name__ == "__main__":

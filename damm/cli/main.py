@@ -13,6 +13,7 @@ from damm.cli.common import Target, fail
 from damm.cli.control import control
 from damm.cli.device import device
 from damm.cli.gateway import gateway
+from damm.cli.orchestrate import orchestrate
 from damm.cli.up import up
 from damm.errors import Code, DammError
 
@@ -65,6 +66,7 @@ cli.add_command(admin)
 cli.add_command(device)
 cli.add_command(control)
 cli.add_command(gateway)
+cli.add_command(orchestrate)
 
 if __name__ == "__main__":
     cli()

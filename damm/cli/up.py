@@ -205,7 +205,7 @@ async def up(
         click.echo(f"  Postgres   {database_url}")
         click.echo(f"  state      {directory}  (stack file {path})")
         click.echo(f"  overlay    {settings.overlay.network}  gateway {settings.overlay.gateway}")
-        await _demo(stack, no_demo, nats_url, passwords, directory)
+        await _demo(stack, no_demo, nats_url, passwords, database_url, directory)
         if exit_after_demo:
             return
         click.echo(
@@ -230,7 +230,12 @@ async def _meta_leader(nats_url: str, password: str) -> None:
 
 
 async def _demo(
-    stack: AsyncExitStack, no_demo: bool, nats_url: str, passwords: dict[str, str], directory: Path
+    stack: AsyncExitStack,
+    no_demo: bool,
+    nats_url: str,
+    passwords: dict[str, str],
+    database_url: str,
+    directory: Path,
 ) -> None:
     if no_demo:
         click.echo("  demo       skipped (--no-demo)")
@@ -244,7 +249,9 @@ async def _demo(
     if not possible:
         click.echo(f"  demo       skipped: {why}")
         return
-    handle = await demo.run_demo(nats_url, passwords.get("admin", ""), directory / "demo")
+    handle = await demo.run_demo(
+        nats_url, passwords.get("admin", ""), database_url, directory / "demo"
+    )
     stack.push_async_callback(handle.close)
     for line in handle.summary():
         click.echo(f"  demo       {line}")

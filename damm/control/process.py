@@ -23,6 +23,7 @@ from damm.control.handlers.admin import AdminHandlers
 from damm.control.handlers.devices import DeviceHandlers
 from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
+from damm.control.handlers.orchestrator import OrchestratorHandlers
 from damm.control.handlers.peer_snapshot import PeerSetHandlers
 from damm.control.handlers.signing_keys import SigningKeys
 from damm.control.leadership import Leadership
@@ -158,6 +159,7 @@ class ControlPlane:
             *PeerSetHandlers(self.ctx).routes(),
             *self.catalogs.routes(),
             *signing_keys.routes(),
+            *OrchestratorHandlers(self.ctx).routes(),
         ]
         self._service = Service(self.service_nc, routes, metrics=self.metrics)
         await self._service.start()

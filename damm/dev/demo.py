@@ -1,8 +1,9 @@
 """The demo `damm up` shows as root: a gateway and a device, each in its own network namespace.
 
-It goes through the same doors as production: the admin API defines a tier, a gateway with two
-front doors (fd1 and fd2, one veth address each in the gateway namespace) and a token; the
-gateway agent registers and follows its peer set on a real wireguard-go interface; the device
+It goes through the same doors as production: the admin API defines a tier and a token; the
+orchestrator plans and applies a one-gateway topology on the `netns` provider, so the gateway
+host (a namespace on the provider bridge, front doors fd1 and fd2 as two bridge addresses) runs
+`damm gateway run`, which makes its wireguard-go interface, registers and heartbeats; the device
 generates its key, enrolls over NATS, writes the state dir `damm device enroll` writes
 (``device.json`` with the catalog trust pinned from the reply, ``wg0.conf``), brings its tunnel
 up through fd1 and pings the gateway's tunnel address. Then fd1 goes dark (its address is
@@ -20,15 +21,14 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.dev import netlab
+from damm import netns as netlab
 from damm.device import files
 from damm.device.failover import (
     FailoverResult,
@@ -40,10 +40,16 @@ from damm.device.failover import (
 from damm.device.profile import save_enrollment
 from damm.device.standing import check_in
 from damm.errors import Code, DammError
-from damm.private_files import write_atomic
+from damm.orchestrator import actions as a
+from damm.orchestrator import topology as topo
+from damm.orchestrator.apply import gateway_token, load_secret
+from damm.orchestrator.loop import Orchestrator, build_providers
+from damm.orchestrator.providers.base import HostSpec
+from damm.orchestrator.providers.netns import NetnsProvider
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
+from damm.reports import report
 from damm.wireguard.peer_diff import Peer, PeerDiff
 from damm.wireguard.uapi import UapiBackend
 
@@ -51,15 +57,21 @@ _log = log.get("damm.dev.demo")
 
 PORT = 51820
 REGION = "demo"
-# One veth pair per front door: fd1 on 172.30.1.0/24, fd2 on 172.30.2.0/24.
-FD1_ADDR, FD1_DEV = "172.30.1.1", "172.30.1.2"
-FD2_ADDR, FD2_DEV = "172.30.2.1", "172.30.2.2"
+# The provider bridge's subnet: the gateway's fd1 and fd2 take its first two addresses.
+SUBNET = "172.30.0.0/24"
+FD1_ADDR, FD2_ADDR = "172.30.0.1", "172.30.0.2"
 FD1, FD2 = f"{FD1_ADDR}:{PORT}", f"{FD2_ADDR}:{PORT}"
 FD1_PRIORITY, FD2_PRIORITY = 10, 20
 CATALOG_WAIT_S = 20.0
-GATEWAY_ID = "demo"
-GATEWAY_FILE = "gateway.json"
+HEALTHY_WAIT_S = 20.0
 _RTT = re.compile(r"= [\d.]+/([\d.]+)/")
+
+
+TOPOLOGY = topo.Topology(
+    providers={"demo": topo.Provider(kind="netns", subnet=SUBNET, heartbeat_s=2.0)},
+    regions={REGION: topo.Region(provider="demo", gateways=1, front_doors=("fd1", "fd2"))},
+    guardrails=topo.Guardrails(cooldown_s=0),
+)
 
 
 def demo_possible() -> tuple[bool, str]:
@@ -79,7 +91,8 @@ class DemoHandle:
     dev_ns: str = ""
     dev_ifname: str = ""
     enroll_ms: float = 0.0
-    reused: bool = False  # the gateway and device of an earlier demo on the same data
+    gateway_restarted: bool = False  # the host the last demo on this data stopped, booted again
+    reused: bool = False  # the device of the last demo on the same data
     # Step 1: tunnel through fd1.
     first_door: str = ""
     first_endpoint: str = ""
@@ -98,9 +111,9 @@ class DemoHandle:
     failover_ping_rtt_ms: float | None = None
     recovery_ms: float = 0.0  # failover start to the first answered ping through fd2
     failover_error: str = ""
+    plan_lines: tuple[str, ...] = ()  # what the orchestrator planned, with its reasons
     _admin: tuple[str, str] = ("", "")  # NATS URL and admin password, to retire the gateway
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
-    _agent_task: asyncio.Task[None] | None = None
+    _provider: NetnsProvider | None = None
 
     @property
     def ok(self) -> bool:
@@ -108,8 +121,10 @@ class DemoHandle:
 
     def summary(self) -> list[str]:
         lines = [
+            *self.plan_lines,
             f"gateway {self.gateway_id} in netns {self.gw_ns} (wireguard-go, tunnel "
-            f"{self.gateway_address})",
+            f"{self.gateway_address})"
+            + ("; its host restarted from the last demo" if self.gateway_restarted else ""),
             f"front doors fd1 {FD1} (priority {FD1_PRIORITY}), fd2 {FD2} (priority {FD2_PRIORITY})",
             f"device {self.device_id} in netns {self.dev_ns} with {self.device_address}, "
             + (
@@ -157,14 +172,14 @@ class DemoHandle:
         return lines
 
     async def close(self) -> None:
-        self._stop.set()
-        if self._agent_task is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._agent_task, 5)
         if self.gateway_id and self._admin[0]:
             # Its heartbeat stays fresh for a while: a demo started right after this one must
             # not place its device on a gateway whose namespace is gone.
             await _retire(*self._admin, [self.gateway_id])
+        if self._provider is not None:
+            # The host's namespace, processes and the bridge go; its record and key stay, so the
+            # next demo on this data boots the same gateway again.
+            await self._provider.stop()
         await self.lab.close()
 
 
@@ -176,66 +191,17 @@ def _ms(since: float) -> float:
     return (time.monotonic() - since) * 1000
 
 
-async def run_demo(nats_url: str, admin_password: str, state_dir: Path) -> DemoHandle:
+async def run_demo(
+    nats_url: str, admin_password: str, database_url: str, state_dir: Path
+) -> DemoHandle:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
     handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
-        await _build(handle, nats_url, admin_password, state_dir)
+        await _build(handle, nats_url, admin_password, database_url, state_dir)
     except BaseException:
         await handle.close()
         raise
     return handle
-
-
-class DemoGateway(msgspec.Struct):
-    """The demo's gateway, kept between runs (0600: the token is its NATS password)."""
-
-    gateway_id: str
-    token: str
-
-
-async def _gateway(admin: NATS, state_dir: Path, tag: str) -> DemoGateway:
-    """The gateway of the last demo on this data, made usable again, or a new one."""
-    path = state_dir / GATEWAY_FILE
-    try:
-        kept = msgspec.json.decode(path.read_bytes(), type=DemoGateway)
-    except (FileNotFoundError, msgspec.DecodeError, msgspec.ValidationError):
-        kept = None
-    if kept is not None:
-        try:
-            enable = p.SetGatewayStatus(gateway_id=kept.gateway_id, active=True)
-            await call(admin, "admin.gateway.status", enable, p.Done)
-            await _set_doors(admin, kept.gateway_id)
-            return kept
-        except DammError as err:
-            if err.code is not Code.NOT_FOUND:
-                raise
-            _log.info("the demo gateway is gone from this log; adding a new one")
-    gateway_id = GATEWAY_ID
-    try:
-        added = await _add_gateway(admin, gateway_id)
-    except DammError as err:
-        if err.code is not Code.ALREADY_EXISTS:
-            raise
-        gateway_id = f"{GATEWAY_ID}-{tag}"  # its token was lost with the files: a new one
-        added = await _add_gateway(admin, gateway_id)
-    kept = DemoGateway(gateway_id, added.token)
-    write_atomic(path, msgspec.json.encode(kept).decode(), mode=0o600)
-    await _set_doors(admin, gateway_id)
-    return kept
-
-
-async def _add_gateway(admin: NATS, gateway_id: str) -> p.GatewayAdded:
-    request = p.AddGateway(gateway_id=gateway_id, region=REGION, front_door=FD1,
-                           priority=FD1_PRIORITY)  # fmt: skip
-    return await call(admin, "admin.gateway.add", request, p.GatewayAdded)
-
-
-async def _set_doors(admin: NATS, gateway_id: str) -> None:
-    for door, endpoint, priority in (("fd1", FD1, FD1_PRIORITY), ("fd2", FD2, FD2_PRIORITY)):
-        request = p.SetFrontDoor(gateway_id=gateway_id, front_door_id=door, endpoint=endpoint,
-                                 priority=priority)  # fmt: skip
-        await call(admin, "admin.gateway.front_door", request, p.Done)
 
 
 async def _kept_device(nc: NATS, dev_dir: Path, gateway_id: str) -> files.DeviceFile | None:
@@ -257,37 +223,41 @@ async def _kept_device(nc: NATS, dev_dir: Path, gateway_id: str) -> files.Device
     return dev
 
 
-async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: Path) -> None:
+async def _build(
+    h: DemoHandle, nats_url: str, admin_password: str, database_url: str, state_dir: Path
+) -> None:
     lab = h.lab
-    h.gw_ns, h.dev_ns = await lab.netns("gw"), await lab.netns("dev")
-    fd1_if, _ = await lab.veth(h.gw_ns, h.dev_ns, f"{FD1_ADDR}/24", f"{FD1_DEV}/24")
-    await lab.veth(h.gw_ns, h.dev_ns, f"{FD2_ADDR}/24", f"{FD2_DEV}/24")
-    gwd, devd = await lab.wireguard_go(h.gw_ns, "g"), await lab.wireguard_go(h.dev_ns, "d")
+    h.dev_ns = await lab.netns("dev")
+    devd = await lab.wireguard_go(h.dev_ns, "d")
     h.dev_ifname = devd.ifname
     admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
     device_nc = await connect(nats_url, name="damm-demo-device")
     try:
+        orch_dir = state_dir / "orchestrator"
+        providers = build_providers(TOPOLOGY, orch_dir)
+        provider = providers["demo"]
+        assert isinstance(provider, NetnsProvider)
+        h._provider = provider
         await _retire_stale(admin, state_dir)
         await call(admin, "admin.tier.define", p.DefineTier(tier="demo", regions=(REGION,)), p.Done)
-        gateway = await _gateway(admin, state_dir, lab.tag)
-        h.gateway_id = gateway.gateway_id
-        agent = GatewayAgent(
-            AgentConfig(
-                gateway_id=h.gateway_id,
-                token=gateway.token,
-                nats_url=nats_url,
-                state_dir=state_dir / "gateway",
-                listen_port=PORT,
-                heartbeat_s=5,
-                usage_s=10,
-            ),
-            UapiBackend(gwd.ifname),
-        )
-        h._agent_task = asyncio.create_task(agent.run(h._stop))
-        await asyncio.wait_for(agent.synced.wait(), 15)
-        assert agent.registration is not None
-        await netlab.configure_interface(h.gw_ns, gwd.ifname, agent.registration.gateway_address)
-        h.gateway_address = agent.registration.gateway_address.split("/")[0]
+        orch = Orchestrator(admin, database_url, TOPOLOGY, providers, orch_dir, nats_url)
+        h.gateway_restarted = await _restart_hosts(admin, orch, provider)
+        plan = await orch.plan()
+        h.plan_lines = tuple(
+            f"orchestrator: {a.kind_of(x)} {a.target_of(x)}: {x.reason}" for x in plan.actions
+        ) or ("orchestrator: nothing to do, the topology holds",)
+        for step in await orch.apply(plan):
+            if step.outcome == "failed":
+                raise DammError(Code.PROVIDER_FAILED, step.error)
+        running = [x for x in await provider.list() if x.state == "running"]
+        if len(running) != 1:
+            raise DammError(
+                Code.INTERNAL,
+                f"the demo wants one gateway host, {len(running)} run: {h.plan_lines}",
+            )
+        h.gateway_id, h.gw_ns = running[0].gateway_id, running[0].provider_ref
+        gw_ifname, h.gateway_address = await _tunnel_address(h.gw_ns)
+        await provider.attach_client(h.dev_ns, f"dev-{lab.tag}")
 
         # The device: the last demo's if the control plane still has it, else a new one with its
         # key made locally, enrolled, the state dir `damm device enroll` writes.
@@ -306,7 +276,6 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
             ).token
             enrolled = await _enroll(device_nc, token, public)
             dev, h.config_path = save_enrollment(dev_dir, enrolled, public, nats_url)
-        public = dev.public_key
         h.enroll_ms = _ms(started)
         h.device_id, h.device_address = dev.device_id, dev.address
         h.first_door, h.first_endpoint = dev.front_door_id, dev.endpoint
@@ -315,10 +284,8 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
         await _device_up(
             UapiBackend(devd.ifname), h.dev_ns, devd.ifname, files.private_key(dev_dir), dev
         )
-        for _ in range(50):  # the peer reaches the gateway within milliseconds; bound it anyway
-            if public in (await UapiBackend(gwd.ifname).read()).peers:
-                break
-            await asyncio.sleep(0.05)
+        # A handshake the gateway drops (the peer not applied yet) is retried only after 5 s.
+        await _gateway_has_peer(UapiBackend(gw_ifname), dev.public_key)
         h.ping_ok, h.ping_rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=3, wait=5)
         h.tunnel_ms = _ms(started)
         _log.info("demo tunnel up", ping_ok=h.ping_ok, device_id=h.device_id)
@@ -330,7 +297,7 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
             )
             return
         try:
-            await _failover_step(h, admin, device_nc, fd1_if)
+            await _failover_step(h, admin, device_nc)
         except (DammError, TimeoutError, netlab.LabError) as exc:
             h.failover_error = exc.line() if isinstance(exc, DammError) else str(exc) or "timeout"
             _log.warning("demo failover failed", error=h.failover_error)
@@ -338,6 +305,29 @@ async def _build(h: DemoHandle, nats_url: str, admin_password: str, state_dir: P
     finally:
         await admin.close()
         await device_nc.close()
+
+
+async def _tunnel_address(ns: str, timeout: float = 20.0) -> tuple[str, str]:
+    """The gateway's interface and tunnel address, once its agent registered and set it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = await netlab.exec_in(ns, "ip", "-o", "-4", "addr", "show", check=False)
+        for line in shown.stdout.splitlines():
+            fields = line.split()
+            if len(fields) > 3 and fields[1].startswith("wgo"):
+                return fields[1], fields[3].split("/")[0]
+        if time.monotonic() > deadline:
+            raise DammError(Code.UNAVAILABLE, f"the demo gateway in {ns} set no tunnel address")
+        await asyncio.sleep(0.1)
+
+
+async def _gateway_has_peer(gateway: UapiBackend, public_key: str, timeout: float = 10.0) -> None:
+    """Wait (bounded) until the gateway's agent applied the device from its peer set."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if public_key in (await gateway.read()).peers:
+            return
+        await asyncio.sleep(0.05)
 
 
 async def _retire(nats_url: str, admin_password: str, gateway_ids: list[str]) -> None:
@@ -357,21 +347,83 @@ async def _retire_with(admin: NATS, gateway_ids: list[str]) -> None:
             await call(admin, "admin.gateway.status", request, p.Done, timeout=3.0)
 
 
+async def _restart_hosts(admin: NATS, orch: Orchestrator, provider: NetnsProvider) -> bool:
+    """Boot again, under its own id and key, the gateway host the last demo on this data stopped.
+
+    A stopped host is not a dead one: left to the plan, it would be replaced by a new gateway at
+    every restart, and the old ones would pile up in the control plane. Returns whether one was.
+    """
+    hosts = await provider.list()
+    if not hosts:
+        return False
+    secret = await asyncio.to_thread(load_secret, orch.state_dir)
+    doors = TOPOLOGY.regions[REGION].front_doors
+    back = set()
+    for host in hosts:
+        try:  # the last demo's close disabled it
+            enable = p.SetGatewayStatus(gateway_id=host.gateway_id, active=True)
+            await call(admin, "admin.gateway.status", enable, p.Done)
+        except DammError as err:
+            if err.code is not Code.NOT_FOUND:
+                raise
+            _log.info("the demo host's gateway is gone from this log", gateway_id=host.gateway_id)
+            await provider.destroy(host.gateway_id)
+            continue
+        if host.state != "running":
+            await provider.create(
+                HostSpec(
+                    gateway_id=host.gateway_id,
+                    region=REGION,
+                    token=gateway_token(secret, host.gateway_id),
+                    nats_url=orch.agent_nats_url,
+                    front_doors=doors,
+                )
+            )
+            back.add(host.gateway_id)
+    # Its last heartbeat may be old enough for the plan to call it dead: wait for a fresh one.
+    await _wait_healthy(orch, back)
+    return bool(back)
+
+
+async def _wait_healthy(orch: Orchestrator, gateway_ids: set[str]) -> None:
+    deadline = time.monotonic() + HEALTHY_WAIT_S
+    while gateway_ids:
+        rep = await report.generate(orch.database_url, ttl_s=orch.heartbeat_ttl_s)
+        if gateway_ids <= {g.gateway_id for g in rep.gateways if g.status == "healthy"}:
+            return
+        if time.monotonic() > deadline:
+            _log.warning("restarted demo gateway not healthy yet", gateway_ids=sorted(gateway_ids))
+            return  # the plan then says what it makes of it
+        await asyncio.sleep(0.25)
+
+
 async def _retire_stale(admin: NATS, state_dir: Path) -> None:
-    """Retire the gateways of earlier demos (a crashed one could not) and drop their files."""
+    """Retire the gateways demos made themselves, before the orchestrator did, and drop their
+    files: one per run (``gateway-TAG``), then one kept in ``gateway.json`` and ``gateway/``."""
     stale = await asyncio.to_thread(_earlier_runs, state_dir)
-    gateways = [d.name.removeprefix("gateway-") for d in stale if d.name.startswith("gateway-")]
-    await _retire_with(admin, [f"demo-{tag}" for tag in gateways])
+    gateways = [
+        "demo-" + d.name.removeprefix("gateway-") for d in stale if d.name.startswith("gateway-")
+    ]
+    kept = state_dir / "gateway.json"
+    with contextlib.suppress(OSError, msgspec.DecodeError, msgspec.ValidationError):
+        gateways.append(msgspec.json.decode(kept.read_bytes(), type=_KeptGateway).gateway_id)
+    await _retire_with(admin, gateways)
+    kept.unlink(missing_ok=True)
     for old in stale:
         await asyncio.to_thread(shutil.rmtree, old, ignore_errors=True)
 
 
+class _KeptGateway(msgspec.Struct):
+    gateway_id: str
+
+
 def _earlier_runs(state_dir: Path) -> list[Path]:
-    """Directories of demos from before the demo reused its gateway and device."""
-    return sorted([*state_dir.glob("gateway-*"), *state_dir.glob("device-*")])
+    """Files of earlier demos' own gateways and devices (``device`` is the current device's)."""
+    runs = [*state_dir.glob("gateway-*"), *state_dir.glob("device-*"), state_dir / "gateway"]
+    return sorted(d for d in runs if d.is_dir())
 
 
-async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS, fd1_if: str) -> None:
+async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS) -> None:
     assert h.state_dir is not None
     # The signed catalog must list both doors before fd1 goes: the device needs somewhere to go.
     started = time.monotonic()
@@ -381,7 +433,8 @@ async def _failover_step(h: DemoHandle, admin: NATS, device_nc: NATS, fd1_if: st
     h.catalog_wait_ms = _ms(started)
 
     # fd1 goes dark, and the operator marks it inactive.
-    await netlab.run("ip", "-n", h.gw_ns, "addr", "del", f"{FD1_ADDR}/24", "dev", fd1_if)
+    assert h._provider is not None
+    await h._provider.remove_front_door(h.gateway_id, "fd1")
     await call(admin, "admin.gateway.front_door", p.SetFrontDoor(
         gateway_id=h.gateway_id, front_door_id="fd1", endpoint=FD1, priority=FD1_PRIORITY,
         active=False), p.Done)  # fmt: skip

@@ -268,6 +268,47 @@ class SigningKeyActivated(_Event, frozen=True, tag="catalog.key_activated"):
     retired_key_id: str
 
 
+# --- orchestrator -----------------------------------------------------------------------------
+
+
+class _OrchestratorStep(_Event, frozen=True):
+    """One step of an applied plan; ``provider_ref`` is the provider's own name for the host."""
+
+    plan_id: str
+    step: int
+    action: str
+    target: str
+    region: str = ""
+    provider: str = ""
+    provider_ref: str = ""
+    reason: str = ""
+
+
+class OrchestratorStepPlanned(_OrchestratorStep, frozen=True, tag="orchestrator.step_planned"):
+    pass
+
+
+class OrchestratorStepStarted(_OrchestratorStep, frozen=True, tag="orchestrator.step_started"):
+    pass
+
+
+class OrchestratorStepSucceeded(_OrchestratorStep, frozen=True, tag="orchestrator.step_succeeded"):
+    pass
+
+
+class OrchestratorStepFailed(_OrchestratorStep, frozen=True, tag="orchestrator.step_failed"):
+    error_code: str = ""
+    error: str = ""
+
+
+class OrchestratorLeaseTaken(_Event, frozen=True, tag="orchestrator.lease_taken"):
+    """Only the holder may act until ``expires_at``; taken with an expected subject sequence."""
+
+    name: str
+    holder: str
+    expires_at: datetime
+
+
 class UnknownEvent(_Event, frozen=True, tag="unknown"):
     """An event type this build does not know: carried through, never folded."""
 
@@ -301,6 +342,11 @@ Event = (
     | CatalogPublished
     | SigningKeyAnnounced
     | SigningKeyActivated
+    | OrchestratorStepPlanned
+    | OrchestratorStepStarted
+    | OrchestratorStepSucceeded
+    | OrchestratorStepFailed
+    | OrchestratorLeaseTaken
 )
 
 EVENT_TYPES: tuple[type[_Event], ...] = Event.__args__

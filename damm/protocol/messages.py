@@ -396,3 +396,43 @@ class PeerSetChange(msgspec.Struct, frozen=True):
     revision: int
     upserts: tuple[PeerEntry, ...] = ()
     removes: tuple[str, ...] = ()
+
+
+# --- orchestrator -----------------------------------------------------------------------------
+
+StepPhase = Literal["planned", "started", "succeeded", "failed"]
+_Id = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+_Text = Annotated[str, msgspec.Meta(max_length=1000)]
+
+
+class AddManagedGateway(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A gateway whose token the orchestrator derived, so a retried apply can derive it again."""
+
+    gateway_id: _Id
+    region: _Id
+    token: Annotated[str, msgspec.Meta(pattern=r"^dmg_[A-Za-z0-9_-]{32,128}$")]
+
+
+class RecordStep(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    plan_id: _Id
+    step: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    phase: StepPhase
+    action: Annotated[str, msgspec.Meta(max_length=64)]
+    target: Annotated[str, msgspec.Meta(max_length=200)]
+    region: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    provider: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    provider_ref: _Text = ""
+    reason: _Text = ""
+    error_code: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    error: _Text = ""
+
+
+class TakeLease(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    name: _Id
+    holder: _Id
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class LeaseTaken(msgspec.Struct, frozen=True):
+    holder: str
+    expires_at: datetime

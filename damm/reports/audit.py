@@ -188,6 +188,20 @@ def summary(env: m.Envelope, device: str | None = None) -> str:
             return f"catalog {e.region} v{e.version}"
         case m.SigningKeyAnnounced():
             return f"signing key {e.key_id} announced"
+        case (
+            m.OrchestratorStepPlanned()
+            | m.OrchestratorStepStarted()
+            | m.OrchestratorStepSucceeded()
+            | m.OrchestratorStepFailed()
+        ):
+            phase = env.type.removeprefix("orchestrator.step_")
+            ref = f" [{e.provider_ref}]" if e.provider_ref else ""
+            line = f"plan {e.plan_id} step {e.step} {e.action} {e.target} {phase} ({e.provider})"
+            if isinstance(e, m.OrchestratorStepFailed):
+                return f"{line}: {e.error_code}"
+            return f"{line}{ref}" + (f": {e.reason}" if phase == "planned" else "")
+        case m.OrchestratorLeaseTaken():
+            return f"orchestrator lease {e.name} to {e.holder} until {e.expires_at:%H:%M:%S}"
         case _:
             return env.type
 

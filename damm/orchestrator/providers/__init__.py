@@ -1,0 +1,1 @@
+"""Providers create and destroy gateway hosts behind one small interface (``base.Provider``)."""
