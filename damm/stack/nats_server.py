@@ -39,6 +39,7 @@ class NatsServer:
     proc: subprocess.Popen[bytes] | None = None
     gateways: dict[str, str] = field(default_factory=dict)  # gateway id -> bcrypt hash
     single_account: bool = False  # benchmarks only: the layout before accounts
+    max_payload: int = ServerSettings.max_payload  # the largest message the bus carries
 
     def _write_config(self) -> None:
         settings = ServerSettings(
@@ -46,6 +47,7 @@ class NatsServer:
             self.passwords,
             self.gateways,
             single_account=self.single_account,
+            max_payload=self.max_payload,
         )
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
         # Kept for the next start: a running agent reconnecting to a restarted server must find

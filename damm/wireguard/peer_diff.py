@@ -118,3 +118,32 @@ def apply(actual: Mapping[str, Peer], change: PeerDiff) -> dict[str, Peer]:
 
 def _by_key(peer: Peer) -> str:
     return peer.public_key
+
+
+def change_diff(
+    applied: Mapping[str, Peer], desired: Mapping[str, Peer], touched: Iterable[str]
+) -> PeerDiff:
+    """The change for the ``touched`` keys only, from what was applied: no read of the interface.
+
+    A peer leaving the set is not removed but cleared (no allowed IPs), which stops its
+    traffic at once while keeping its counters, so the bytes it moved up to that moment can
+    still be metered; ``settle`` removes it after that read.
+    """
+    add: list[Peer] = []
+    update: list[Peer] = []
+    for key in sorted(set(touched)):
+        want = desired.get(key)
+        have = applied.get(key)
+        if want is None:
+            if have is not None and have.allowed_ips:
+                update.append(Peer(key, (), have.persistent_keepalive))
+        elif have is None:
+            add.append(want)
+        elif have != want:
+            update.append(want)
+    return PeerDiff(add=tuple(add), update=tuple(update))
+
+
+def settle(applied: Mapping[str, Peer], desired: Mapping[str, Peer]) -> PeerDiff:
+    """Remove the cleared peers ``change_diff`` left behind (after their last metering read)."""
+    return PeerDiff(remove=tuple(sorted(key for key in applied if key not in desired)))
