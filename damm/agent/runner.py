@@ -106,6 +106,7 @@ class GatewayAgent:
         self._wake = asyncio.Event()
         self._need_resync = True
         self._need_verify = False
+        self._settle_due = asyncio.Event()  # cleared peers wait for a metering read
         self._flush = asyncio.Event()
         self._wg = asyncio.Lock()
         self.metrics = AgentMetrics()
@@ -142,7 +143,12 @@ class GatewayAgent:
                 return
             tasks = [
                 asyncio.create_task(t)
-                for t in (self._peer_loop(), self._heartbeat_loop(), self._usage_loop())
+                for t in (
+                    self._peer_loop(),
+                    self._settle_loop(),
+                    self._heartbeat_loop(),
+                    self._usage_loop(),
+                )
             ]
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -345,7 +351,7 @@ class GatewayAgent:
     async def _reconcile(self, desired: dict[str, Peer]) -> PeerDiff:
         """Full reconcile (caller holds the lock); meters from the same read before removals."""
         started = time.monotonic()
-        self.desired = desired
+        self.desired = dict(desired)  # changes edit it in place
         state = await self.backend.read()
         self._observe(state)
         change = diff(state.configured_peers(), desired)
@@ -391,10 +397,13 @@ class GatewayAgent:
             _log.info("egress NAT applied", plan=plan.summary(), rules=len(want))
 
     async def _apply_changes(self) -> None:
-        """Apply queued changes that follow our revision, as one diff over the touched keys."""
-        new = dict(self.desired)
-        egress_of = dict(self.egress_of)
-        touched: set[str] = set()
+        """Apply queued changes that follow our revision, as one diff over the touched keys.
+
+        Costs what the change touches, not what the gateway carries: no interface read, no
+        copy of the whole set.
+        """
+        final: dict[str, Peer | None] = {}  # touched key -> where it ends up (None: gone)
+        egress: dict[str, str | None] = {}
         revision = self.revision
         removes = False
         while self._changes:
@@ -412,23 +421,19 @@ class GatewayAgent:
                 self.request_resync()
                 break
             for key in ch.removes:
-                new.pop(key, None)
-                egress_of.pop(key, None)
-                touched.add(key)
+                final[key] = None
+                egress[key] = None
                 removes = True
             for entry in ch.upserts:
-                new[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
-                if entry.egress:
-                    egress_of[entry.public_key] = entry.egress
-                else:
-                    egress_of.pop(entry.public_key, None)
-                touched.add(entry.public_key)
+                final[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
+                egress[entry.public_key] = entry.egress
             revision = ch.revision
-        if revision == self.revision and not touched:
+        if revision == self.revision and not final:
             return
         async with self._wg:
             started = time.monotonic()
-            change = change_diff(self.applied, new, touched)
+            wanted = {k: peer for k, peer in final.items() if peer is not None}
+            change = change_diff(self.applied, wanted, final)
             try:
                 if not change.is_empty:
                     await self.backend.apply(change)
@@ -437,19 +442,29 @@ class GatewayAgent:
                 self._need_verify = True
                 self._wake.set()
             else:
-                self.applied = apply(self.applied, change)
+                for key in change.remove:
+                    self.applied.pop(key, None)
+                for peer in (*change.update, *change.add):
+                    self.applied[peer.public_key] = peer
                 if not change.is_empty:
                     self._applied(change)
             if removes:
-                self._flush.set()  # meter the cleared peers soon, then remove them
+                self._settle_due.set()
             sources = {
                 src
-                for peers in (self.desired, new)
-                for k in touched
-                if k in peers and (src := nat.source_of(peers[k].allowed_ips)) is not None
+                for peer in (*(self.desired.get(k) for k in final), *wanted.values())
+                if peer is not None and (src := nat.source_of(peer.allowed_ips)) is not None
             }
-            self.desired = new
-            self.egress_of = egress_of
+            for key, ends in final.items():
+                if ends is None:
+                    self.desired.pop(key, None)
+                else:
+                    self.desired[key] = ends
+                address = egress[key]
+                if address is None:
+                    self.egress_of.pop(key, None)
+                else:
+                    self.egress_of[key] = address
             self.revision = revision
             await self._nat(sources)
             self.metrics.reconcile_seconds.labels("changes").observe(time.monotonic() - started)
@@ -521,10 +536,26 @@ class GatewayAgent:
             await self._meter_and_flush()
 
     async def _meter_and_flush(self) -> None:
+        await self.meter_and_settle()
+        await self.flush_usage()
+
+    async def meter_and_settle(self) -> None:
+        """Meter the whole interface, then remove the peers cleared since the last reading."""
         async with self._wg:
             self._observe(await self.backend.read())
             await self._settle()
-        await self.flush_usage()
+
+    async def _settle_loop(self) -> None:
+        """Removals finish here, off the change path; removals close together share one read."""
+        while True:
+            await self._settle_due.wait()
+            self._settle_due.clear()
+            try:
+                await self.meter_and_settle()
+            except DammError as err:
+                _log.warning("cleared peers not metered; checking the interface", error=err.line())
+                self._need_verify = True
+                self._wake.set()
 
     async def _settle(self) -> None:
         """Remove the cleared peers; the caller holds the lock and has just metered them."""
