@@ -51,7 +51,7 @@ from damm.wireguard.memory import MemoryBackend
 TARGET_S = 1.0
 
 
-async def main(count: int, repeat: int) -> int:
+async def main(count: int, repeat: int, profile: bool) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     root = Path(tempfile.mkdtemp(prefix="damm-bench-snap-", dir="/tmp"))
     nats_server = NatsServer(root / "nats")
@@ -95,14 +95,18 @@ async def main(count: int, repeat: int) -> int:
                 gateway_id="gw1",
                 front_door_id=front_door,
                 egress_pool_id=None,
-                address=f"10.{32 + n // 65536}.{n // 256 % 256}.{n % 256}/12",
+                address=f"10.{32 + n // 65536}.{n // 256 % 256}.{n % 256}",
                 region="eu",
             )
             env = envelope(subject, event, actor=actor, correlation_id=device_id)
             items.append(Append(subject, env, expected_seq=0))
         await ctx.store.append_many(items)
+        print(f"{count} devices appended in {time.perf_counter() - started:.1f} s", flush=True)
         # The follower folds in the background (its sync() has a deadline a long log outruns).
-        while len(ctx.state.peer_entries("gw1")) < count:  # noqa: ASYNC110
+        deadline = time.monotonic() + 120
+        while (folded := len(ctx.state.peer_entries("gw1"))) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the control plane folded {folded} of {count} devices")
             await asyncio.sleep(0.05)
         print(f"{count} devices appended and folded in {time.perf_counter() - started:.1f} s")
 
@@ -126,6 +130,15 @@ async def main(count: int, repeat: int) -> int:
         cold = time.perf_counter() - started
         assert len(backend.peers) == count, len(backend.peers)
 
+        if profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await agent.resync()
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
         resyncs = []
         for _ in range(repeat):
             t0 = time.perf_counter()
@@ -178,5 +191,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=50_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="profile one resync (cProfile)")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.peers, args.repeat)))
+    sys.exit(asyncio.run(main(args.peers, args.repeat, args.profile)))

@@ -45,7 +45,15 @@ from damm.protocol.bus import connect
 from damm.protocol.client import call
 from damm.subjects import gateway_user, peers_subject
 from damm.wireguard.base import InterfaceState, WireGuardBackend
-from damm.wireguard.peer_diff import Peer, PeerDiff, apply, change_diff, diff, settle
+from damm.wireguard.peer_diff import (
+    Peer,
+    PeerDiff,
+    apply,
+    change_diff,
+    diff,
+    peers_from,
+    settle,
+)
 
 _log = log.get("damm.agent")
 
@@ -334,7 +342,7 @@ class GatewayAgent:
     async def resync(self) -> None:
         self._need_resync = False
         revision, entries = await self._snapshot()
-        desired = {e.public_key: Peer.build(e.public_key, e.allowed_ips) for e in entries}
+        desired = peers_from([(e.public_key, e.allowed_ips) for e in entries])
         async with self._wg:
             self.egress_of = {e.public_key: e.egress for e in entries if e.egress}
             change = await self._reconcile(desired)
@@ -353,8 +361,9 @@ class GatewayAgent:
         started = time.monotonic()
         self.desired = dict(desired)  # changes edit it in place
         state = await self.backend.read()
-        self._observe(state)
         change = diff(state.configured_peers(), desired)
+        if change.remove:  # their counters go with them: meter first (others keep theirs)
+            self._observe(state)
         if not change.is_empty:
             await self.backend.apply(change)
             self._applied(change)

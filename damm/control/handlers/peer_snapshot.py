@@ -11,6 +11,7 @@ message, and the agent asks for the next page with the last key it got.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import OrderedDict
 
 from damm.control.context import Context
@@ -36,23 +37,35 @@ def entry_bytes(entry: Entry) -> int:
     return len(key) + ip_bytes + (len(egress) + 2 if egress else 4) + 9
 
 
-def page(entries: list[Entry], after: str | None, budget: int) -> tuple[list[Entry], str | None]:
-    """The entries after ``after`` (sorted by key) that fit ``budget`` bytes, and the next cursor.
+class SortedSet:
+    """One gateway's peer set at one revision, in key order, with running byte counts.
 
-    A page holds at least one entry, so paging always moves forward.
+    Built once per revision, so each page is two binary searches and a slice.
     """
-    start = 0 if after is None else bisect.bisect_right(entries, (after,))
-    while start < len(entries) and after is not None and entries[start][0] <= after:
-        start += 1
-    out: list[Entry] = []
-    used = 0
-    for entry in entries[start:]:
-        size = entry_bytes(entry)
-        if out and used + size > budget:
-            return out, out[-1][0]
-        out.append(entry)
-        used += size
-    return out, None
+
+    def __init__(self, revision: int, entries: list[Entry]) -> None:
+        self.revision = revision
+        entries = sorted(entries)
+        self.keys = [key for key, _, _ in entries]
+        self.wire = [p.PeerEntry(key, ips, egress) for key, ips, egress in entries]
+        self.ends = list(itertools.accumulate(map(entry_bytes, entries)))
+
+    def page(self, after: str | None, budget: int) -> tuple[list[p.PeerEntry], str | None]:
+        """The entries after ``after`` fitting ``budget`` bytes (at least one), and the next cursor."""
+        start = 0 if after is None else bisect.bisect_right(self.keys, after)
+        if start >= len(self.keys):
+            return [], None
+        used = self.ends[start - 1] if start else 0
+        end = max(bisect.bisect_right(self.ends, used + budget), start + 1)
+        if end >= len(self.keys):
+            return self.wire[start:], None
+        return self.wire[start:end], self.keys[end - 1]
+
+
+def page(entries: list[Entry], after: str | None, budget: int) -> tuple[list[Entry], str | None]:
+    """``SortedSet.page`` over plain entries (sorted by key): what the tests reason about."""
+    chunk, next_after = SortedSet(0, entries).page(after, budget)
+    return [(e.public_key, e.allowed_ips, e.egress) for e in chunk], next_after
 
 
 class PeerSetHandlers:
@@ -62,7 +75,7 @@ class PeerSetHandlers:
         self.ctx = ctx
         self.auth = GatewayHandlers(ctx)
         self.page_bytes = max(min(max_reply_bytes, MAX_PAGE_BYTES) - ENVELOPE_BYTES, 1)
-        self._sorted: OrderedDict[str, tuple[int, list[Entry]]] = OrderedDict()
+        self._sets: OrderedDict[str, SortedSet] = OrderedDict()
 
     def routes(self) -> list[Route]:
         return [route("gateway.peers", p.PeerSnapshotRequest, self.snapshot)]
@@ -72,18 +85,15 @@ class PeerSetHandlers:
         await self.ctx.follower.sync()  # a snapshot older than the agent's last change is useless
         # No await from here on: the peers and the revision describe one state.
         revision = self.ctx.state.peer_revisions.get(gw.gateway_id, 0)
-        peers, next_after = page(self._entries(gw.gateway_id, revision), req.after, self.page_bytes)
-        wire = tuple(p.PeerEntry(key, ips, egress) for key, ips, egress in peers)
-        return p.PeerSnapshot(gw.gateway_id, revision, wire, next_after)
+        peers, next_after = self._set(gw.gateway_id, revision).page(req.after, self.page_bytes)
+        return p.PeerSnapshot(gw.gateway_id, revision, tuple(peers), next_after)
 
-    def _entries(self, gateway_id: str, revision: int) -> list[Entry]:
-        cached = self._sorted.get(gateway_id)
-        if cached is not None and cached[0] == revision:
-            self._sorted.move_to_end(gateway_id)
-            return cached[1]
-        entries = sorted(self.ctx.state.peer_entries(gateway_id))
-        self._sorted[gateway_id] = (revision, entries)
-        self._sorted.move_to_end(gateway_id)
-        while len(self._sorted) > CACHED_SETS:
-            self._sorted.popitem(last=False)
-        return entries
+    def _set(self, gateway_id: str, revision: int) -> SortedSet:
+        cached = self._sets.get(gateway_id)
+        if cached is None or cached.revision != revision:
+            cached = SortedSet(revision, self.ctx.state.peer_entries(gateway_id))
+            self._sets[gateway_id] = cached
+        self._sets.move_to_end(gateway_id)
+        while len(self._sets) > CACHED_SETS:
+            self._sets.popitem(last=False)
+        return cached
