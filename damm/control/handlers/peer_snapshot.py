@@ -51,7 +51,7 @@ class SortedSet:
         self.ends = list(itertools.accumulate(map(entry_bytes, entries)))
 
     def page(self, after: str | None, budget: int) -> tuple[list[p.PeerEntry], str | None]:
-        """The entries after ``after`` fitting ``budget`` bytes (at least one), and the next cursor."""
+        """Entries after ``after`` within ``budget`` bytes (at least one), and the next cursor."""
         start = 0 if after is None else bisect.bisect_right(self.keys, after)
         if start >= len(self.keys):
             return [], None
