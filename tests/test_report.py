@@ -10,7 +10,7 @@ import asyncio
 import json
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -409,3 +409,33 @@ def test_tokens_at_their_session_limit_are_reported() -> None:
     assert [(s.token_id, s.active_sessions) for s in rep.tokens_at_session_limit] == [("t1", 3)]
     [rec] = [r for r in rep.recommendations if r.kind == "token_at_session_limit"]
     assert rec.subject == "t1" and "refused" in rec.message
+
+
+def test_text_tables_list_every_row_in_aligned_columns() -> None:
+    now = datetime.now(UTC)
+    rows = Rows(period="2026-12")
+    for n in range(300):
+        rows.gateways.append(
+            {
+                "gateway_id": f"gw-{n:03d}" + "x" * (n % 7),
+                "region": f"r{n % 5}",
+                "active": True,
+                "registered": True,
+                "last_heartbeat": now - timedelta(seconds=5 if n % 3 else 500),
+                "peer_count": n * 37,
+                "active_peers": n,
+                "load": (n % 100) / 100,
+            }
+        )
+    rep = build(rows, now, 30.0)
+    text = render_text(rep)
+    lines = text.splitlines()
+    start = lines.index("Gateways")
+    header, rule = lines[start + 1], lines[start + 2]
+    rows = lines[start + 3 : start + 3 + len(rep.gateways)]
+    assert [r.split()[0] for r in rows] == [g.gateway_id for g in rep.gateways]
+    # every column starts where its header does
+    starts = [i for i, ch in enumerate(rule) if ch == "-" and (i == 0 or rule[i - 1] == " ")]
+    assert [header[i - 1 : i] in ("", " ") for i in starts] == [True] * len(starts)
+    for row in rows:
+        assert all(row[i - 1] == " " for i in starts[1:])
