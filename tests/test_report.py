@@ -7,6 +7,7 @@ HTML renders in headless Chromium with its charts and no console errors.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -439,3 +440,31 @@ def test_text_tables_list_every_row_in_aligned_columns() -> None:
     assert [header[i - 1 : i] in ("", " ") for i in starts] == [True] * len(starts)
     for row in rows:
         assert all(row[i - 1] == " " for i in starts[1:])
+
+
+async def test_devices_json_streams_the_same_bytes_as_a_whole_list(
+    fleet: Fleet, nats_server: NatsServer, dsn: str
+) -> None:
+    from damm.cli.admin import _LISTS, admin, stream_json
+
+    sql = _LISTS["devices"][0]
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
+    try:
+        whole = msgspec.json.encode([dict(r) for r in await conn.fetch(sql)], enc_hook=str)
+    finally:
+        await conn.close()
+    out = io.BytesIO()
+    import damm.cli.admin as admin_cli
+
+    saved = admin_cli.STREAM_PREFETCH
+    admin_cli.STREAM_PREFETCH = 2  # several cursor fetches even for this small fleet
+    try:
+        count = await stream_json(Target(nats_server.url, dsn), sql, out)
+    finally:
+        admin_cli.STREAM_PREFETCH = saved
+    assert count == 5 and out.getvalue() == whole + b"\n"
+    result = await asyncio.to_thread(
+        CliRunner().invoke, admin, ["devices", "--json"], obj=Target(nats_server.url, dsn)
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == whole + b"\n"
