@@ -157,7 +157,7 @@ def render_text(report: Report) -> str:
     )
     if report.catalog_keys:
         _table(
-            console,
+            out,
             "Announced catalog signing keys",
             ("key", "announced", "fetched by", "active devices"),
             [
