@@ -71,7 +71,9 @@ def test_pages_cover_the_set_once_in_order_within_budget(entries: list[Entry], b
     assert got == entries
 
 
-async def test_a_reply_too_large_for_the_bus_answers_a_catalogued_code(nc: NATS) -> None:
+async def test_a_reply_too_large_for_the_bus_answers_a_catalogued_code(
+    nc: NATS, admin_nc: NATS
+) -> None:
     async def huge(req: p.Empty, call_: Call) -> p.PeerSnapshot:
         peers = tuple(p.PeerEntry(key(), ("10.0.0.0/32",)) for _ in range(20_000))
         return p.PeerSnapshot("gw", 1, peers)
@@ -80,7 +82,8 @@ async def test_a_reply_too_large_for_the_bus_answers_a_catalogued_code(nc: NATS)
     await service.start()
     try:
         with pytest.raises(DammError) as info:
-            await call(nc, "test.huge", p.Empty(), p.PeerSnapshot, timeout=5)
+            # asked as the admin: the control-plane user only answers
+            await call(admin_nc, "test.huge", p.Empty(), p.PeerSnapshot, timeout=5)
         assert info.value.code is Code.REPLY_TOO_LARGE
     finally:
         await service.stop()
@@ -122,9 +125,7 @@ async def test_a_peer_set_larger_than_one_bus_message_syncs_exactly(
     wide_control: ControlPlane, nats_server: NatsServer, tmp_path: Path
 ) -> None:
     admin = await connect(nats_server.url, user="admin", password=nats_server.passwords["admin"])
-    gw_nc = await connect(
-        nats_server.url, user="control", password=nats_server.passwords["control"]
-    )
+    gw_nc = await connect(nats_server.url, user="admin", password=nats_server.passwords["admin"])
     device_nc = await connect(nats_server.url)
     try:
         fleet = await setup_fleet(admin, gw_nc)

@@ -166,21 +166,19 @@ def settle(applied: Mapping[str, Peer], desired: Mapping[str, Peer]) -> PeerDiff
     return PeerDiff(remove=tuple(sorted(key for key in applied if key not in desired)))
 
 
-_KEY_RUN = re.compile(r"(?:[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=)*", re.ASCII)
 _HOST_V4_LINES = re.compile(rf"(?:{_OCTET}(?:\.{_OCTET}){{3}}/32\n)*", re.ASCII)
 
 
 def peers_from(entries: Sequence[tuple[str, Sequence[str]]]) -> dict[str, Peer]:
-    """``Peer.build`` for a whole peer set, checked in two passes over joined text.
+    """``Peer.build`` for a whole peer set, its allowed IPs checked in one pass over joined text.
 
-    A set where every key is canonical and every peer is one canonical IPv4 host route (the
-    usual shape) needs no per-peer parsing; anything else goes through ``Peer.build`` one by one,
-    which also names what is wrong.
+    A set where every peer is one canonical IPv4 host route (the usual shape) needs no
+    per-peer prefix parsing; keys are still checked one by one (spelling and curve point).
+    Anything else goes through ``Peer.build``, which also names what is wrong.
     """
-    keys_ok = _KEY_RUN.fullmatch("".join(key for key, _ in entries)) is not None
     ips_ok = all(len(ips) == 1 for _, ips in entries) and (
         _HOST_V4_LINES.fullmatch("".join(f"{ips[0]}\n" for _, ips in entries)) is not None
     )
-    if keys_ok and ips_ok:
-        return {key: Peer(key, tuple(ips)) for key, ips in entries}
+    if ips_ok:
+        return {key: Peer(validate_public_key(key), tuple(ips)) for key, ips in entries}
     return {key: Peer.build(key, ips) for key, ips in entries}
