@@ -51,6 +51,13 @@ from damm.wireguard.memory import MemoryBackend
 TARGET_S = 1.0
 
 
+def public_key() -> str:
+    """A random key a validator accepts: below 2^255 (so under p, almost surely not low order)."""
+    raw = bytearray(os.urandom(32))
+    raw[31] &= 0x7F
+    return base64.b64encode(bytes(raw)).decode()
+
+
 async def main(count: int, repeat: int, profile: bool) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     root = Path(tempfile.mkdtemp(prefix="damm-bench-snap-", dir="/tmp"))
@@ -89,7 +96,7 @@ async def main(count: int, repeat: int, profile: bool) -> int:
             n = i + 10
             event = m.DeviceEnrolled(
                 device_id=device_id,
-                public_key=base64.b64encode(os.urandom(32)).decode(),
+                public_key=public_key(),
                 token_id=token.token_id,
                 tier="bench",
                 gateway_id="gw1",
@@ -146,8 +153,8 @@ async def main(count: int, repeat: int, profile: bool) -> int:
             resyncs.append(time.perf_counter() - t0)
         assert len(backend.peers) == count
 
-        gw_nc = await connect(
-            nats_server.url, user="control", password=nats_server.passwords["control"]
+        gw_nc = await connect(  # the admin may ask anything; the control user only answers
+            nats_server.url, user="admin", password=nats_server.passwords["admin"]
         )
         sizes: list[int] = []
         after: str | None = None

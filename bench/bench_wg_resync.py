@@ -36,10 +36,17 @@ from damm.wireguard.peer_diff import Peer, diff
 from damm.wireguard.uapi import UapiBackend, build_set_request, parse_get_reply
 
 
+def public_key() -> str:
+    """A random key a validator accepts: below 2^255 (so under p, almost surely not low order)."""
+    raw = bytearray(os.urandom(32))
+    raw[31] &= 0x7F
+    return base64.b64encode(bytes(raw)).decode()
+
+
 def make_peers(count: int) -> dict[str, Peer]:
     peers = {}
     for i in range(count):
-        key = base64.b64encode(os.urandom(32)).decode()
+        key = public_key()
         peers[key] = Peer(key, (f"10.{44 + i // 65536}.{i // 256 % 256}.{i % 256}/32",))
     return peers
 
@@ -140,7 +147,7 @@ async def main(count: int, repeat: int) -> int:
 
             d: dict[str, list[float]] = {"add": [], "update": [], "removal": [], "settle": []}
             for i in range(repeat * 2):
-                fresh = base64.b64encode(os.urandom(32)).decode()
+                fresh = public_key()
                 d["add"].append(await change({fresh: Peer(fresh, (f"10.251.0.{i}/32",))}, ()))
                 d["update"].append(await change({fresh: Peer(fresh, (f"10.252.0.{i}/32",))}, ()))
                 d["removal"].append(await change({}, (fresh,)))
