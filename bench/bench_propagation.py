@@ -115,7 +115,10 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
             for peer in change.add:
                 added_at[peer.public_key] = at
             for key in change.remove:
-                removed_at[key] = at
+                removed_at.setdefault(key, at)
+            for peer in change.update:  # a leaving peer is cleared first: its traffic stops here
+                if not peer.allowed_ips:
+                    removed_at[peer.public_key] = at
 
         agent.on_applied.append(on_applied)
         stop = asyncio.Event()

@@ -35,6 +35,7 @@ class Code(enum.Enum):
     REQUEST_TOO_DEEP = ErrorSpec("the request body nests deeper than the decoder allows")
     BAD_HEADER = ErrorSpec("a request header is too long or uses characters outside its alphabet")
     BAD_REPLY_SUBJECT = ErrorSpec("the reply subject is not an inbox; no answer was sent")
+    REPLY_TOO_LARGE = ErrorSpec("the reply would be larger than the bus carries in one message")
     UNAVAILABLE = ErrorSpec("the control plane is unavailable", True, exit_status=3)
     INTERNAL = ErrorSpec("internal error in the control plane", True)
     DEADLINE_EXCEEDED = ErrorSpec(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ipaddress
 
 import pytest
 from hypothesis import given
@@ -10,8 +11,15 @@ from hypothesis import strategies as st
 from nacl.public import PrivateKey
 
 from damm.errors import Code, DammError
-from damm.keys.wireguard import hex_to_key, key_to_hex, validate_public_key
-from damm.wireguard.peer_diff import Peer, PeerDiff, apply, diff, normalise_allowed_ips
+from damm.keys.wireguard import hex_to_key, key_to_hex, validate_key_spelling, validate_public_key
+from damm.wireguard.peer_diff import (
+    Peer,
+    PeerDiff,
+    apply,
+    diff,
+    normalise_allowed_ips,
+    peers_from,
+)
 
 KEYS = [base64.b64encode(bytes([i]) * 32).decode() for i in range(2, 10)]
 CIDRS = ["10.44.0.10/32", "10.44.0.11/32", "0.0.0.0/0", "::/0", "fd00::/64", "10.0.0.0/8"]
@@ -112,3 +120,74 @@ def test_build_rejects_bad_input() -> None:
     with pytest.raises(DammError) as info:
         Peer.build("nope", [])
     assert info.value.code is Code.MALFORMED_KEY
+
+
+@given(
+    st.one_of(
+        st.tuples(*[st.integers(0, 300)] * 4, st.sampled_from(["/32", "/31", ""])).map(
+            lambda t: ".".join(map(str, t[:4])) + t[4]
+        ),
+        st.text(alphabet="0123456789./ x", max_size=20),
+        st.sampled_from(["010.1.1.1/32", "1.1.1.1/032", "1.1.1.01/32", "\u0661.1.1.1/32"]),
+    )
+)
+def test_the_fast_path_normalises_exactly_like_ipaddress(cidr: str) -> None:
+    try:
+        expected: tuple[str, ...] | None = (str(ipaddress.ip_network(cidr.strip(), strict=False)),)
+    except ValueError:
+        expected = None
+    if expected is None:
+        with pytest.raises(DammError):
+            normalise_allowed_ips([cidr])
+    else:
+        assert normalise_allowed_ips([cidr]) == expected
+
+
+@given(st.binary(min_size=30, max_size=34), st.text(alphabet="AEQw=+/x", max_size=3))
+def test_key_fast_path_accepts_exactly_the_canonical_spellings(raw: bytes, tail: str) -> None:
+    for key in (base64.b64encode(raw).decode(), base64.b64encode(raw).decode()[:-1] + tail):
+        try:
+            canonical = len(base64.b64decode(key, validate=True)) == 32 and (
+                base64.b64encode(base64.b64decode(key)).decode() == key
+            )
+        except ValueError:
+            canonical = False
+        if canonical:
+            assert validate_key_spelling(key) == key
+        else:
+            with pytest.raises(DammError):
+                validate_key_spelling(key)
+
+
+entry_lists = st.lists(
+    st.tuples(
+        st.one_of(
+            st.sampled_from(KEYS),
+            st.binary(min_size=31, max_size=33).map(lambda b: base64.b64encode(b).decode()),
+        ),
+        st.lists(
+            st.one_of(
+                st.sampled_from(CIDRS),
+                st.tuples(*[st.integers(0, 300)] * 4).map(lambda t: ".".join(map(str, t)) + "/32"),
+            ),
+            min_size=1,
+            max_size=2,
+        ).map(tuple),
+    ),
+    max_size=6,
+)
+
+
+@given(entry_lists)
+def test_peers_from_a_whole_set_equals_building_each(
+    entries: list[tuple[str, tuple[str, ...]]],
+) -> None:
+    try:
+        expected: dict[str, Peer] | None = {k: Peer.build(k, ips) for k, ips in entries}
+    except DammError:
+        expected = None
+    if expected is None:
+        with pytest.raises(DammError):
+            peers_from(entries)
+    else:
+        assert peers_from(entries) == expected

@@ -7,10 +7,11 @@ HTML renders in headless Chromium with its charts and no console errors.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -409,3 +410,61 @@ def test_tokens_at_their_session_limit_are_reported() -> None:
     assert [(s.token_id, s.active_sessions) for s in rep.tokens_at_session_limit] == [("t1", 3)]
     [rec] = [r for r in rep.recommendations if r.kind == "token_at_session_limit"]
     assert rec.subject == "t1" and "refused" in rec.message
+
+
+def test_text_tables_list_every_row_in_aligned_columns() -> None:
+    now = datetime.now(UTC)
+    rows = Rows(period="2026-12")
+    for n in range(300):
+        rows.gateways.append(
+            {
+                "gateway_id": f"gw-{n:03d}" + "x" * (n % 7),
+                "region": f"r{n % 5}",
+                "active": True,
+                "registered": True,
+                "last_heartbeat": now - timedelta(seconds=5 if n % 3 else 500),
+                "peer_count": n * 37,
+                "active_peers": n,
+                "load": (n % 100) / 100,
+            }
+        )
+    rep = build(rows, now, 30.0)
+    text = render_text(rep)
+    lines = text.splitlines()
+    start = lines.index("Gateways")
+    header, rule = lines[start + 1], lines[start + 2]
+    rows = lines[start + 3 : start + 3 + len(rep.gateways)]
+    assert [r.split()[0] for r in rows] == [g.gateway_id for g in rep.gateways]
+    # every column starts where its header does
+    starts = [i for i, ch in enumerate(rule) if ch == "-" and (i == 0 or rule[i - 1] == " ")]
+    assert [header[i - 1 : i] in ("", " ") for i in starts] == [True] * len(starts)
+    for row in rows:
+        assert all(row[i - 1] == " " for i in starts[1:])
+
+
+async def test_devices_json_streams_the_same_bytes_as_a_whole_list(
+    fleet: Fleet, nats_server: NatsServer, dsn: str
+) -> None:
+    from damm.cli.admin import _LISTS, admin, stream_json
+
+    sql = _LISTS["devices"][0]
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "damm"})
+    try:
+        whole = msgspec.json.encode([dict(r) for r in await conn.fetch(sql)], enc_hook=str)
+    finally:
+        await conn.close()
+    out = io.BytesIO()
+    import damm.cli.admin as admin_cli
+
+    saved = admin_cli.STREAM_PREFETCH
+    admin_cli.STREAM_PREFETCH = 2  # several cursor fetches even for this small fleet
+    try:
+        count = await stream_json(Target(nats_server.url, dsn), sql, out)
+    finally:
+        admin_cli.STREAM_PREFETCH = saved
+    assert count == 5 and out.getvalue() == whole + b"\n"
+    result = await asyncio.to_thread(
+        CliRunner().invoke, admin, ["devices", "--json"], obj=Target(nats_server.url, dsn)
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout_bytes == whole + b"\n"

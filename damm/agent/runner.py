@@ -4,9 +4,15 @@ The packet path never waits for the control plane: the interface keeps forwardin
 peer set it was given while NATS is away, the meter keeps counting, and reports queue on disk.
 On reconnect the agent resyncs from a snapshot and sends what accrued.
 
-Peer-set protocol: snapshot (``gateway.peers``) plus changes on ``damm.peers.<id>``, each with
-``prev_revision``. A change is applied only when it follows the agent's revision; anything else
-(a gap, a reconnect, a restart, a heartbeat reply showing another revision) triggers a resync.
+Peer-set protocol: snapshot (``gateway.peers``, in pages) plus changes on ``damm.peers.<id>``,
+each with ``prev_revision``. A change is applied only when it follows the agent's revision;
+anything else (a gap, a reconnect, a restart, a heartbeat reply showing another revision)
+triggers a resync.
+
+Reconcile is incremental: the agent keeps what it applied and sends only the change, without
+reading the interface. A full read verifies the interface on a timer and after any error, off
+the change path. A peer leaving the set is cleared at once (no allowed IPs, so no packet passes)
+and removed after the next metering read, so its usage stays exact.
 """
 
 from __future__ import annotations
@@ -39,7 +45,15 @@ from damm.protocol.bus import connect
 from damm.protocol.client import call
 from damm.subjects import gateway_user, peers_subject
 from damm.wireguard.base import InterfaceState, WireGuardBackend
-from damm.wireguard.peer_diff import Peer, PeerDiff, diff
+from damm.wireguard.peer_diff import (
+    Peer,
+    PeerDiff,
+    apply,
+    change_diff,
+    diff,
+    peers_from,
+    settle,
+)
 
 _log = log.get("damm.agent")
 
@@ -84,6 +98,9 @@ class GatewayAgent:
         self.egress = egress  # None: this gateway does no source NAT
         self.revision = 0
         self.desired: dict[str, Peer] = {}
+        # What the interface holds as far as our own applies go: desired plus cleared peers
+        # waiting for their last metering read.
+        self.applied: dict[str, Peer] = {}
         self.egress_of: dict[str, str] = {}  # public key -> egress address, from the peer set
         self._warned_no_egress = False
         self.public_key: str | None = None
@@ -99,6 +116,8 @@ class GatewayAgent:
         self._changes: deque[p.PeerSetChange] = deque()
         self._wake = asyncio.Event()
         self._need_resync = True
+        self._need_verify = False
+        self._settle_due = asyncio.Event()  # cleared peers wait for a metering read
         self._flush = asyncio.Event()
         self._wg = asyncio.Lock()
         self.metrics = AgentMetrics()
@@ -135,7 +154,12 @@ class GatewayAgent:
                 return
             tasks = [
                 asyncio.create_task(t)
-                for t in (self._peer_loop(), self._heartbeat_loop(), self._usage_loop())
+                for t in (
+                    self._peer_loop(),
+                    self._settle_loop(),
+                    self._heartbeat_loop(),
+                    self._usage_loop(),
+                )
             ]
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -264,39 +288,75 @@ class GatewayAgent:
                 except DammError as err:
                     if err.code in FATAL:
                         raise
+                    self._need_resync = True
                     _log.warning("resync failed; retrying", error=err.line())
                     self._need_resync = True  # resync() cleared it before the call failed
+                    await asyncio.sleep(1.0)
+                    continue
+            elif self._need_verify:
+                try:
+                    await self.verify()
+                except DammError as err:
+                    if err.code in FATAL:
+                        raise
+                    _log.warning("interface check failed; retrying", error=err.line())
                     await asyncio.sleep(1.0)
                     continue
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.reconcile_s)
             except TimeoutError:
-                async with self._wg:  # repair drift (peers added or lost behind our back)
-                    await self._reconcile(self.desired)
+                self._need_verify = True  # repair drift (peers added or lost behind our back)
                 continue
             self._wake.clear()
             if not self._need_resync and self._changes:
                 await self._apply_changes()
 
-    async def resync(self) -> None:
-        cfg = self.config
-        self._need_resync = False
-        snap: p.PeerSnapshot = await self._call(
-            "gateway.peers",
-            p.PeerSnapshotRequest(gateway_id=cfg.gateway_id, token=cfg.token),
-            p.PeerSnapshot,
-        )
-        desired = {e.public_key: Peer.build(e.public_key, e.allowed_ips) for e in snap.peers}
+    async def verify(self) -> PeerDiff:
+        """Read the whole interface and repair whatever differs from the peer set."""
+        self._need_verify = True  # until it succeeds
         async with self._wg:
-            self.egress_of = {e.public_key: e.egress for e in snap.peers if e.egress}
+            change = await self._reconcile(self.desired)
+        self._need_verify = False
+        return change
+
+    async def _snapshot(self) -> tuple[int, list[p.PeerEntry]]:
+        """The whole peer set, page by page, and the revision of its first page.
+
+        Pages read at later revisions already hold some later changes; applying the queued
+        changes from the first page's revision on is still exact, because a change sets each
+        key it touches to its final value.
+        """
+        cfg = self.config
+        peers: list[p.PeerEntry] = []
+        revision: int | None = None
+        after: str | None = None
+        while True:
+            page: p.PeerSnapshot = await self._call(
+                "gateway.peers",
+                p.PeerSnapshotRequest(gateway_id=cfg.gateway_id, token=cfg.token, after=after),
+                p.PeerSnapshot,
+            )
+            revision = page.revision if revision is None else min(revision, page.revision)
+            peers.extend(page.peers)
+            if page.next_after is None:
+                return revision, peers
+            if after is not None and page.next_after <= after:
+                raise DammError(Code.INTERNAL, "peer-set pages do not move forward")
+            after = page.next_after
+
+    async def resync(self) -> None:
+        self._need_resync = False
+        revision, entries = await self._snapshot()
+        desired = peers_from([(e.public_key, e.allowed_ips) for e in entries])
+        async with self._wg:
+            self.egress_of = {e.public_key: e.egress for e in entries if e.egress}
             change = await self._reconcile(desired)
-            self.revision = snap.revision
+            self.revision = revision
+        self._need_verify = False
         self.resyncs += 1
         while self._changes and self._changes[0].revision <= self.revision:
             self._changes.popleft()
-        _log.info(
-            "peer set resynced", revision=snap.revision, peers=len(desired), diff=change.summary()
-        )
+        _log.info("peer set resynced", revision=revision, peers=len(desired), diff=change.summary())
         self.synced.set()
         if self._changes:
             self._wake.set()
@@ -304,13 +364,15 @@ class GatewayAgent:
     async def _reconcile(self, desired: dict[str, Peer]) -> PeerDiff:
         """Full reconcile (caller holds the lock); meters from the same read before removals."""
         started = time.monotonic()
+        self.desired = dict(desired)  # changes edit it in place
         state = await self.backend.read()
-        self._observe(state)
         change = diff(state.configured_peers(), desired)
+        if change.remove:  # their counters go with them: meter first (others keep theirs)
+            self._observe(state)
         if not change.is_empty:
             await self.backend.apply(change)
             self._applied(change)
-        self.desired = desired
+        self.applied = dict(desired)
         await self._nat(None)
         self.metrics.reconcile_seconds.labels("full").observe(time.monotonic() - started)
         return change
@@ -349,10 +411,13 @@ class GatewayAgent:
             _log.info("egress NAT applied", plan=plan.summary(), rules=len(want))
 
     async def _apply_changes(self) -> None:
-        """Apply queued changes that follow our revision, as one diff over the touched keys."""
-        new = dict(self.desired)
-        egress_of = dict(self.egress_of)
-        touched: set[str] = set()
+        """Apply queued changes that follow our revision, as one diff over the touched keys.
+
+        Costs what the change touches, not what the gateway carries: no interface read, no
+        copy of the whole set.
+        """
+        final: dict[str, Peer | None] = {}  # touched key -> where it ends up (None: gone)
+        egress: dict[str, str | None] = {}
         revision = self.revision
         removes = False
         while self._changes:
@@ -370,42 +435,50 @@ class GatewayAgent:
                 self.request_resync()
                 break
             for key in ch.removes:
-                new.pop(key, None)
-                egress_of.pop(key, None)
-                touched.add(key)
+                final[key] = None
+                egress[key] = None
                 removes = True
             for entry in ch.upserts:
-                new[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
-                if entry.egress:
-                    egress_of[entry.public_key] = entry.egress
-                else:
-                    egress_of.pop(entry.public_key, None)
-                touched.add(entry.public_key)
+                final[entry.public_key] = Peer.build(entry.public_key, entry.allowed_ips)
+                egress[entry.public_key] = entry.egress
             revision = ch.revision
-        if revision == self.revision and not touched:
+        if revision == self.revision and not final:
             return
         async with self._wg:
             started = time.monotonic()
-            if removes:  # count the bytes of peers about to go, from the interface itself
-                state = await self.backend.read()
-                self._observe(state)
-                have = state.configured_peers()
+            wanted = {k: peer for k, peer in final.items() if peer is not None}
+            change = change_diff(self.applied, wanted, final)
+            try:
+                if not change.is_empty:
+                    await self.backend.apply(change)
+            except DammError as err:  # the interface state is unknown now: read it, off this path
+                _log.warning("peer change not applied; checking the interface", error=err.line())
+                self._need_verify = True
+                self._wake.set()
             else:
-                have = self.desired
-            change = diff(
-                {k: have[k] for k in touched if k in have}, {k: new[k] for k in touched if k in new}
-            )
-            if not change.is_empty:
-                await self.backend.apply(change)
-                self._applied(change)
+                for key in change.remove:
+                    self.applied.pop(key, None)
+                for peer in (*change.update, *change.add):
+                    self.applied[peer.public_key] = peer
+                if not change.is_empty:
+                    self._applied(change)
+            if removes:
+                self._settle_due.set()
             sources = {
                 src
-                for peers in (self.desired, new)
-                for k in touched
-                if k in peers and (src := nat.source_of(peers[k].allowed_ips)) is not None
+                for peer in (*(self.desired.get(k) for k in final), *wanted.values())
+                if peer is not None and (src := nat.source_of(peer.allowed_ips)) is not None
             }
-            self.desired = new
-            self.egress_of = egress_of
+            for key, ends in final.items():
+                if ends is None:
+                    self.desired.pop(key, None)
+                else:
+                    self.desired[key] = ends
+                address = egress[key]
+                if address is None:
+                    self.egress_of.pop(key, None)
+                else:
+                    self.egress_of[key] = address
             self.revision = revision
             await self._nat(sources)
             self.metrics.reconcile_seconds.labels("changes").observe(time.monotonic() - started)
@@ -477,9 +550,41 @@ class GatewayAgent:
             await self._meter_and_flush()
 
     async def _meter_and_flush(self) -> None:
+        await self.meter_and_settle()
+        await self.flush_usage()
+
+    async def meter_and_settle(self) -> None:
+        """Meter the whole interface, then remove the peers cleared since the last reading."""
         async with self._wg:
             self._observe(await self.backend.read())
-        await self.flush_usage()
+            await self._settle()
+
+    async def _settle_loop(self) -> None:
+        """Removals finish here, off the change path; removals close together share one read."""
+        while True:
+            await self._settle_due.wait()
+            self._settle_due.clear()
+            try:
+                await self.meter_and_settle()
+            except DammError as err:
+                _log.warning("cleared peers not metered; checking the interface", error=err.line())
+                self._need_verify = True
+                self._wake.set()
+
+    async def _settle(self) -> None:
+        """Remove the cleared peers; the caller holds the lock and has just metered them."""
+        change = settle(self.applied, self.desired)
+        if change.is_empty:
+            return
+        try:
+            await self.backend.apply(change)
+        except DammError as err:
+            _log.warning("cleared peers not removed; checking the interface", error=err.line())
+            self._need_verify = True
+            self._wake.set()
+            return
+        self.applied = apply(self.applied, change)
+        self._applied(change)
 
     async def flush_usage(self) -> int:
         """Send pending reports oldest first; stop at the first one the bus cannot take."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import asyncpg
 import click
+import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import settings
@@ -81,6 +83,35 @@ async def query(t: Target, sql: str, *args: Any) -> list[asyncpg.Record]:
         return rows
     finally:
         await conn.close()
+
+
+STREAM_PREFETCH = 1000
+_row_encoder = msgspec.json.Encoder(enc_hook=str)
+
+
+async def stream_json(t: Target, sql: str, out: BinaryIO) -> int:
+    """A JSON array of the query's rows, written as they arrive from a server-side cursor.
+
+    A listing of 100k devices never sits in memory whole, and the first rows are out before
+    the last are read. The bytes are those ``emit`` would write for the whole list.
+    """
+    try:
+        conn = await asyncpg.connect(t.database(), server_settings={"search_path": "damm"})
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise DammError(Code.UNAVAILABLE, f"cannot reach Postgres: {exc}") from None
+    count = 0
+    try:
+        async with conn.transaction(readonly=True):
+            out.write(b"[")
+            async for record in conn.cursor(sql, prefetch=STREAM_PREFETCH):
+                out.write(b"," if count else b"")
+                out.write(_row_encoder.encode(dict(record)))
+                count += 1
+            out.write(b"]\n")
+            out.flush()
+    finally:
+        await conn.close()
+    return count
 
 
 def _records(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
@@ -765,6 +796,9 @@ def _list_command(name: str) -> Any:
     @run
     async def listing(ctx: click.Context, as_json: bool) -> None:
         t = target(ctx)
+        if t.json:
+            await stream_json(t, sql, sys.stdout.buffer)
+            return
         rows = _records(await query(t, sql))
         emit(t, rows, lambda: table(name, columns, [[r[c] for c in columns] for r in rows]))
 

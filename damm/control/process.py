@@ -156,7 +156,7 @@ class ControlPlane:
             *self._committer.routes(),
             *GatewayHandlers(self.ctx).routes(),
             *DeviceHandlers(self.ctx).routes(),
-            *PeerSetHandlers(self.ctx).routes(),
+            *PeerSetHandlers(self.ctx, self.nc.max_payload).routes(),
             *self.catalogs.routes(),
             *signing_keys.routes(),
             *OrchestratorHandlers(self.ctx).routes(),

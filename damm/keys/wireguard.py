@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from nacl.bindings import crypto_scalarmult_base
 
@@ -48,6 +49,10 @@ def public_key_of(private_b64: str) -> str:
     return base64.b64encode(crypto_scalarmult_base(key_bytes(private_b64))).decode("ascii")
 
 
+# Canonical base64 of 32 bytes: 43 characters whose last carries 4 zero padding bits, then "=".
+_CANONICAL_KEY = re.compile(r"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=", re.ASCII)
+
+
 def validate_public_key(key: str) -> str:
     """Return the key unchanged if it is the canonical base64 of a usable X25519 public key.
 
@@ -69,6 +74,8 @@ def validate_key_spelling(key: str) -> str:
     Non-canonical spellings (other padding bits, missing ``=``) are refused rather than
     normalised: two strings for one key would look like two peers to the diff.
     """
+    if isinstance(key, str) and _CANONICAL_KEY.fullmatch(key):
+        return key  # the common case, without decoding: a 50k-peer set validates in milliseconds
     if not isinstance(key, str) or len(key) != KEY_B64_LEN:
         raise DammError(Code.MALFORMED_KEY, f"expected {KEY_B64_LEN} base64 characters")
     try:

@@ -351,9 +351,18 @@ class ReportUsage(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     report_seq: Count64 = 0
 
 
-class PeerSnapshotRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+# A cursor is the last public key of the page before (base64 of 32 bytes is 44 characters).
+PeerCursor = Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class PeerSnapshotRequest(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """One page of the gateway's peer set: the peers whose keys sort after ``after``."""
+
     gateway_id: Id
     token: Secret
+    after: PeerCursor | None = None
 
 
 # --- peer sets (gateway agent) ----------------------------------------------------------------
@@ -383,9 +392,17 @@ class PeerEntry(msgspec.Struct, frozen=True, array_like=True):
 
 
 class PeerSnapshot(msgspec.Struct, frozen=True):
+    """One page of a peer set, in key order; ``next_after`` is the next page's cursor, if any.
+
+    A set of any size crosses the bus in pages that each fit one message. Every page carries
+    the revision it was read at, so the agent can tell a consistent set from one that moved
+    while it paged.
+    """
+
     gateway_id: str
     revision: int
     peers: tuple[PeerEntry, ...]
+    next_after: str | None = None
 
 
 class PeerSetChange(msgspec.Struct, frozen=True):

@@ -192,7 +192,19 @@ class Service:
             except Exception:  # never leave a requester without an answer
                 _log.exception("request failed outside the handler")
                 code, body = _refused(DammError(Code.INTERNAL, f"correlation id {correlation_id}"))
-            await self.nc.publish(msg.reply, body)
+            if len(body) > self.nc.max_payload:
+                # A reply the bus would refuse never leaves as an exception: the asker gets a
+                # code it can act on (page, narrow) instead of a timeout.
+                _log.warning("reply too large", size=len(body), limit=self.nc.max_payload)
+                code, body = _refused(
+                    DammError(
+                        Code.REPLY_TOO_LARGE, f"{len(body)} bytes > {self.nc.max_payload} bytes"
+                    )
+                )
+            try:
+                await self.nc.publish(msg.reply, body)
+            except nats.errors.Error as exc:  # the asker times out and retries
+                _log.warning("reply not sent", error=repr(exc))
             self.metrics.request(route.command, code, time.perf_counter() - received)
 
     async def _answer(

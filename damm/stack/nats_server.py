@@ -42,6 +42,7 @@ class NatsServer:
     max_file_store: int | None = None
     server_name: str = "damm"
     cluster: ClusterSettings | None = None
+    max_payload: int = ServerSettings.max_payload  # the largest message the bus carries
 
     def _write_config(self) -> None:
         settings = ServerSettings(
@@ -52,6 +53,7 @@ class NatsServer:
             max_file_store=self.max_file_store,
             server_name=self.server_name,
             cluster=self.cluster,
+            max_payload=self.max_payload,
         )
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
         # Kept for the next start: a running agent reconnecting to a restarted server must find

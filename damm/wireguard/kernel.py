@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict, TypeVar
 
@@ -23,6 +23,7 @@ import structlog
 
 from damm.keys.wireguard import validate_key_spelling, validate_public_key
 from damm.wireguard.base import InterfaceState, PeerStats, WireGuardError
+from damm.wireguard.netlink_batch import set_device_messages
 from damm.wireguard.peer_diff import PeerDiff
 
 NLM_F_DUMP_INTR = 0x10  # the kernel's "dump was inconsistent due to sequence change"
@@ -180,29 +181,13 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def peer_requests(diff: PeerDiff) -> Iterable[dict[str, Any]]:
-    """The pyroute2 ``peer=`` argument for each change, in the same order as the UAPI backend."""
-    for key in diff.remove:
-        yield {"public_key": key, "remove": True}
-    for peer in diff.update:
-        yield {
-            "public_key": peer.public_key,
-            "update_only": True,
-            "replace_allowed_ips": True,
-            "persistent_keepalive": peer.persistent_keepalive,
-            "allowed_ips": list(peer.allowed_ips),
-        }
-    for peer in diff.add:
-        yield {
-            "public_key": peer.public_key,
-            "replace_allowed_ips": True,
-            "persistent_keepalive": peer.persistent_keepalive,
-            "allowed_ips": list(peer.allowed_ips),
-        }
-
-
 class KernelBackend:
-    """One kernel WireGuard interface. pyroute2 sets one peer per netlink request."""
+    """One kernel WireGuard interface.
+
+    Reads go through pyroute2's dump; a diff goes out as batched ``WG_CMD_SET_DEVICE``
+    messages (``netlink_batch``), many peers per message, instead of pyroute2's one peer per
+    request.
+    """
 
     def __init__(self, ifname: str) -> None:
         self.ifname = ifname
@@ -219,12 +204,22 @@ class KernelBackend:
     async def apply(self, diff: PeerDiff) -> None:
         if diff.is_empty:
             return
-        requests = list(peer_requests(diff))
 
         def send() -> None:
             wg = self._socket()
-            for request in requests:
-                wg.set(self.ifname, peer=request)
+            core = wg.asyncore
+            messages = set_device_messages(self.ifname, diff, family_id=wg.prid, pid=core.pid)
+
+            async def exchange() -> None:
+                # pyroute2's own set() sends one peer this same way: sendto, then its ack.
+                for data in messages:
+                    core.sendto(data, (0, 0))
+                    async for ack in core.get():
+                        error = ack["header"].get("error")
+                        if error is not None:
+                            raise error
+
+            wg._run_with_cleanup(exchange)
 
         await self._call(send, "apply")
         log.debug("wg.kernel.applied", ifname=self.ifname, diff=diff.summary())

@@ -102,7 +102,7 @@ async def test_poisoned_aggregates_and_projector(
     assert {r.kind for r in fleet_report.recommendations if r.severity == "critical"} >= {
         "events_quarantined"
     }
-    assert "events_quarantined" in render_text(fleet_report, width=200)
+    assert "events_quarantined" in render_text(fleet_report)
 
     report = await rp.verify(nc, control.database_url)
     assert not report.ok and len(report.quarantined) == len(poisoned) + 1
