@@ -119,6 +119,10 @@ async def test_a_snapshot_equals_a_fold_from_scratch_and_start_up_uses_it(
 
     stored = await SnapshotStore(nc.jetstream()).load()
     assert stored == snap
+    bucket = await nc.jetstream().stream_info("OBJ_damm-snapshots")
+    events = await nc.jetstream().stream_info("DAMM_EVENTS")
+    assert bucket.config.storage == events.config.storage
+    assert bucket.config.num_replicas == events.config.num_replicas
     overlay = Overlay.parse("10.44.0.0/24")
     assert await verify(nc, snap, DecisionState(overlay))
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 import msgspec
+from nats.js.api import ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 
 from damm import log
@@ -31,7 +32,7 @@ from damm.domain import egress
 from damm.domain.ipam import AddressPool
 from damm.errors import DammError
 from damm.events import model as m
-from damm.subjects import SNAPSHOT_BUCKET
+from damm.subjects import EVENTS_STREAM, SNAPSHOT_BUCKET
 
 _log = log.get("damm.snapshots")
 
@@ -202,7 +203,14 @@ class SnapshotStore:
         except BucketNotFoundError:
             if not create:
                 return None
-            return await self.js.create_object_store(BUCKET)
+            # As durable as the log it abbreviates: file storage, the event stream's replicas.
+            events = await self.js.stream_info(EVENTS_STREAM)
+            config = ObjectStoreConfig(
+                description="DAMM decision-state snapshots",
+                storage=StorageType.FILE,
+                replicas=int(events.config.num_replicas or 1),
+            )
+            return await self.js.create_object_store(BUCKET, config=config)
 
     async def save(self, snap: Snapshot) -> None:
         bucket = await self._bucket(create=True)
