@@ -13,15 +13,17 @@ it, and anything the device itself did (actor ``device:<id>``). The same shape h
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
@@ -29,6 +31,8 @@ from damm.domain.lifecycle import LIFECYCLE_EVENTS, DeviceStatus, Lifecycle, tra
 from damm.events import codec
 from damm.events import model as m
 from damm.subjects import EVENT_PREFIX, EVENTS_STREAM
+
+T = TypeVar("T")
 
 # Stream timestamps and envelope times come from different clocks; start the consumer a little
 # early and let the envelope decide.
@@ -243,7 +247,7 @@ class AuditReader:
 
     async def read(self, flt: AuditFilter, *, follow: bool = False) -> AsyncIterator[m.Envelope]:
         js = self.nc.jetstream(timeout=10)
-        info = await js.stream_info(self.stream)
+        info = await _through_reloads(lambda: js.stream_info(self.stream))
         if not follow and int(info.state.messages) == 0:
             return
         config = ConsumerConfig()
@@ -255,14 +259,16 @@ class AuditReader:
             deliver = DeliverPolicy.BY_START_TIME
             config.opt_start_time = flt.since - START_SLACK
         subject = subjects[0] if len(subjects) == 1 else f"{EVENT_PREFIX}.>"
-        sub = await js.subscribe(
-            subject,
-            stream=self.stream,
-            ordered_consumer=True,
-            deliver_policy=deliver,
-            config=config,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
+        sub = await _through_reloads(
+            lambda: js.subscribe(
+                subject,
+                stream=self.stream,
+                ordered_consumer=True,
+                deliver_policy=deliver,
+                config=config,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
         )
         try:
             while True:
@@ -271,7 +277,10 @@ class AuditReader:
                 except (TimeoutError, nats.errors.TimeoutError):
                     if follow:
                         continue
-                    consumer = await sub.consumer_info()
+                    try:
+                        consumer = await sub.consumer_info()
+                    except nats.js.errors.ServiceUnavailableError:
+                        continue  # JetStream is reloading its configuration: ask again
                     if int(consumer.num_pending or 0) == 0 and sub.pending_msgs == 0:
                         return
                     continue
@@ -295,6 +304,24 @@ class AuditReader:
         finally:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
+
+
+async def _through_reloads(call: Callable[[], Awaitable[T]], wait_s: float = 5.0) -> T:
+    """A JetStream API call, retried while the server answers "service unavailable".
+
+    nats-server reloads its configuration whenever a gateway user is added; for a moment its
+    JetStream API does not answer. An operator's audit should wait that out, not fail.
+    """
+    deadline = asyncio.get_running_loop().time() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.ServiceUnavailableError:
+            if asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 async def collect(nc: NATS, flt: AuditFilter) -> list[m.Envelope]:
