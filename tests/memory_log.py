@@ -7,6 +7,7 @@ duplicate that returns where it landed. A batch lands whole or not at all.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,11 +16,16 @@ import msgspec
 from damm.catalog.signing import CatalogSigner
 from damm.clock import FrozenClock
 from damm.control.context import Context
+from damm.control.handlers.admin import AdminHandlers
+from damm.control.handlers.gateway import GatewayHandlers
 from damm.control.state import DecisionState
-from damm.events.model import Envelope
+from damm.events.model import Actor, Envelope
 from damm.events.store import Append, Appended, ConflictError
 from damm.keys.rotation import RotationKey
+from damm.protocol import messages as p
+from damm.protocol.router import Call
 from damm.settings import ControlSettings
+from tests.fleet import keypair
 
 
 class MemoryLog:
@@ -87,3 +93,35 @@ def memory_context(
         clock=clock or FrozenClock(),
     )
     return ctx, log
+
+
+def call_as(kind: str) -> Call:
+    """Each request has its own correlation id: appends are deduplicated by it."""
+    return Call(uuid.uuid4().hex, Actor(kind, "-"))
+
+
+async def healthy_gateway(
+    admin: AdminHandlers,
+    gateways: GatewayHandlers,
+    gateway_id: str,
+    front_door: str,
+    region: str = "eu",
+) -> str:
+    """Add, register and heartbeat a gateway through the handlers; returns its token."""
+    added = await admin.add_gateway(
+        p.AddGateway(gateway_id=gateway_id, region=region, front_door=front_door), call_as("admin")
+    )
+    await gateways.register(
+        p.RegisterGateway(
+            gateway_id=gateway_id, token=added.token, public_key=keypair()[1], listen_port=51820
+        ),
+        call_as("gateway"),
+    )
+    await gateways.heartbeat(
+        p.Heartbeat(
+            gateway_id=gateway_id, token=added.token, peer_count=0, active_peers=0,
+            rx_bytes=0, tx_bytes=0, load=0.0,
+        ),
+        call_as("gateway"),
+    )  # fmt: skip
+    return added.token

@@ -19,17 +19,10 @@ from damm.control.handlers.enrollment import EnrollmentCommitter, Tentative, dec
 from damm.control.handlers.gateway import GatewayHandlers
 from damm.errors import Code, DammError
 from damm.events import model as m
-from damm.events.model import Actor
 from damm.keys.rotation import prove
 from damm.protocol import messages as p
-from damm.protocol.router import Call
 from tests.fleet import keypair
-from tests.memory_log import MemoryLog, memory_context
-
-
-def call_as(kind: str) -> Call:
-    """Each request has its own correlation id: appends are deduplicated by it."""
-    return Call(uuid.uuid4().hex, Actor(kind, "-"))
+from tests.memory_log import MemoryLog, call_as, memory_context
 
 
 class Fleet:

@@ -15,8 +15,7 @@ from damm.domain.ipam import Overlay
 from damm.protocol import messages as p
 from damm.settings import ControlSettings
 from tests.fleet import keypair
-from tests.memory_log import memory_context
-from tests.test_placement_burst import call_as
+from tests.memory_log import call_as, healthy_gateway, memory_context
 
 
 async def test_restore_rebuilds_every_index(tmp_path: Path) -> None:
@@ -31,23 +30,7 @@ async def test_restore_rebuilds_every_index(tmp_path: Path) -> None:
         call_as("admin"),
     )
     for gw in ("gw1", "gw2", "gw3"):
-        added = await admin.add_gateway(
-            p.AddGateway(gateway_id=gw, region="eu", front_door="192.0.2.1:51820"),
-            call_as("admin"),
-        )
-        await gateways.register(
-            p.RegisterGateway(
-                gateway_id=gw, token=added.token, public_key=keypair()[1], listen_port=51820
-            ),
-            call_as("gateway"),
-        )
-        await gateways.heartbeat(
-            p.Heartbeat(
-                gateway_id=gw, token=added.token, peer_count=0, active_peers=0,
-                rx_bytes=0, tx_bytes=0, load=0.0,
-            ),
-            call_as("gateway"),
-        )  # fmt: skip
+        await healthy_gateway(admin, gateways, gw, "192.0.2.1:51820")
     tok = await admin.create_token(p.CreateToken(tier="gold"), call_as("admin"))
     committer = EnrollmentCommitter(ctx)
     committer.start()
