@@ -284,9 +284,10 @@ async def _build(
         await _device_up(
             UapiBackend(devd.ifname), h.dev_ns, devd.ifname, files.private_key(dev_dir), dev
         )
-        # A handshake the gateway drops (the peer not applied yet) is retried only after 5 s.
+        # A handshake the gateway drops (the peer not applied yet) is retried only after 5 s
+        # (WireGuard's rekey timeout): the ping's budget covers one such retry.
         await _gateway_has_peer(UapiBackend(gw_ifname), dev.public_key)
-        h.ping_ok, h.ping_rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=3, wait=5)
+        h.ping_ok, h.ping_rtt_ms = await _ping(h.dev_ns, h.gateway_address, count=3, wait=12)
         h.tunnel_ms = _ms(started)
         _log.info("demo tunnel up", ping_ok=h.ping_ok, device_id=h.device_id)
         if not h.ping_ok:
