@@ -57,45 +57,12 @@ class StateFollower:
         Heartbeats are folded before returning too, so nothing downstream (catalogs, placement)
         ever sees the gateways without their health evidence.
         """
-
-        async def on_event(msg: object) -> None:
-            self._apply(msg, telemetry=False)
-
-        async def on_heartbeat(msg: object) -> None:
-            self._apply(msg, telemetry=True)
-
         self.followed_seq = after_seq
-        config = None
-        policy = DeliverPolicy.ALL
-        if after_seq:
-            policy = DeliverPolicy.BY_START_SEQUENCE
-            config = ConsumerConfig(opt_start_seq=after_seq + 1)
-        self._subs.append(
-            await self.js.subscribe(
-                f"{EVENT_PREFIX}.>",
-                stream=EVENTS_STREAM,
-                config=config,
-                ordered_consumer=True,
-                idle_heartbeat=IDLE_HEARTBEAT_S,
-                deliver_policy=policy,
-                cb=on_event,
-                pending_msgs_limit=-1,
-                pending_bytes_limit=-1,
-            )
-        )
+        self._subs.append(await self._subscribe_events())
         await self.catch_up()
         # Heartbeats only after the gateways they speak of are folded, or they would be dropped
         # and every gateway would look stale until its next heartbeat.
-        heartbeats = await self.js.subscribe(
-            f"{TELEMETRY_PREFIX}.heartbeat.*",
-            stream=TELEMETRY_STREAM,
-            ordered_consumer=True,
-            idle_heartbeat=IDLE_HEARTBEAT_S,
-            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            cb=on_heartbeat,
-            pending_msgs_limit=-1,
-            pending_bytes_limit=-1,
-        )
+        heartbeats = await self._subscribe_heartbeats()
         self._subs.append(heartbeats)
         await self._telemetry_caught_up(heartbeats)
 
@@ -147,43 +114,14 @@ class StateFollower:
         """Recreate both consumers, the event one from the first sequence not yet folded; a
         server that has just restarted refuses for a moment while JetStream recovers."""
 
-        async def on_event(msg: object) -> None:
-            self._apply(msg, telemetry=False)
-
-        async def on_heartbeat(msg: object) -> None:
-            self._apply(msg, telemetry=True)
-
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.05
         while True:
             await self._unsubscribe()
             try:
-                self._subs.append(
-                    await self.js.subscribe(
-                        f"{EVENT_PREFIX}.>",
-                        stream=EVENTS_STREAM,
-                        config=ConsumerConfig(opt_start_seq=self.followed_seq + 1),
-                        ordered_consumer=True,
-                        idle_heartbeat=IDLE_HEARTBEAT_S,
-                        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-                        cb=on_event,
-                        pending_msgs_limit=-1,
-                        pending_bytes_limit=-1,
-                    )
-                )
-                self._subs.append(
-                    await self.js.subscribe(
-                        f"{TELEMETRY_PREFIX}.heartbeat.*",
-                        stream=TELEMETRY_STREAM,
-                        ordered_consumer=True,
-                        idle_heartbeat=IDLE_HEARTBEAT_S,
-                        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                        cb=on_heartbeat,
-                        pending_msgs_limit=-1,
-                        pending_bytes_limit=-1,
-                    )
-                )
+                self._subs.append(await self._subscribe_events())
+                self._subs.append(await self._subscribe_heartbeats())
             except (nats.errors.Error, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
                     _log.error("follower could not resume; nats-py recovers it", error=repr(exc))
@@ -193,6 +131,42 @@ class StateFollower:
                 continue
             _log.info("follower resumed", from_seq=self.followed_seq + 1)
             return
+
+    async def _subscribe_events(self) -> Any:
+        """An ordered consumer of the event stream from the first sequence not yet folded."""
+
+        async def on_event(msg: object) -> None:
+            self._apply(msg, telemetry=False)
+
+        after = self.followed_seq
+        return await self.js.subscribe(
+            f"{EVENT_PREFIX}.>",
+            stream=EVENTS_STREAM,
+            config=ConsumerConfig(opt_start_seq=after + 1) if after else None,
+            ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT_S,
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE if after else DeliverPolicy.ALL,
+            cb=on_event,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+
+    async def _subscribe_heartbeats(self) -> Any:
+        """The latest heartbeat of every gateway, then each new one."""
+
+        async def on_heartbeat(msg: object) -> None:
+            self._apply(msg, telemetry=True)
+
+        return await self.js.subscribe(
+            f"{TELEMETRY_PREFIX}.heartbeat.*",
+            stream=TELEMETRY_STREAM,
+            ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT_S,
+            deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            cb=on_heartbeat,
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
 
     def _apply(self, msg: object, *, telemetry: bool) -> None:
         seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
