@@ -316,8 +316,11 @@ def test_pure_standing_and_quota_decisions() -> None:
     from damm.domain.ipam import Overlay
 
     def dev(status: str, reason: str = "") -> DeviceState:
-        return DeviceState("d1", "k", "t", "gold", "gw1", "fd1", "10.44.0.10", None, 10,
-                           status=status, reason=reason)  # fmt: skip
+        return DeviceState(
+            device_id="d1", public_key="k", token_id="t", tier="gold", gateway_id="gw1",
+            front_door_id="fd1", egress_pool_id=None, address="10.44.0.10", index=10,
+            status=status, reason=reason,
+        )  # fmt: skip
 
     assert standing_error(dev("active")) is None
     expected = {

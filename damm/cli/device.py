@@ -128,7 +128,7 @@ async def rotate_key(ctx: click.Context, state_dir: Path) -> None:
     res = await with_nats(t, None, body)
     os.replace(pending, state_dir / files.PRIVATE_KEY)
     dev.public_key = res.public_key
-    dev.key_expires_at = res.key_expires_at.isoformat() if res.key_expires_at else None
+    dev.key_expires_at = res.key_expires_at
     files.save(state_dir, dev)
     write_config(state_dir, dev)
     emit(t, res, lambda: click.echo(f"rotated key of {dev.device_id}: {res.public_key}"))

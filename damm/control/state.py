@@ -71,22 +71,10 @@ class GatewayState:
         return self.public_key is not None
 
 
-@dataclass
-class DeviceState:
-    device_id: str
-    public_key: str
-    token_id: str
-    tier: str
-    gateway_id: str
-    front_door_id: str
-    address: str
-    address6: str | None
+class DeviceState(m.DeviceFacts, kw_only=True):
     index: int
     status: DeviceStatus = "active"
     reason: str = ""
-    key_expires_at: datetime | None = None
-    egress_pool_id: str | None = None
-    egress_address: str | None = None
     pinned_keys: tuple[str, ...] = ()
     reported_at: int = 0  # the device's clock on its latest recorded report
 
@@ -406,18 +394,7 @@ class DecisionState:
                     dev.reported_at = max(dev.reported_at, e.reported_at)
             case m.DeviceEnrolled() if e.device_id not in self.devices:
                 enrolled = self.devices[e.device_id] = DeviceState(
-                    e.device_id,
-                    e.public_key,
-                    e.token_id,
-                    e.tier,
-                    e.gateway_id,
-                    e.front_door_id,
-                    e.address,
-                    e.address6,
-                    self.overlay.index_of(e.address),
-                    key_expires_at=e.key_expires_at,
-                    egress_pool_id=e.egress_pool_id,
-                    egress_address=e.egress_address,
+                    **m.facts_of(e), index=self.overlay.index_of(e.address)
                 )
                 self.count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled

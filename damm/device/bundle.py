@@ -25,6 +25,7 @@ from damm.device.diagnose import Report
 from damm.device.wgconfig import parse_endpoint
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic
+from damm.protocol.messages import TunnelProfile, profile_of
 
 CONFIG_NAME = "damm-wg0.conf"
 README_NAME = "README.txt"
@@ -37,22 +38,12 @@ DIAGNOSTICS_NAME = "diagnostics.json"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-class PublicInfo(msgspec.Struct, frozen=True, kw_only=True):
+class PublicInfo(TunnelProfile, frozen=True, kw_only=True):  # type: ignore[misc]
     """The device's public facts: everything in device.json that the page shows, no secret."""
 
-    device_id: str
     public_key: str
-    address: str
-    address6: str | None
-    gateway_id: str
-    gateway_public_key: str
-    front_door_id: str
-    endpoint: str
     region: str | None
-    allowed_ips: tuple[str, ...] = ()
-    dns: tuple[str, ...] = ()
     trust: TrustState | None = None
-    key_expires_at: str | None = None
 
 
 class Contents(msgspec.Struct, frozen=True, kw_only=True):
@@ -119,13 +110,11 @@ holds no secret.{catalog_note}
 
 def public_info(dev: files.DeviceFile) -> PublicInfo:
     return PublicInfo(
-        device_id=dev.device_id, public_key=dev.public_key, address=dev.address,
-        address6=dev.address6, gateway_id=dev.gateway_id,
-        gateway_public_key=dev.gateway_public_key, front_door_id=dev.front_door_id,
-        endpoint=dev.endpoint, region=dev.trust.region if dev.trust else None,
-        allowed_ips=dev.allowed_ips, dns=dev.dns, trust=dev.trust,
-        key_expires_at=dev.key_expires_at,
-    )  # fmt: skip
+        **profile_of(dev),
+        public_key=dev.public_key,
+        region=dev.trust.region if dev.trust else None,
+        trust=dev.trust,
+    )
 
 
 def read_diagnostics(path: Path) -> Report:

@@ -10,6 +10,7 @@ from damm import private_files
 from damm.catalog.verify import TrustState
 from damm.errors import Code, DammError
 from damm.private_files import write_atomic
+from damm.protocol.messages import TunnelProfile
 
 PRIVATE_KEY = "private.key"
 STATE = "device.json"
@@ -19,21 +20,11 @@ CONFIG = "wg0.conf"
 CATALOG = "catalog.signed"
 
 
-class DeviceFile(msgspec.Struct, kw_only=True):
-    device_id: str
+class DeviceFile(TunnelProfile, kw_only=True):
     public_key: str
-    gateway_id: str
-    gateway_public_key: str
-    front_door_id: str
-    endpoint: str
-    address: str
-    address6: str | None = None
-    allowed_ips: tuple[str, ...]
-    dns: tuple[str, ...]
     nats_url: str
     rotation_key: str
     trust: TrustState | None = None
-    key_expires_at: str | None = None
 
 
 def _private_path(state_dir: Path) -> Path:

@@ -24,20 +24,11 @@ def device_file(res: p.Enrolled, public_key: str, nats_url: str) -> files.Device
             res.catalog.region, res.catalog.key_id, res.catalog.public_key, res.catalog.min_version
         )
     return files.DeviceFile(
-        device_id=res.device_id,
+        **p.profile_of(res),
         public_key=public_key,
-        gateway_id=res.gateway_id,
-        gateway_public_key=res.gateway_public_key,
-        front_door_id=res.front_door_id,
-        endpoint=res.endpoint,
-        address=res.address,
-        address6=res.address6,
-        allowed_ips=res.allowed_ips,
-        dns=res.dns,
         nats_url=nats_url,
         rotation_key=res.rotation_key,
         trust=trust,
-        key_expires_at=res.key_expires_at.isoformat() if res.key_expires_at else None,
     )
 
 

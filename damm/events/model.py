@@ -8,7 +8,7 @@ type they do not know decodes to ``UnknownEvent`` so an old projector skips it i
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -160,7 +160,10 @@ class KeyBound(_Event, frozen=True, tag="key.bound"):
 # --- devices ----------------------------------------------------------------------------------
 
 
-class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
+class DeviceFacts(msgspec.Struct, kw_only=True):
+    """What enrollment settles about a device. The event records it and the decision state keeps
+    it (with what later events change), from this one definition."""
+
     device_id: str
     public_key: str
     token_id: str
@@ -171,11 +174,22 @@ class DeviceEnrolled(_Event, frozen=True, tag="device.enrolled"):
     address: str
     address6: str | None = None
     key_expires_at: datetime | None = None
-    region: str = ""
-    exit_country: str | None = None
     # The pool address this device's traffic leaves from (damm.domain.egress.assign); None for
     # devices enrolled before egress reached the packet plane, or in a pool without IPv4.
     egress_address: str | None = None
+
+
+def facts_of(source: DeviceFacts) -> dict[str, Any]:
+    """The device facts of an event or a state entry, to build the other."""
+    return {name: getattr(source, name) for name in DeviceFacts.__struct_fields__}
+
+
+# A frozen struct over a mutable base is fine to msgspec; mypy applies the dataclass rule.
+
+
+class DeviceEnrolled(_Event, DeviceFacts, frozen=True, tag="device.enrolled"):  # type: ignore[misc]
+    region: str = ""
+    exit_country: str | None = None
 
 
 class DeviceRevoked(_Event, frozen=True, tag="device.revoked"):

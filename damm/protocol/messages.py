@@ -7,7 +7,7 @@ stable code from the error catalog, so every client can turn it back into a ``Da
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -219,20 +219,31 @@ class CatalogTrust(msgspec.Struct, frozen=True):
     region: str
 
 
-class Enrolled(msgspec.Struct, frozen=True, kw_only=True):
+class TunnelProfile(msgspec.Struct, kw_only=True):
+    """Where a device's tunnel goes. The enrollment reply, the device's own file and a bundle's
+    public view all carry it; one definition keeps the three from drifting apart."""
+
     device_id: str
     address: str
-    address6: str | None
+    address6: str | None = None
     gateway_id: str
     gateway_public_key: str
     front_door_id: str
     endpoint: str
-    allowed_ips: tuple[str, ...]
-    dns: tuple[str, ...]
-    egress_pool_id: str | None
-    key_expires_at: datetime | None
+    allowed_ips: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+    key_expires_at: datetime | None = None
+
+
+def profile_of(source: TunnelProfile) -> dict[str, Any]:
+    """The profile fields of any struct that carries one, to build another that does."""
+    return {name: getattr(source, name) for name in TunnelProfile.__struct_fields__}
+
+
+class Enrolled(TunnelProfile, frozen=True, kw_only=True):  # type: ignore[misc]
+    egress_pool_id: str | None = None
     rotation_key: str
-    catalog: CatalogTrust | None
+    catalog: CatalogTrust | None = None
 
 
 class RotateKey(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
