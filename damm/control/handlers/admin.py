@@ -109,7 +109,10 @@ class AdminHandlers:
     async def _record(self, subject: str, event: m.Event, call: Call) -> p.Done:
         """One event on its aggregate, expecting the sequence this process last saw there."""
         return await self._done(
-            lambda: [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
+            lambda: [
+                self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))
+            ],
+            call,
         )
 
     async def _gateway(self, gateway_id: str) -> str:
@@ -117,8 +120,8 @@ class AdminHandlers:
         await self.ctx.fresh(lambda: gateway_id in self.ctx.state.gateways)
         return resolve_prefix(self.ctx.state.gateways, gateway_id, "gateway")
 
-    async def _done(self, decide: object) -> p.Done:
-        result = await self.ctx.commit(decide)  # type: ignore[arg-type]
+    async def _done(self, decide: Callable[[], Sequence[Append]], call: Call) -> p.Done:
+        result = await self.ctx.commit(decide, call)
         return p.Done(seq=result.seqs[-1] if result.seqs else 0, duplicate=result.duplicate)
 
     # --- tiers -------------------------------------------------------------------------------
@@ -175,7 +178,8 @@ class AdminHandlers:
                 self.ctx.append(
                     subject, event, call, expected=0, msg_id=f"token-{call.correlation_id}"
                 )
-            ]
+            ],
+            call,
         )
         return p.TokenCreated(token_id, token, req.tier, req.uses, expires)
 
@@ -236,7 +240,7 @@ class AdminHandlers:
                 )
             return items
 
-        await self.ctx.commit(decide)
+        await self.ctx.commit(decide, call)
         return p.GatewayAdded(req.gateway_id, token)
 
     async def set_front_door(self, req: p.SetFrontDoor, call: Call) -> p.Done:
@@ -301,7 +305,7 @@ class AdminHandlers:
                 raise DammError(Code.EGRESS_IN_USE, f"pool {req.pool_id} would drop {shown}")
             return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
-        return await self._done(decide)
+        return await self._done(decide, call)
 
     # --- device lifecycle --------------------------------------------------------------------
 
@@ -339,7 +343,7 @@ class AdminHandlers:
                 ),
             ]
 
-        return _named(await self._done(decide), req.device_id)
+        return _named(await self._done(decide, call), req.device_id)
 
     async def _status(
         self,
@@ -365,7 +369,7 @@ class AdminHandlers:
                 )
             return [self.ctx.append(subject, event, call, expected=self.ctx.state.seq_of(subject))]
 
-        return _named(await self._done(decide), req.device_id)
+        return _named(await self._done(decide, call), req.device_id)
 
     async def suspend_device(self, req: p.DeviceAction, call: Call) -> p.Done:
         req = await self._device(req)
@@ -387,7 +391,7 @@ class AdminHandlers:
         subject = usage_reset_subject(req.device_id)
         event = m.UsagePeriodReset(device_id=req.device_id, period=period)
         return _named(
-            await self._done(lambda: [self.ctx.append(subject, event, call)]), req.device_id
+            await self._done(lambda: [self.ctx.append(subject, event, call)], call), req.device_id
         )
 
     async def explain_placement(self, req: p.ExplainPlacement, call: Call) -> p.PlacementExplained:

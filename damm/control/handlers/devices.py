@@ -96,7 +96,7 @@ class DeviceHandlers:
             )
             return [ctx.append(subject, event, dcall, expected=ctx.state.seq_of(subject))]
 
-        await ctx.commit(decide)
+        await ctx.commit(decide, call)
         return p.DeviceStanding(
             device_id=dev.device_id,
             status="active",
@@ -145,5 +145,5 @@ class DeviceHandlers:
                 )
             ]
 
-        result = await ctx.commit(decide)
+        result = await ctx.commit(decide, call)
         return p.Done(seq=result.seqs[-1] if result.seqs else 0, duplicate=result.duplicate)

@@ -11,7 +11,6 @@ ipam.allocated (expects the address's sequence) · device.enrolled (expects a ne
 from __future__ import annotations
 
 import asyncio
-import math
 import random
 import uuid
 from collections import Counter
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from damm import log
-from damm.control.context import Context, Planned
+from damm.control.context import APPEND_ACK_TIMEOUT_S, Attempts, Context, Planned
 from damm.control.placement_view import candidates, pools, tier_policy
 from damm.control.state import DecisionState, DeviceState, TokenState
 from damm.domain import egress
@@ -40,10 +39,6 @@ from damm.subjects import DEFAULT_POOL, address_subject, event_subject, key_subj
 _log = log.get("damm.enrollment")
 
 MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
-MAX_ATTEMPTS = 10
-# A group's append waits this long for the log's ack, then is tried again (safe: message ids
-# and expected sequences): a stream leader that died mid-append costs this, not the deadline.
-APPEND_ACK_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -307,7 +302,7 @@ class _Waiting:
     req: p.Enroll
     call: Call
     future: asyncio.Future[p.Enrolled]
-    attempts: int = 0
+    attempts: Attempts
 
 
 class EnrollmentCommitter:
@@ -338,7 +333,7 @@ class EnrollmentCommitter:
         if known is not None:
             return replayed(self.ctx, req, known)
         future: asyncio.Future[p.Enrolled] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Waiting(req, call, future))
+        self._queue.append(_Waiting(req, call, future, Attempts(call)))
         self._wake.set()
         return await future
 
@@ -374,8 +369,7 @@ class EnrollmentCommitter:
         for w in group:
             if w.future.done():
                 continue
-            w.attempts += 1
-            if w.call.expired() or (w.call.deadline == math.inf and w.attempts > MAX_ATTEMPTS):
+            if w.attempts.lost() is not None:
                 _settle(w.future, err)
             else:
                 again.append(w)
@@ -394,11 +388,11 @@ class EnrollmentCommitter:
         indices = iter(ctx.state.addresses.peek(len(group)))
         decided: list[tuple[_Waiting, list[Append], str]] = []
         for w in group:
-            if w.call.expired(APPEND_ACK_TIMEOUT_S):
+            if (late := w.attempts.too_late()) is not None:
                 # Its caller has given up, or will before the append is acknowledged (it
                 # queued behind a blocked log): recording it now would record an enrollment
                 # its client was told failed.
-                _settle(w.future, DammError(Code.DEADLINE_EXCEEDED, "expired while queued"))
+                _settle(w.future, late)
                 continue
             known = prior_enrollment(ctx.state, w.req)
             if known is not None:
@@ -450,30 +444,19 @@ class EnrollmentCommitter:
 
     @staticmethod
     def _attempt(w: _Waiting) -> bool:
-        """Count one more try. A request with a deadline is tried until it passes: replicas
-        enrolling on one token lose races to each other in bursts, and a fixed count failed
-        about 5% of requests at 200/s (issue 11). Only a request without one (no router) has
-        a fixed limit."""
-        w.attempts += 1
-        if w.call.expired():
-            _settle(w.future, DammError(Code.DEADLINE_EXCEEDED, "lost every race until then"))
-            return False
-        if w.attempts > MAX_ATTEMPTS and w.call.deadline == math.inf:
-            _settle(w.future, DammError(Code.CONFLICT, "too many concurrent changes"))
+        """Count a lost race; settle the request if it has no try left."""
+        if (err := w.attempts.lost()) is not None:
+            _settle(w.future, err)
             return False
         return True
 
     async def _requeue(self, waiting: list[_Waiting]) -> None:
-        """After a lost race, decide the group again, first in line, after a jittered pause.
-
-        Another control-plane process is appending to the same token; retrying at once would
-        collide with its next group in lockstep. The pause grows with the attempts.
-        """
+        """After a lost race, decide the group again, first in line, after the pause of its
+        most tried request."""
         again = [w for w in waiting if self._attempt(w)]
         if not again:
             return
-        attempts = min(max(w.attempts for w in again), 25)
-        await asyncio.sleep(random.uniform(0, 0.002 * attempts))
+        await max((w.attempts for w in again), key=lambda a: a.count).pause()
         self._queue[:0] = again
 
     # --- key rotation ------------------------------------------------------------------------
@@ -533,5 +516,5 @@ class EnrollmentCommitter:
                 ),
             ]
 
-        await ctx.commit(decide)
+        await ctx.commit(decide, call)
         return p.KeyRotated(dev.device_id, new_key, expires)

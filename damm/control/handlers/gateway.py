@@ -80,7 +80,7 @@ class GatewayHandlers:
                 )
             ]
 
-        await self.ctx.commit(decide)
+        await self.ctx.commit(decide, call)
         overlay = self.ctx.settings.overlay
         return p.Registered(
             gw.gateway_id,
@@ -183,7 +183,7 @@ class GatewayHandlers:
                 )
             ]
 
-        result = await self.ctx.commit(decide)
+        result = await self.ctx.commit(decide, call)
         if duplicate:
             return p.Done(seq=0, duplicate=True)
         return p.Done(seq=result.seqs[-1], duplicate=result.duplicate)

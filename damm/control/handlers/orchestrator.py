@@ -146,5 +146,5 @@ class OrchestratorHandlers:
             )
             return [self.ctx.append(subject, event, call, expected=0)]
 
-        result = await self.ctx.commit(decide)
+        result = await self.ctx.commit(decide, call)
         return p.Done(seq=result.seqs[-1] if result.seqs else 0, duplicate=result.duplicate)
