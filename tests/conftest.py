@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hypothesis
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -30,6 +31,13 @@ if TYPE_CHECKING:
     from damm.control.process import ControlPlane
 
 log.configure("warning", json=False)
+
+# Hypothesis's per-example deadline measures this machine's load, not a property: on two busy
+# cores a codec round trip over a large example passed 200 ms and failed a green run.
+hypothesis.settings.register_profile(
+    "damm", deadline=None, suppress_health_check=[hypothesis.HealthCheck.too_slow]
+)
+hypothesis.settings.load_profile("damm")
 
 
 @pytest.fixture
