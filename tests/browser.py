@@ -94,13 +94,22 @@ async def open_page(
 
 
 def decode_qr(png: bytes) -> bytes:
-    """The bytes the one QR code in a PNG carries (zxing-cpp, the library phone apps use)."""
+    """The bytes the one QR code in a PNG carries (zxing-cpp, the library phone apps use).
+
+    zxing-cpp may report one symbol twice (it also scans a downscaled copy of the image), so
+    what must be unique is the payload: two different codes in one picture still fail.
+    """
     import zxingcpp
     from PIL import Image
 
-    results = zxingcpp.read_barcodes(Image.open(io.BytesIO(png)))
-    assert len(results) == 1, f"{len(results)} QR codes found"
-    return results[0].bytes
+    results = zxingcpp.read_barcodes(
+        Image.open(io.BytesIO(png)), formats=zxingcpp.BarcodeFormat.QRCode
+    )
+    payloads = {r.bytes for r in results}
+    assert len(payloads) == 1, (
+        f"{len(payloads)} QR codes found: {[str(r.position) for r in results]}"
+    )
+    return payloads.pop()
 
 
 def artifact(name: str) -> Path:
