@@ -12,6 +12,7 @@ A file readable by group or others is refused rather than used: it may already h
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import os
 import stat
@@ -49,6 +50,68 @@ def write_atomic(path: str | os.PathLike[str], text: str | bytes, mode: int = 0o
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+# --- directories and logs ------------------------------------------------------------------------
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory only its owner may enter: created 0700 with any missing parents,
+    and narrowed to 0700 if it already existed wider (an older DAMM left 0755 behind).
+
+    ``mkdir(mode=0o700)`` alone is not enough: parents come out 0777 minus the umask, and an
+    existing directory keeps whatever mode it had.
+    """
+    path = Path(path)
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            directory.mkdir(mode=0o700)
+        os.chmod(directory, 0o700)
+    if stat.S_IMODE(path.stat().st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def open_private_log(path: str | os.PathLike[str]) -> int:
+    """An append-only descriptor on a log file of mode 0600, narrowed if it was wider.
+
+    Logs carry request details and error texts an outsider should not read.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
+def read_secret(path: Path, what: str) -> str:
+    """A one-line secret (a token) from a file only its owner may read; never echoed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise DammError(
+            Code.INVALID_ARGUMENT, f"cannot open {what} file {path}: {exc.strerror}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise DammError(
+                Code.INVALID_ARGUMENT,
+                f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}, readable beyond "
+                f"its owner; refusing to use it (chmod 600 {path}, then replace the {what})",
+            )
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    value = data.decode("utf-8", "replace").strip()
+    if not value or "\n" in value:
+        raise DammError(Code.INVALID_ARGUMENT, f"{what} file {path} must hold one line")
+    return value
 
 
 # --- raw seeds ---------------------------------------------------------------------------------

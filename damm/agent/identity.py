@@ -15,7 +15,7 @@ def load_or_create_key(state_dir: Path) -> tuple[str, str]:
     A key file readable by group or others is refused rather than used: it may already have
     leaked, and a gateway that silently carries on would hide that.
     """
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_files.private_dir(state_dir)
     path = state_dir / KEY_FILE
     if not path.exists():
         private_files.create_wg_key(path)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from functools import wraps
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import asyncpg
@@ -16,7 +17,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from damm import settings
+from damm import private_files, settings
 from damm.errors import Code, DammError
 from damm.protocol.router import BUS_TROUBLE
 from damm.stack.stackfile import StackFile
@@ -234,3 +235,30 @@ def _cell(value: Any) -> str:
     if hasattr(value, "strftime"):
         return str(value.strftime("%Y-%m-%d %H:%M:%S"))
     return str(value)
+
+
+def token_options(envvar: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--token-file`` and the environment carry a secret; ``ps`` shows every argument.
+
+    ``--token`` still works for scripts written before, but is hidden from help: the README
+    never shows a secret on a command line.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--token-file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=None,
+            help=f"File holding the {what} (mode 0600), or set {envvar}.",
+        )(fn)
+        return click.option("--token", envvar=envvar, default=None, hidden=True)(fn)
+
+    return decorate
+
+
+def resolve_token(token: str | None, token_file: Path | None, envvar: str, what: str) -> str:
+    if token_file is not None:
+        return private_files.read_secret(token_file, what)
+    if token:
+        return token
+    raise DammError(Code.USAGE, f"no {what}: give --token-file FILE or set {envvar}")

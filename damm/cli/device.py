@@ -12,7 +12,17 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import settings
-from damm.cli.common import Target, emit, fail, json_option, run, target, with_nats
+from damm.cli.common import (
+    Target,
+    emit,
+    fail,
+    json_option,
+    resolve_token,
+    run,
+    target,
+    token_options,
+    with_nats,
+)
 from damm.companion.page import Preload, page_files
 from damm.device import files
 from damm.device.bundle import (
@@ -54,23 +64,29 @@ def keygen(ctx: click.Context, state_dir: Path, force: bool) -> None:
 
 
 @device.command()
-@click.option("--token", required=True, envvar="DAMM_TOKEN", help="enrollment token")
+@token_options("DAMM_TOKEN", "enrollment token")
 @click.option("--region", help="preferred region")
 @click.option("--exit-country", help="where traffic should leave (ISO code)")
 @state_dir_option
 @click.pass_context
 @run
 async def enroll(
-    ctx: click.Context, token: str, region: str | None, exit_country: str | None, state_dir: Path
+    ctx: click.Context,
+    token: str | None,
+    token_file: Path | None,
+    region: str | None,
+    exit_country: str | None,
+    state_dir: Path,
 ) -> None:
-    """Enroll with TOKEN and write a wg-quick config (importable by the WireGuard apps)."""
+    """Enroll with a token and write a wg-quick config (importable by the WireGuard apps)."""
     t = target(ctx)
+    secret = resolve_token(token, token_file, "DAMM_TOKEN", "enrollment token")
     public = files.generate_key(state_dir)
     request_id = uuid.uuid4().hex
 
     async def body(nc: NATS) -> p.Enrolled:
         req = p.Enroll(
-            token=token,
+            token=secret,
             public_key=public,
             region=region,
             exit_country=exit_country,

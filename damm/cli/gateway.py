@@ -19,7 +19,7 @@ from damm.agent.egress import EgressReconciler, Nftables
 from damm.agent.interface import Interface
 from damm.agent.interface import ensure as ensure_interface
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.cli.common import Target, run
+from damm.cli.common import Target, resolve_token, run, token_options
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.errors import Code, DammError
 from damm.protocol.messages import Registered
@@ -51,12 +51,7 @@ def gateway() -> None:
 @click.option(
     "--id", "gateway_id", required=True, help="Gateway id given to `damm admin gateway add`."
 )
-@click.option(
-    "--token",
-    envvar="DAMM_GATEWAY_TOKEN",
-    required=True,
-    help="Gateway-scoped token (or DAMM_GATEWAY_TOKEN).",
-)
+@token_options("DAMM_GATEWAY_TOKEN", "gateway token")
 @click.option(
     "--wg",
     "wg_kind",
@@ -108,7 +103,8 @@ def gateway() -> None:
 @run
 async def run_cmd(
     gateway_id: str,
-    token: str,
+    token: str | None,
+    token_file: Path | None,
     wg_kind: str,
     interface: str,
     uapi_socket: str | None,
@@ -127,7 +123,7 @@ async def run_cmd(
     target = Target(nats_url, None)
     config = AgentConfig(
         gateway_id=gateway_id,
-        token=token,
+        token=resolve_token(token, token_file, "DAMM_GATEWAY_TOKEN", "gateway token"),
         nats_url=target.nats(),
         state_dir=state_dir,
         listen_port=listen_port,

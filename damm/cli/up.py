@@ -20,7 +20,7 @@ from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
 from damm.metrics import ControlMetrics
-from damm.private_files import write_atomic
+from damm.private_files import private_dir, write_atomic
 from damm.protocol.bus import connect
 from damm.settings import ControlSettings
 from damm.stack import processes
@@ -100,7 +100,7 @@ async def up(
         raise DammError(
             Code.ALREADY_EXISTS, f"a stack is already running (pid {existing.pid}) in {directory}"
         )
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(directory)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -123,7 +123,7 @@ async def up(
             stack.callback(server.stop)
             passwords = server.passwords
             await _meta_leader(nats_url, passwords["control"])
-            (directory / "nats").mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(directory / "nats")
             write_atomic(
                 directory / "nats" / "identity.json",
                 json.dumps({"port": -1, "passwords": passwords}),

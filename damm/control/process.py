@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 from nats.aio.client import Client as NATS
 
-from damm import log
+from damm import log, private_files
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
 from damm.control.context import Context
@@ -216,7 +216,7 @@ class ControlPlane:
 
 
 def _load_keys(keys: Path) -> tuple[CatalogSigner, RotationKey]:
-    keys.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_files.private_dir(keys)
     return (
         CatalogSigner.load_or_create(keys / "catalog.key"),
         RotationKey.load_or_create(keys / "rotation.key"),

@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 
-from damm import log
+from damm import log, private_files
 from damm import netns as netlab
 from damm.device import files
 from damm.device.failover import (
@@ -194,7 +194,7 @@ def _ms(since: float) -> float:
 async def run_demo(
     nats_url: str, admin_password: str, database_url: str, state_dir: Path
 ) -> DemoHandle:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # noqa: ASYNC240 - once, tiny
+    private_files.private_dir(state_dir)
     handle = DemoHandle(netlab.Lab(), _admin=(nats_url, admin_password))
     try:
         await _build(handle, nats_url, admin_password, database_url, state_dir)

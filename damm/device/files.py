@@ -33,7 +33,7 @@ def _private_path(state_dir: Path) -> Path:
 
 def generate_key(state_dir: Path, *, replace: bool = False) -> str:
     """Create the device key (mode 0600 from the first byte); return the public key."""
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_files.private_dir(state_dir)
     path = _private_path(state_dir)
     if path.exists() and not replace:
         return public_key(state_dir)

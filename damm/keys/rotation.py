@@ -15,7 +15,7 @@ from pathlib import Path
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 
 from damm.keys.wireguard import key_bytes
-from damm.private_files import load_or_create_seed
+from damm.private_files import load_or_create_seed, private_dir
 
 
 def _message(device_id: str, new_public_key: str, request_id: str) -> bytes:
@@ -62,7 +62,7 @@ class RotationKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> RotationKey:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(path.parent)
         return cls(load_or_create_seed(path, "rotation key"))
 
     def verify(

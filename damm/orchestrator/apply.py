@@ -29,7 +29,7 @@ from damm.errors import Code, DammError
 from damm.orchestrator import actions as a
 from damm.orchestrator import history
 from damm.orchestrator.providers.base import Host, HostSpec, Provider
-from damm.private_files import load_or_create_seed
+from damm.private_files import load_or_create_seed, private_dir
 from damm.protocol import messages as p
 from damm.protocol.client import call
 
@@ -39,7 +39,7 @@ Outcome = Literal["succeeded", "skipped", "failed"]
 
 
 def load_secret(state_dir: Path) -> bytes:
-    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(state_dir)
     return load_or_create_seed(state_dir / "token.key", "orchestrator token key")
 
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from damm.private_files import write_atomic
+from damm.private_files import private_dir, write_atomic
 from damm.stack import processes
 from damm.stack.nats_config import ClusterSettings, ServerSettings, render
 
@@ -79,13 +79,14 @@ class NatsServer:
         return True
 
     def start(self, timeout: float = 10.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        private_dir(self.data_dir / "jetstream")
         for role in ("control", "admin", "sys"):
             self.passwords.setdefault(role, secrets.token_urlsafe(18))
         self._load_gateways()
         self._write_config()
         ports_dir = self.data_dir / "ports"
-        ports_dir.mkdir(exist_ok=True)
+        private_dir(ports_dir)
         for old in ports_dir.glob("*.ports"):
             old.unlink()
         self.proc = processes.spawn(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+from damm import private_files
 
 _PR_SET_PDEATHSIG = 1
 
@@ -22,7 +25,7 @@ def spawn(
     log: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115
+    out = private_files.open_private_log(log) if log else subprocess.DEVNULL
     try:
         return subprocess.Popen(
             list(argv),
@@ -34,7 +37,7 @@ def spawn(
         )
     finally:
         if log:
-            out.close()  # type: ignore[union-attr]
+            os.close(out)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from damm import settings
-from damm.private_files import write_atomic
+from damm.private_files import private_dir, write_atomic
 
 home = settings.home
 
@@ -27,7 +27,7 @@ class StackFile:
 
     def write(self, directory: Path | None = None) -> Path:
         path = (directory or home()) / "stack.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         write_atomic(path, json.dumps(asdict(self), indent=2), mode=0o600)
         return path
 

@@ -32,7 +32,7 @@ from damm.errors import Code, DammError
 from damm.netns import LabError, exec_in, run
 from damm.orchestrator.providers.base import Host, HostSpec
 from damm.orchestrator.topology import Provider as ProviderSpec
-from damm.private_files import write_atomic
+from damm.private_files import open_private_log, private_dir, write_atomic
 
 _log = log.get("damm.orchestrator.netns")
 
@@ -128,7 +128,7 @@ class NetnsProvider:
             return None
 
     def _save(self, record: HostRecord) -> None:
-        self.hosts_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.hosts_dir)
         write_atomic(self._record_path(record.gateway_id), msgspec.json.encode(record))
 
     def _inventory(self) -> Inventory:
@@ -140,7 +140,7 @@ class NetnsProvider:
             return Inventory()
 
     def _save_inventory(self, inv: Inventory) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.state_dir)
         write_atomic(self.state_dir / "inventory.json", msgspec.json.encode(inv))
 
     def _allocate(self, used_extra: set[str] = frozenset()) -> str:  # type: ignore[assignment]
@@ -262,7 +262,7 @@ class NetnsProvider:
             record.front_doors[fd] = address
         self._save(record)
         host_dir = self.hosts_dir / spec.gateway_id
-        host_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(host_dir)
         record.relay_pid = self._spawn(
             [
                 sys.executable,
@@ -300,7 +300,8 @@ class NetnsProvider:
         )
 
     def _spawn(self, argv: Sequence[str], log_path: Path, **env: str) -> int:
-        with open(log_path, "ab") as out:
+        out = open_private_log(log_path)
+        try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -309,6 +310,8 @@ class NetnsProvider:
                 env={**os.environ, "DAMM_LOG_FORMAT": "json", **env},
                 start_new_session=True,  # the host outlives the apply that made it
             )
+        finally:
+            os.close(out)
         return proc.pid
 
     async def destroy(self, gateway_id: str) -> None:
