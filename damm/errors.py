@@ -47,6 +47,13 @@ class Code(enum.Enum):
     ALREADY_EXISTS = ErrorSpec("an object with that id already exists")
     INVALID_ARGUMENT = ErrorSpec("an argument is invalid", exit_status=2)
     UNAUTHORIZED = ErrorSpec("the credentials were not accepted")
+    # identities and throttling on the bus
+    IDENTITY_REFUSED = ErrorSpec("the connection's identity did not verify")
+    NOT_YOUR_DEVICE = ErrorSpec("this connection's identity belongs to another device")
+    RATE_LIMITED_CONNECTION = ErrorSpec("too many requests on this connection; slow down", True)
+    RATE_LIMITED_SOURCE = ErrorSpec("too many requests from this address; slow down", True)
+    TOO_MANY_CONNECTIONS = ErrorSpec("the server refused another unauthenticated connection", True)
+    TOO_MANY_SUBSCRIPTIONS = ErrorSpec("the server refused another subscription", True)
     # enrollment tokens
     TOKEN_UNKNOWN = ErrorSpec("the enrollment token is unknown")
     TOKEN_EXPIRED = ErrorSpec("the enrollment token has expired")

@@ -45,6 +45,13 @@ def role_password(role: str) -> str | None:
     return os.environ.get(f"DAMM_{role.upper()}_PASSWORD") or None
 
 
+def callout_seed_file() -> Path | None:
+    """DAMM_CALLOUT_SEED_FILE: the auth callout issuer's nkey seed (0600), for `control run`
+    against a nats-server configured with that issuer's public key."""
+    value = os.environ.get("DAMM_CALLOUT_SEED_FILE")
+    return Path(value) if value else None
+
+
 def admin_name() -> str:
     """Who an operator's admin commands are recorded as."""
     return os.environ.get("DAMM_ADMIN") or getpass.getuser()

@@ -17,6 +17,7 @@ EVENT_PREFIX = "damm.evt"
 TELEMETRY_PREFIX = "damm.tel"
 REQUEST_PREFIX = "damm.req"
 PEERS_PREFIX = "damm.peers"
+GATEWAY_REPLY_PREFIX = "damm.gwr"  # answers to a gateway, on subjects only it may read
 
 _ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -76,3 +77,9 @@ def inbox_prefix(user: str) -> str:
 def gateway_user(gateway_id: str) -> str:
     """A gateway's NATS user name."""
     return f"gw-{gateway_id}"
+
+
+def gateway_reply_prefix(gateway_id: str) -> str:
+    """Where the control plane answers a gateway's requests, whatever reply subject it named:
+    ``<prefix>.<token>``, the token from the request's ``Damm-Reply-Token`` header."""
+    return f"{GATEWAY_REPLY_PREFIX}.{check_id(gateway_id)}"

@@ -611,25 +611,35 @@ async def device_show(ctx: click.Context, device_id: str, as_json: bool) -> None
 @click.pass_context
 @run
 async def nats_config(ctx: click.Context, out: Path | None, cluster: bool) -> None:
-    """Render the production nats-server config with one user per gateway; reload after."""
+    """Render the production nats-server config (the same for any fleet: the control plane's
+    auth callout decides each device and gateway connection)."""
     from damm.private_files import write_atomic
     from damm.stack.nats_config import production, production_cluster
 
-    rows = await query(
-        target(ctx),
-        "SELECT gateway_id, nats_password_bcrypt FROM gateways"
-        " WHERE nats_password_bcrypt IS NOT NULL ORDER BY gateway_id",
-    )
-    gateways = {r["gateway_id"]: r["nats_password_bcrypt"] for r in rows}
-    text = production_cluster(gateways) if cluster else production(gateways)
+    text = production_cluster() if cluster else production()
     if out is None:
         click.echo(text, nl=False)
         return
     write_atomic(out, text, mode=0o600)
-    click.echo(
-        f"wrote {out} with {len(rows)} gateway user(s); reload: nats-server --signal reload",
-        err=True,
-    )
+    click.echo(f"wrote {out}", err=True)
+
+
+@admin.command("callout-key")
+@click.argument("seed_file", type=click.Path(dir_okay=False, path_type=Path))
+def callout_key(seed_file: Path) -> None:
+    """Make the auth callout issuer's seed (0600) for `damm control run`
+    (DAMM_CALLOUT_SEED_FILE), and print the environment nats-server needs."""
+    from damm.keys import nats_identity
+    from damm.private_files import read_secret, write_atomic
+
+    if seed_file.exists():
+        seed = read_secret(seed_file, "callout seed").encode()
+    else:
+        seed = nats_identity.new_account_seed()
+        write_atomic(seed_file, seed, mode=0o600)
+    issuer = nats_identity.public_key(seed)
+    click.echo(f"DAMM_CALLOUT_ISSUER={issuer}")
+    click.echo(f"DAMM_CALLOUT_NONCE_USER={nats_identity.as_user_key(issuer)}")
 
 
 # --- replay ----------------------------------------------------------------------------------

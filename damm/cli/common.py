@@ -76,7 +76,7 @@ class Target:
             return role, stack.passwords[role]
         return None, None
 
-    async def connect(self, role: str | None = None) -> NATS:
+    async def connect(self, role: str | None = None, identity_seed: bytes | None = None) -> NATS:
         from damm.protocol.bus import connect
 
         url = self.nats()
@@ -88,7 +88,10 @@ class Target:
                 password=password,
                 name=f"damm-cli-{role or 'device'}",
                 reconnect=False,
+                identity_seed=identity_seed,
             )
+        except DammError:
+            raise
         except Exception as exc:  # nats raises a zoo of types for an unreachable server
             raise DammError(
                 Code.UNAVAILABLE, f"cannot reach NATS at {_redact(url)}: {exc}"
@@ -157,8 +160,13 @@ def run(coro_fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
     return wrapper
 
 
-async def with_nats(t: Target, role: str | None, body: Callable[[NATS], Awaitable[T]]) -> T:
-    nc = await t.connect(role)
+async def with_nats(
+    t: Target,
+    role: str | None,
+    body: Callable[[NATS], Awaitable[T]],
+    identity_seed: bytes | None = None,
+) -> T:
+    nc = await t.connect(role, identity_seed)
     try:
         return await body(nc)
     finally:

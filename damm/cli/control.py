@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from damm import private_files, settings
 from damm.cli.common import run, target
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
@@ -58,6 +59,7 @@ async def control_run(
         password=password,
         run_projectors=not no_projectors,
         stream_replicas=stream_replicas,
+        callout_seed=_callout_seed(),
     )
     # A SIGTERM that arrives while the control plane starts still means a clean stop.
     stop = asyncio.Event()
@@ -71,3 +73,8 @@ async def control_run(
             await stop.wait()
         finally:
             await plane.stop()
+
+
+def _callout_seed() -> bytes | None:
+    path = settings.callout_seed_file()
+    return private_files.read_secret(path, "callout seed").encode() if path else None

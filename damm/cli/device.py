@@ -94,7 +94,8 @@ async def enroll(
         )
         return await call(nc, "enroll", req, p.Enrolled, timeout=10.0)
 
-    res = await with_nats(t, None, body)
+    identity = files.identity_seed(state_dir, create=True)
+    res = await with_nats(t, None, body, identity)
     _dev, config = save_enrollment(state_dir, res, public, t.nats())
     emit(
         t,
@@ -141,7 +142,7 @@ async def rotate_key(ctx: click.Context, state_dir: Path) -> None:
             p.KeyRotated,
         )
 
-    res = await with_nats(t, None, body)
+    res = await with_nats(t, None, body, files.identity_seed(state_dir))
     os.replace(pending, state_dir / files.PRIVATE_KEY)
     dev.public_key = res.public_key
     dev.key_expires_at = res.key_expires_at
@@ -192,7 +193,7 @@ async def failover(
     async def body(nc: NATS) -> FailoverResult:
         return await do_failover(nc, state_dir, live_interface=interface)
 
-    res = await with_nats(dt, None, body)
+    res = await with_nats(dt, None, body, files.identity_seed(state_dir))
 
     def text() -> None:
         click.echo(
@@ -250,7 +251,7 @@ async def diagnose(
     else:
 
         async def connect() -> NATS:
-            return await dt.connect(None)
+            return await dt.connect(None, files.identity_seed(state_dir))
 
     report = await diag.diagnose(
         state_dir,

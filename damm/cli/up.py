@@ -14,7 +14,8 @@ from typing import Any
 
 import click
 
-from damm import log
+from damm import log, private_files
+from damm import settings as settings_mod
 from damm.cli.common import run, target
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
@@ -117,7 +118,10 @@ async def up(
         if nats_url is None and cluster_size is not None:
             prev = _previous(directory)
             server = NatsCluster(
-                directory / "cluster", cluster_size, passwords=dict(prev.get("passwords", {}))
+                directory / "cluster",
+                cluster_size,
+                passwords=dict(prev.get("passwords", {})),
+                callout=True,
             )
             nats_url = await asyncio.to_thread(server.start)
             stack.callback(server.stop)
@@ -131,7 +135,9 @@ async def up(
             )
         elif nats_url is None:
             prev = _previous(directory)
-            server = NatsServer(directory / "nats", passwords=dict(prev.get("passwords", {})))
+            server = NatsServer(
+                directory / "nats", passwords=dict(prev.get("passwords", {})), callout=True
+            )
             nats_url = await asyncio.to_thread(_start_nats, server, int(prev.get("port", -1)))
             stack.callback(server.stop)
             passwords = server.passwords
@@ -159,6 +165,7 @@ async def up(
             password=password,
             metrics=metrics,
             stream_replicas=replicas,
+            callout_seed=server.callout_seed if server is not None else _callout_seed(),
         )
         await plane.start()
         stack.push_async_callback(plane.stop)
@@ -172,9 +179,10 @@ async def up(
                 settings.keys_dir,
                 directory / "control-2.log",
                 stream_replicas=replicas,
+                extra_env={"DAMM_CALLOUT_SEED_FILE": str(directory / "cluster" / "callout.seed")},
             )
             stack.callback(processes.stop, second)
-        if server is not None:
+        if server is not None and not server.callout:
             assert plane.ctx is not None
             users_stop = asyncio.Event()
             follower = asyncio.create_task(follow_gateways(server, plane.ctx.state, users_stop))
@@ -227,6 +235,13 @@ async def _meta_leader(nats_url: str, password: str) -> None:
         await until_meta_leader(nc.jetstream())
     finally:
         await nc.close()
+
+
+def _callout_seed() -> bytes | None:
+    """Against a server of its own choosing, the control plane answers the auth callout only
+    when given the issuer's seed (DAMM_CALLOUT_SEED_FILE)."""
+    path = settings_mod.callout_seed_file()
+    return private_files.read_secret(path, "callout seed").encode() if path else None
 
 
 async def _demo(

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 from damm import log, private_files
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
+from damm.control.callout import CalloutService
 from damm.control.context import Context
 from damm.control.follower import StateFollower
 from damm.control.handlers.admin import AdminHandlers
@@ -76,6 +77,11 @@ class ControlPlane:
     metrics: ControlMetrics = field(default_factory=ControlMetrics)
     snapshots: SnapshotWriter | None = None
     started_from: int = 0  # the snapshot's sequence this process started from (0: none)
+    # The auth callout's issuer seed: when given, this process decides outside connections
+    # (damm.control.callout) and trusts the server's Nats-Request-Info on requests.
+    callout_seed: bytes | None = None
+    callout: CalloutService | None = None
+    callout_nc: NATS | None = None
 
     async def start(self) -> None:
         self.nc = await connect(
@@ -161,8 +167,19 @@ class ControlPlane:
             *signing_keys.routes(),
             *OrchestratorHandlers(self.ctx).routes(),
         ]
-        self._service = Service(self.service_nc, routes, metrics=self.metrics)
+        self._service = Service(
+            self.service_nc,
+            routes,
+            metrics=self.metrics,
+            trust_request_info=self.callout_seed is not None,
+        )
         await self._service.start()
+        if self.callout_seed is not None:
+            self.callout_nc = await connect(
+                self.nats_url, user=self.user, password=self.password, name="damm-callout"
+            )
+            self.callout = CalloutService(self.callout_nc, state, self.callout_seed)
+            await self.callout.start()
         self.catalogs.start()
         if self.run_projectors:
             m = self.metrics
@@ -198,6 +215,10 @@ class ControlPlane:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self.callout:
+            await self.callout.stop()
+        if self.callout_nc:
+            await self.callout_nc.drain()
         if self._service:
             await self._service.stop()
         if self._committer:

@@ -139,6 +139,7 @@ class DecisionState:
         self.devices: dict[str, DeviceState] = {}
         self.devices_by_gateway: dict[str, dict[str, DeviceState]] = {}
         self.bound_keys: dict[str, str] = {}
+        self.identities: dict[str, str] = {}  # NATS identity key -> the device enrolled with it
         self.requests: dict[str, str] = {}
         self.subject_seq: dict[str, int] = {}
         self.catalog_versions: dict[str, int] = {}
@@ -396,6 +397,8 @@ class DecisionState:
                 enrolled = self.devices[e.device_id] = DeviceState(
                     **m.facts_of(e), index=self.overlay.index_of(e.address)
                 )
+                if e.identity_key:
+                    self.identities[e.identity_key] = e.device_id
                 self.count_egress(enrolled, 1)
                 self.devices_by_gateway.setdefault(e.gateway_id, {})[e.device_id] = enrolled
                 self.requests[env.correlation_id] = e.device_id

@@ -231,7 +231,9 @@ async def _build(
     devd = await lab.wireguard_go(h.dev_ns, "d")
     h.dev_ifname = devd.ifname
     admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
-    device_nc = await connect(nats_url, name="damm-demo-device")
+    # The demo device's NATS identity: its own key, so its enrollment reply is private to it.
+    identity = files.identity_seed(state_dir, create=True)
+    device_nc = await connect(nats_url, name="damm-demo-device", identity_seed=identity)
     try:
         orch_dir = state_dir / "orchestrator"
         providers = build_providers(TOPOLOGY, orch_dir)

@@ -9,10 +9,14 @@ import msgspec
 from damm import private_files
 from damm.catalog.verify import TrustState
 from damm.errors import Code, DammError
+from damm.keys import nats_identity
 from damm.private_files import write_atomic
 from damm.protocol.messages import TunnelProfile
 
 PRIVATE_KEY = "private.key"
+# The device's NATS identity (an nkey seed, 0600): it signs each connection so the device gets
+# an inbox no other party may read, and acts on its own device only.
+IDENTITY = "identity.nk"
 STATE = "device.json"
 CONFIG = "wg0.conf"
 # The signed catalog last accepted (by failover), as received: public, kept so the companion page
@@ -38,6 +42,19 @@ def generate_key(state_dir: Path, *, replace: bool = False) -> str:
     if path.exists() and not replace:
         return public_key(state_dir)
     return private_files.create_wg_key(path)
+
+
+def identity_seed(state_dir: Path, *, create: bool = False) -> bytes | None:
+    """The device's NATS identity seed; made here on first enrollment, never sent anywhere."""
+    path = state_dir / IDENTITY
+    if not path.exists():
+        if not create:
+            return None
+        private_files.private_dir(state_dir)
+        write_atomic(path, nats_identity.new_user_seed(), mode=0o600)
+    if path.stat().st_mode & 0o077:
+        raise DammError(Code.STATE_MISSING, f"{path} is readable by others: chmod 600 it")
+    return path.read_bytes().strip()
 
 
 def private_key(state_dir: Path) -> str:

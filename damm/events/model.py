@@ -177,6 +177,9 @@ class DeviceFacts(msgspec.Struct, kw_only=True):
     # The pool address this device's traffic leaves from (damm.domain.egress.assign); None for
     # devices enrolled before egress reached the packet plane, or in a pool without IPv4.
     egress_address: str | None = None
+    # The device's NATS identity (an nkey user key made on the device), taken from the
+    # connection that enrolled it, never from the body; None for devices enrolled without one.
+    identity_key: str | None = None
 
 
 def facts_of(source: DeviceFacts) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import nats
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.errors import Code, DammError
+from damm.keys import nats_identity
 from damm.subjects import inbox_prefix
 
 _log = log.get("damm.protocol.bus")
@@ -25,6 +27,7 @@ async def connect(
     connect_timeout: float = 2.0,
     on_disconnected: Callable[[], Awaitable[None]] | None = None,
     on_reconnected: Callable[[], Awaitable[None]] | None = None,
+    identity_seed: bytes | None = None,
 ) -> NATS:
     """Connect as ``user`` (replies on that user's own inbox), or anonymously as a device.
 
@@ -61,13 +64,47 @@ async def connect(
         options["user"] = user
         options["password"] = password or ""
         options["inbox_prefix"] = inbox_prefix(user)
+    elif identity_seed:
+        # The device's own key signs the server's nonce; its replies come to an inbox named
+        # after that key, which the server lets no other connection read.
+        options["nkeys_seed_str"] = identity_seed.decode("ascii")
+        options["inbox_prefix"] = inbox_prefix(nats_identity.public_key(identity_seed))
     if reconnect:
         nc: NATS = await nats.connect(**options)
-        return nc
+        return _plain_inbox_without_identities(nc, identity_seed)
     # A one-shot client (the CLI) must fail fast: nats-py keeps retrying an unreachable server.
     options["max_reconnect_attempts"] = 0
     try:
-        return await asyncio.wait_for(nats.connect(**options), connect_timeout * 2)
+        nc = await asyncio.wait_for(nats.connect(**options), connect_timeout * 2)
+        return _plain_inbox_without_identities(nc, identity_seed)
     except TimeoutError:
         last = errors[-1] if errors else None
-        raise ConnectionError(str(last) if last else "timed out") from None
+        raise refusal(last) or ConnectionError(str(last) if last else "timed out") from None
+    except Exception as exc:
+        raise refusal(exc) or refusal(errors[-1] if errors else None) or exc from None
+
+
+def _plain_inbox_without_identities(nc: NATS, identity_seed: bytes | None) -> NATS:
+    """A server without the auth callout sends no nonce and knows no identities: there the
+    device keeps the shared ``_INBOX`` its permissions allow. nats-py builds its reply
+    subscription on the first request, so setting the prefix now is early enough."""
+    if identity_seed and "nonce" not in nc._server_info:
+        nc._inbox_prefix = bytearray(b"_INBOX")
+    return nc
+
+
+_SERVER_REFUSALS = (
+    ("maximum account active connections exceeded", Code.TOO_MANY_CONNECTIONS),
+    ("maximum connections exceeded", Code.TOO_MANY_CONNECTIONS),
+    ("maximum subscriptions exceeded", Code.TOO_MANY_SUBSCRIPTIONS),
+    ("authorization violation", Code.UNAUTHORIZED),
+)
+
+
+def refusal(exc: BaseException | None) -> DammError | None:
+    """The catalogued code for a limit or refusal the server stated in words, if it was one."""
+    text = str(exc).lower() if exc is not None else ""
+    for words, code in _SERVER_REFUSALS:
+        if words in text:
+            return DammError(code, str(exc))
+    return None

@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm import log
+from damm.domain.throttle import Buckets, Rate
 from damm.errors import Code, DammError
 from damm.events.model import Actor
 from damm.metrics import ControlMetrics
@@ -52,6 +53,10 @@ _ACTOR = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 # (``_R_.``, see damm.stack.nats_config); this check is the second line behind that.
 REPLY_SUBJECT = re.compile(r"(_R_|_INBOX|_INBOX_[A-Za-z0-9_-]{1,80})(\.[A-Za-z0-9_-]{1,64}){1,4}")
 
+# Unauthenticated requests (enrollment, catalog): an honest device makes a handful.
+DEFAULT_PER_CONNECTION = Rate(per_second=2.0, burst=10.0)
+DEFAULT_PER_SOURCE = Rate(per_second=20.0, burst=100.0)
+
 BUS_TROUBLE = (
     TimeoutError,
     nats.errors.TimeoutError,
@@ -61,6 +66,59 @@ BUS_TROUBLE = (
     # JetStream did not answer (leader election, overload, a reload of the server's accounts)
     nats.js.errors.ServiceUnavailableError,
 )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is on the other end, as the server saw the connection (``Nats-Request-Info``).
+
+    ``name`` is what the auth callout put in the user JWT: ``device:<identity>``,
+    ``enrolling:<identity>``, ``gateway:<id>`` or ``anon:-``. Only the callout issues those
+    names, and the server overwrites any such header a client sends, so it cannot be forged.
+    """
+
+    account: str
+    name: str
+    client: str  # server id and client id: one connection
+    host: str
+
+    @property
+    def kind(self) -> str:
+        return self.name.split(":", 1)[0]
+
+    @property
+    def identity(self) -> str | None:
+        kind, _, value = self.name.partition(":")
+        return value if kind in ("device", "enrolling") and value else None
+
+    @property
+    def unauthenticated(self) -> bool:
+        return self.account == UNAUTHENTICATED_ACCOUNT
+
+
+UNAUTHENTICATED_ACCOUNT = "ANON"
+
+
+class _RequestInfo(msgspec.Struct, frozen=True):
+    acc: str = ""
+    user: str = ""
+    id: int = 0
+    server: str = ""
+    host: str = ""
+
+
+_request_info = msgspec.json.Decoder(_RequestInfo)
+
+
+def caller_of(headers: dict[str, str]) -> Caller | None:
+    raw = headers.get("Nats-Request-Info")
+    if not raw or len(raw) > 4096:
+        return None
+    try:
+        info = _request_info.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return Caller(info.acc, info.user, f"{info.server}/{info.id}", info.host)
 
 
 @dataclass(frozen=True)
@@ -75,6 +133,11 @@ class Call:
     def expired(self, margin: float = 0.0) -> bool:
         """Past the deadline, or closer to it than ``margin`` (the time the work may take)."""
         return asyncio.get_running_loop().time() + margin >= self.deadline
+    caller: Caller | None = None  # None: from inside the control plane's own account
+
+    @property
+    def identity(self) -> str | None:
+        return self.caller.identity if self.caller else None
 
 
 Handler = Callable[[Any, Call], Awaitable[msgspec.Struct]]
@@ -123,7 +186,13 @@ class Service:
         queue: str = QUEUE_GROUP,
         max_in_flight: int = 512,
         metrics: ControlMetrics | None = None,
+        trust_request_info: bool = False,
+        per_connection: Rate | None = None,
+        per_source: Rate | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``trust_request_info``: only when every outside account imports with ``share``
+        (the auth-callout layout), so the server, not the client, wrote the header."""
         self.nc = nc
         self.metrics = metrics or ControlMetrics()
         self.routes = list(routes)
@@ -131,6 +200,10 @@ class Service:
         self._subs: list[Any] = []
         self._slots = asyncio.Semaphore(max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.trust_request_info = trust_request_info
+        self._clock = clock
+        self._per_connection = Buckets(per_connection or DEFAULT_PER_CONNECTION)
+        self._per_source = Buckets(per_source or DEFAULT_PER_SOURCE)
 
     async def start(self) -> None:
         for route in self.routes:
@@ -217,6 +290,13 @@ class Service:
         arrived: float,
     ) -> tuple[str, bytes]:
         """The answer, and the code it carries ("ok" or an error code) for the metrics."""
+        caller = caller_of(headers) if self.trust_request_info else None
+        if caller is not None and caller.unauthenticated:
+            now = self._clock()
+            if not self._per_connection.take(caller.client, now):
+                return _refused(DammError(Code.RATE_LIMITED_CONNECTION, route.command))
+            if not self._per_source.take(caller.host, now):
+                return _refused(DammError(Code.RATE_LIMITED_SOURCE, route.command))
         try:
             deadline = arrived + budget_s((msg.headers or {}).get(TIMEOUT_HEADER))
         except DammError as err:
@@ -258,7 +338,7 @@ class Service:
             return _refused(DammError(Code.REQUEST_TOO_DEEP))
         try:
             actor = Actor(route.actor_kind, actor_name)
-            result = await route.handler(request, Call(correlation_id, actor, deadline))
+            result = await route.handler(request, Call(correlation_id, actor, deadline, caller))
         except DammError as err:
             _log.info("request refused", code=err.code.slug, detail=err.detail)
             return _refused(err)

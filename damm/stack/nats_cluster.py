@@ -17,7 +17,7 @@ from typing import Any
 from nats.js.errors import APIError, ServiceUnavailableError
 
 from damm.stack.nats_config import ClusterSettings
-from damm.stack.nats_server import NatsServer
+from damm.stack.nats_server import NatsServer, callout_seed
 
 CLUSTER_NAME = "damm"
 
@@ -36,6 +36,9 @@ class NatsCluster:
     size: int = 3
     passwords: dict[str, str] = field(default_factory=dict)
     nodes: list[NatsServer] = field(default_factory=list)
+    # Every node names the same callout issuer; any control plane answers for any node.
+    callout: bool = False
+    callout_seed: bytes = b""
 
     @property
     def url(self) -> str:
@@ -46,6 +49,8 @@ class NatsCluster:
         ports = free_ports(2 * self.size)
         client, route = ports[: self.size], ports[self.size :]
         routes = tuple(f"nats-route://127.0.0.1:{p}" for p in route)
+        if self.callout and not self.callout_seed:
+            self.callout_seed = callout_seed(self.data_dir)
         self.nodes = [
             NatsServer(
                 self.data_dir / f"n{i + 1}",
@@ -53,6 +58,8 @@ class NatsCluster:
                 port=client[i],
                 server_name=f"damm-{i + 1}",
                 cluster=ClusterSettings(CLUSTER_NAME, f"127.0.0.1:{route[i]}", routes),
+                callout=self.callout,
+                callout_seed=self.callout_seed,
             )
             for i in range(self.size)
         ]

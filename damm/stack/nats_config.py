@@ -1,27 +1,35 @@
 """The NATS server configuration, for production (ops/nats.conf) and the embedded stack alike.
 
 Outside parties live in accounts of their own, so the server, not DAMM's code, decides where an
-answer may go.
+answer may go. The accounts stay; who lands in which is decided per connection by the control
+plane's auth callout (damm.control.callout) from the event log, so only the control plane and
+the admin tool have users in this file, and adding a device or a gateway needs no reload.
 
 - ``DAMM`` holds the event streams, the control plane and the operator's admin tool. It exports
-  the request services each outside account may call, and the peer-set subjects as a stream.
-- ``DEV``: devices connect without credentials (``no_auth_user``) and may only call enrollment,
-  device and catalog requests. They reach them through service imports, so the reply subject a
-  device names is mapped by the server to ``_R_.…``: the control plane can only ever answer
-  into the device's own account, never onto ``damm.evt.>``, ``damm.peers.>`` or ``$JS.>``.
-- ``GW``: each gateway is its own user, ``gw-<id>``, whose password is its gateway token (the
-  config holds only a bcrypt hash, recorded when the gateway was added). It imports the gateway
-  requests the same way, and the peer-set stream, of which its permissions let it read only
-  ``damm.peers.<id>``; replies reach it on an inbox only it may read. One shared account, not
-  one per gateway: nats-server (2.15/2.16, tried) does not wire service imports of an account
-  added by a config reload, and gateways are added at run time. The cost: a gateway may name
-  another gateway's peer subject or inbox as its reply and have an answer delivered there, in
-  the gateway account only. It cannot read it; the agent ignores anything on its peer subject
-  that is not a peer-set change.
+  the request services each outside account may call, and, as streams into ``GW``, the peer
+  sets and the answers to gateways.
+- ``DEV``: devices that proved their enrolled key (an nkey's signature over the server's
+  nonce); ``ANON``: a key not (or no longer) enrolled, only enrollment and the catalog, and no
+  credentials at all, only the catalog, with connection and subscription caps. Requests reach
+  the control plane through service imports, so the reply subject a device names is mapped by
+  the server to ``_R_.…``: the control plane can only ever answer into the device's own
+  account, never onto ``damm.evt.>``, ``damm.peers.>`` or ``$JS.>``; and a device may only
+  subscribe to an inbox named by its own key.
+- ``GW``: a gateway logs in as ``gw-<id>`` with its token, checked by the callout against the
+  bcrypt hash in the log. The callout grants it only ``damm.peers.<id>`` and
+  ``damm.gwr.<id>.>``. One account for all gateways (nats-server does not wire service
+  imports of an account added by a config reload), so a gateway's *reply* subject could name
+  another gateway's subjects; the control plane therefore never answers a gateway on the reply
+  subject it names, only on ``damm.gwr.<its own id>.<token>``, its identity taken from the
+  server-stamped ``Nats-Request-Info``.
 - The untrusted accounts get a small ``max_payload``: the server refuses an oversized body
   before it is ever delivered to the control plane.
-- The control-plane user may publish exactly what it writes: events, telemetry, peer sets, the
-  JetStream API and acks, and answers to mapped (``_R_``) or its own parties' inboxes.
+- The control-plane user may publish exactly what it writes: events, telemetry, peer sets and
+  gateway answers, the JetStream API and acks, answers to mapped (``_R_``) or its own inboxes,
+  and the callout's answers to the server.
+
+Without a callout issuer (the embedded test fixtures) the same accounts hold static users: an
+anonymous ``device`` (``no_auth_user``) and one ``gw-<id>`` per gateway with a bcrypt hash.
 """
 
 from __future__ import annotations
@@ -30,12 +38,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from damm.keys.nats_identity import as_user_key
 from damm.subjects import (
     EVENT_PREFIX,
+    GATEWAY_REPLY_PREFIX,
     PEERS_PREFIX,
     REQUEST_PREFIX,
     SNAPSHOT_BUCKET,
     TELEMETRY_PREFIX,
+    gateway_reply_prefix,
     gateway_user,
     inbox_prefix,
     peers_subject,
@@ -51,6 +62,9 @@ DEVICE_SERVICES = (
     f"{REQUEST_PREFIX}.catalog.>",
 )
 GATEWAY_SERVICES = (f"{REQUEST_PREFIX}.gateway.>",)
+# What the control plane publishes into the gateway account: peer sets, and its answers to each
+# gateway on that gateway's own reply subjects (never on a reply subject a gateway names).
+GATEWAY_STREAMS = (PEERS_PREFIX, GATEWAY_REPLY_PREFIX)
 
 # Headers ride inside max_payload; a request's own body limit (protocol.messages) is below it.
 DEVICE_MAX_PAYLOAD = 24 * 1024
@@ -60,6 +74,7 @@ CONTROL_PUBLISH = [
     f"{EVENT_PREFIX}.>",
     f"{TELEMETRY_PREFIX}.>",
     f"{PEERS_PREFIX}.>",
+    f"{GATEWAY_REPLY_PREFIX}.>",
     "$JS.API.>",
     "$JS.ACK.>",
     "$JS.FC.>",
@@ -89,7 +104,11 @@ _ENV_REF = re.compile(r"^\$[A-Z_][A-Z0-9_]*$")
 def gateway_permissions(gateway_id: str) -> dict[str, list[str]]:
     return {
         "publish": list(GATEWAY_SERVICES),
-        "subscribe": [peers_subject(gateway_id), f"{inbox_prefix(gateway_user(gateway_id))}.>"],
+        "subscribe": [
+            peers_subject(gateway_id),
+            f"{gateway_reply_prefix(gateway_id)}.>",
+            f"{inbox_prefix(gateway_user(gateway_id))}.>",
+        ],
     }
 
 
@@ -113,6 +132,12 @@ class ServerSettings:
     single_account: bool = False  # benchmarks only: the pre-accounts layout
     max_file_store: int | None = None  # bytes; None lets nats-server use most of the disk
     cluster: ClusterSettings | None = None
+    # The auth callout's issuer (an account nkey, or a ``$ENV`` reference): when set, nobody but
+    # the control plane and the admin tool has a user in this file; the control plane's callout
+    # decides every other connection from the event log (damm.control.callout).
+    callout_issuer: str | None = None
+    anon_max_connections: int = 10_000
+    anon_max_subscriptions: int = 40_000
 
 
 def _quote(value: str) -> str:
@@ -185,10 +210,11 @@ def _accounts(settings: ServerSettings, sys_password: str) -> str:
     exports = ",\n".join(
         [f'      {{ service: {_quote(s)}, accounts: ["DEV"] }}' for s in DEVICE_SERVICES]
         + [f'      {{ service: {_quote(s)}, accounts: ["GW"] }}' for s in GATEWAY_SERVICES]
-        + [f'      {{ stream: {_quote(PEERS_PREFIX + ".>")}, accounts: ["GW"] }}']
+        + [f'      {{ stream: {_quote(s + ".>")}, accounts: ["GW"] }}' for s in GATEWAY_STREAMS]
     )
-    peers_import = (
-        f'      {{ stream: {{ account: "DAMM", subject: {_quote(PEERS_PREFIX + ".>")} }} }}'
+    peers_import = ",\n".join(
+        f'      {{ stream: {{ account: "DAMM", subject: {_quote(s + ".>")} }} }}'
+        for s in GATEWAY_STREAMS
     )
     return f"""accounts {{
   DAMM {{
@@ -225,6 +251,102 @@ def _accounts(settings: ServerSettings, sys_password: str) -> str:
 }}"""
 
 
+ENROLLING_SERVICES = (f"{REQUEST_PREFIX}.enroll", f"{REQUEST_PREFIX}.catalog.>")
+CALLOUT_AUTH_USERS = ("control", "admin")
+CALLOUT_REPLIES = "$SYS._INBOX.>"
+# Production: the issuer's public account key and the same key as a user key (``U…``), both
+# printed by `damm admin callout-key`, which makes the issuer's seed for `damm control run`.
+CALLOUT_ISSUER_ENV = "$DAMM_CALLOUT_ISSUER"
+CALLOUT_NONCE_USER_ENV = "$DAMM_CALLOUT_NONCE_USER"
+
+
+def _shared_imports(subjects: tuple[str, ...]) -> str:
+    """``share: true`` makes the server stamp each request with ``Nats-Request-Info`` (account,
+    user, client id, source address), overwriting any such header the client sent."""
+    return ",\n".join(
+        f'      {{ service: {{ account: "DAMM", subject: {_quote(s)} }}, share: true }}'
+        for s in subjects
+    )
+
+
+def _callout_accounts(settings: ServerSettings, sys_password: str) -> str:
+    # The callout answers the server on $SYS._INBOX: the control user may publish there too.
+    perms = {
+        **PERMISSIONS,
+        "control": {"publish": [*CONTROL_PUBLISH, CALLOUT_REPLIES]},
+    }
+    control_users = ",\n".join(
+        _user(role, settings.passwords.get(role), perms[role]) for role in CALLOUT_AUTH_USERS
+    )
+    device_only = tuple(s for s in DEVICE_SERVICES if s not in ENROLLING_SERVICES)
+    exports = ",\n".join(
+        [f'      {{ service: {_quote(s)}, accounts: ["DEV", "ANON"] }}' for s in ENROLLING_SERVICES]
+        + [f'      {{ service: {_quote(s)}, accounts: ["DEV"] }}' for s in device_only]
+        + [f'      {{ service: {_quote(s)}, accounts: ["GW"] }}' for s in GATEWAY_SERVICES]
+        + [f'      {{ stream: {_quote(s + ".>")}, accounts: ["GW"] }}' for s in GATEWAY_STREAMS]
+    )
+    peers_import = ",\n".join(
+        f'      {{ stream: {{ account: "DAMM", subject: {_quote(s + ".>")} }} }}'
+        for s in GATEWAY_STREAMS
+    )
+    issuer = settings.callout_issuer or ""
+    issuer_value = issuer if _ENV_REF.match(issuer) else _quote(issuer)
+    # nats-server sends clients a nonce to sign only when some user is an nkey user; without
+    # one a device could not prove its key to the callout. This user can do nothing at all.
+    nonce_key = CALLOUT_NONCE_USER_ENV if _ENV_REF.match(issuer) else as_user_key(issuer)
+    nonce_user = (
+        f'      {{ nkey: {_password(nonce_key)}, permissions: {{ publish: {{ deny: [">"] }}, '
+        f'subscribe: {{ deny: [">"] }} }} }}'
+    )
+    return f"""accounts {{
+  DAMM {{
+    jetstream: enabled
+    users: [
+{control_users}
+    ]
+    exports: [
+{exports}
+    ]
+  }}
+  DEV {{
+    imports: [
+{_shared_imports(DEVICE_SERVICES)}
+    ]
+    limits: {{ max_payload: {DEVICE_MAX_PAYLOAD} }}
+  }}
+  ANON {{
+    imports: [
+{_shared_imports(ENROLLING_SERVICES)}
+    ]
+    limits: {{
+      max_payload: {DEVICE_MAX_PAYLOAD}
+      max_connections: {settings.anon_max_connections}
+      max_subscriptions: {settings.anon_max_subscriptions}
+    }}
+  }}
+  GW {{
+    imports: [
+{_shared_imports(GATEWAY_SERVICES)},
+{peers_import}
+    ]
+    limits: {{ max_payload: {GATEWAY_MAX_PAYLOAD} }}
+  }}
+  SYS {{
+    users: [
+      {{ user: "sys", password: {sys_password} }},
+{nonce_user}
+    ]
+  }}
+}}
+authorization {{
+  auth_callout {{
+    issuer: {issuer_value}
+    account: "DAMM"
+    auth_users: [{_list(CALLOUT_AUTH_USERS)}]
+  }}
+}}"""
+
+
 def _single_account(settings: ServerSettings, sys_password: str) -> str:
     users = [_user(role, settings.passwords.get(role), LEGACY_PERMISSIONS[role]) for role in ROLES]
     users += [
@@ -248,13 +370,20 @@ def _single_account(settings: ServerSettings, sys_password: str) -> str:
 def render(settings: ServerSettings) -> str:
     """Render a nats-server config. Passwords may be ``$ENV`` references (production)."""
     sys_password = _password(settings.passwords.get("sys", "$DAMM_SYS_PASSWORD"))
-    accounts = (
-        _single_account(settings, sys_password)
-        if settings.single_account
-        else _accounts(settings, sys_password)
+    if settings.single_account:
+        accounts = _single_account(settings, sys_password)
+    elif settings.callout_issuer:
+        accounts = _callout_accounts(settings, sys_password)
+    else:
+        accounts = _accounts(settings, sys_password)
+    how = (
+        "# The control plane decides every device and gateway connection (auth callout):\n"
+        "# adding either changes nothing here. `damm admin nats-config` renders this file."
+        if settings.callout_issuer and not settings.single_account
+        else "# One user per gateway; reload nats-server after adding one."
     )
     return f"""# DAMM nats-server configuration (generated by damm.stack.nats_config; keep in sync).
-# `damm admin nats-config` renders it with one user per gateway; reload nats-server after.
+{how}
 server_name: {_password(settings.server_name)}
 max_payload: {settings.max_payload}
 max_connections: 65536
@@ -269,13 +398,18 @@ jetstream {{
 {_cluster(settings)}
 {accounts}
 system_account: SYS
+{"" if settings.callout_issuer and not settings.single_account else _NO_AUTH_USER}"""
 
+
+_NO_AUTH_USER = """
 # Devices connect without credentials and get only the device account and permissions.
 no_auth_user: "device"
 """
 
 
-def production(gateways: Mapping[str, str] | None = None) -> str:
+def production() -> str:
+    """ops/nats.conf: one file for any number of devices and gateways, since the control plane
+    decides each connection (auth callout); adding either needs no reload."""
     return render(
         ServerSettings(
             store_dir="/var/lib/damm/jetstream",
@@ -284,7 +418,7 @@ def production(gateways: Mapping[str, str] | None = None) -> str:
                 "admin": "$DAMM_ADMIN_PASSWORD",
                 "sys": "$DAMM_SYS_PASSWORD",
             },
-            gateways=gateways or {},
+            callout_issuer=CALLOUT_ISSUER_ENV,
         )
     )
 
@@ -292,7 +426,7 @@ def production(gateways: Mapping[str, str] | None = None) -> str:
 CLUSTER_ROUTES = tuple(f"nats-route://nats-{n}.damm.internal:6222" for n in (1, 2, 3))
 
 
-def production_cluster(gateways: Mapping[str, str] | None = None) -> str:
+def production_cluster() -> str:
     """One file for every node of a three-node production cluster (ops/nats-cluster.conf):
     each host sets DAMM_NATS_NODE to its own name. Streams get three replicas from
     `damm control run --stream-replicas 3`. Keep the route port reachable only from the other
@@ -305,8 +439,8 @@ def production_cluster(gateways: Mapping[str, str] | None = None) -> str:
                 "admin": "$DAMM_ADMIN_PASSWORD",
                 "sys": "$DAMM_SYS_PASSWORD",
             },
-            gateways=gateways or {},
             server_name="$DAMM_NATS_NODE",
             cluster=ClusterSettings("damm", "0.0.0.0:6222", CLUSTER_ROUTES),
+            callout_issuer=CALLOUT_ISSUER_ENV,
         )
     )

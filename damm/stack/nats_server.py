@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from damm.keys import nats_identity
 from damm.private_files import private_dir, write_atomic
 from damm.stack import processes
 from damm.stack.nats_config import ClusterSettings, ServerSettings, render
@@ -43,6 +44,12 @@ class NatsServer:
     server_name: str = "damm"
     cluster: ClusterSettings | None = None
     max_payload: int = ServerSettings.max_payload  # the largest message the bus carries
+    # Auth callout: the control plane decides every outside connection (damm.control.callout);
+    # the issuer's seed lives here and is handed to the control plane that runs the callout.
+    callout: bool = False
+    callout_seed: bytes = b""
+    anon_max_connections: int = 10_000
+    anon_max_subscriptions: int = 40_000
 
     def _write_config(self) -> None:
         settings = ServerSettings(
@@ -54,6 +61,9 @@ class NatsServer:
             server_name=self.server_name,
             cluster=self.cluster,
             max_payload=self.max_payload,
+            callout_issuer=nats_identity.public_key(self.callout_seed) if self.callout else None,
+            anon_max_connections=self.anon_max_connections,
+            anon_max_subscriptions=self.anon_max_subscriptions,
         )
         write_atomic(self.data_dir / "nats.conf", render(settings), mode=0o600)
         # Kept for the next start: a running agent reconnecting to a restarted server must find
@@ -84,6 +94,8 @@ class NatsServer:
         for role in ("control", "admin", "sys"):
             self.passwords.setdefault(role, secrets.token_urlsafe(18))
         self._load_gateways()
+        if self.callout and not self.callout_seed:
+            self.callout_seed = callout_seed(self.data_dir)
         self._write_config()
         ports_dir = self.data_dir / "ports"
         private_dir(ports_dir)
@@ -128,3 +140,12 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
             self.proc = None
+
+
+def callout_seed(directory: Path) -> bytes:
+    """The auth callout issuer's seed kept in ``directory`` (made once, 0600)."""
+    private_dir(directory)
+    seed_file = directory / "callout.seed"
+    if not seed_file.exists():
+        write_atomic(seed_file, nats_identity.new_account_seed(), mode=0o600)
+    return seed_file.read_bytes().strip()

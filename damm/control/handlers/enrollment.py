@@ -167,6 +167,7 @@ def decide_enrollment(
     index: int | None,
     device_id: str,
     correlation_id: str,
+    identity_key: str | None = None,
 ) -> list[Planned]:
     """Validate and decide one enrollment against state plus this group's tentative effects.
 
@@ -272,6 +273,7 @@ def decide_enrollment(
                 region=placement.gateway.region,
                 exit_country=req.exit_country,
                 egress_address=egress_address,
+                identity_key=identity_key,
             ),
             actor,
             # The request id is the device event's correlation id: a retry finds it in the fold.
@@ -414,6 +416,7 @@ class EnrollmentCommitter:
                         index=index,
                         device_id=device_id,
                         correlation_id=w.call.correlation_id,
+                        identity_key=w.call.identity,
                     )
                 )
             except DammError as err:
@@ -471,6 +474,12 @@ class EnrollmentCommitter:
             raise DammError(Code.UNAUTHORIZED, "the proof of the old key does not verify")
         await ctx.fresh(lambda: req.device_id in ctx.state.devices)
         dev = ctx.state.devices.get(req.device_id)
+        if call.caller is not None and ctx.state.identities.get(call.identity or "") != (
+            req.device_id
+        ):
+            # From outside, only the connection holding the device's identity may act on it;
+            # checked before the lookup, so the answer does not say which device ids exist.
+            raise DammError(Code.NOT_YOUR_DEVICE, f"device {req.device_id!r}")
         if dev is None:
             raise DammError(Code.NOT_FOUND, f"device {req.device_id!r}")
         if dev.status == "revoked":

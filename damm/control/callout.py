@@ -1,0 +1,200 @@
+"""NATS auth callout: the control plane decides every outside connection from the event log.
+
+Why auth callout rather than decentralised JWT mode: the accounts (DAMM, DEV, ANON, GW) stay in
+the server's configuration file as they are, and who may connect as what is decided from the
+same fold every handler decides from. Enrolling a device or adding a gateway changes nothing on
+the server (no reload, at 100k devices or at one), a revoked device is refused at its next
+connection with nothing to distribute, and there is no second key hierarchy (operator, account
+JWTs, resolver) to run beside the event log. The cost is one round trip to the control plane
+per connection, answered from memory by any replica in a queue group.
+
+Grants:
+- a key that proves itself (its signature over the server's nonce) and belongs to an active
+  device: account DEV, the device requests, and an inbox ``_INBOX_<key>`` nobody else may read;
+- a key that proves itself but belongs to no active device: account ANON, only enrollment and
+  the catalog, with the same private inbox, so its enrollment reply is its own;
+- a gateway user ``gw-<id>`` with its token: account GW, its own peer set and inbox;
+- no credentials at all: account ANON, only the catalog (its answers are public anyway).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import bcrypt
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from damm import log
+from damm.control.state import DecisionState
+from damm.errors import Code, DammError
+from damm.keys import nats_identity
+from damm.subjects import REQUEST_PREFIX, gateway_user, inbox_prefix, peers_subject
+
+_log = log.get("damm.control.callout")
+
+AUTH_SUBJECT = "$SYS.REQ.USER.AUTH"
+QUEUE = "damm-callout"
+DEVICE_PUBLISH = (
+    f"{REQUEST_PREFIX}.device.>",
+    f"{REQUEST_PREFIX}.catalog.>",
+    f"{REQUEST_PREFIX}.enroll",
+)
+ENROLLING_PUBLISH = (f"{REQUEST_PREFIX}.enroll", f"{REQUEST_PREFIX}.catalog.>")
+ANON_PUBLISH = (f"{REQUEST_PREFIX}.catalog.>",)
+GATEWAY_PUBLISH = (f"{REQUEST_PREFIX}.gateway.>",)
+# Subscriptions per connection: an honest client holds one inbox subscription.
+OUTSIDE_SUBS = 8
+GRANT_TTL_S = 24 * 3600
+
+Account = Literal["DEV", "ANON", "GW"]
+
+
+class ConnectOptions(msgspec.Struct, frozen=True):
+    nkey: str = ""
+    sig: str = ""
+    user: str = ""
+    # ``pass`` is a Python keyword
+    password: str = msgspec.field(default="", name="pass")
+
+
+class ClientInfo(msgspec.Struct, frozen=True):
+    host: str = ""
+    id: int = 0
+    nonce: str = ""
+
+
+class ServerId(msgspec.Struct, frozen=True):
+    id: str = ""
+
+
+class AuthRequest(msgspec.Struct, frozen=True):
+    server_id: ServerId
+    user_nkey: str
+    client_info: ClientInfo = ClientInfo()
+    connect_opts: ConnectOptions = ConnectOptions()
+
+
+@dataclass(frozen=True)
+class Grant:
+    account: Account
+    name: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    subs: int = OUTSIDE_SUBS
+
+
+def device_inbox(identity: str) -> str:
+    return inbox_prefix(identity)
+
+
+def decide(req: AuthRequest, state: DecisionState) -> Grant:
+    """Who this connection is and what it may do; a DammError when it may not connect."""
+    opts = req.connect_opts
+    if opts.nkey:
+        nonce = req.client_info.nonce
+        if not nonce or not nats_identity.verify_nonce(opts.nkey, nonce, opts.sig):
+            raise DammError(Code.IDENTITY_REFUSED, "the key's signature over the nonce")
+        inbox = (f"{device_inbox(opts.nkey)}.>",)
+        device_id = state.identities.get(opts.nkey)
+        device = state.devices.get(device_id) if device_id else None
+        if device is not None and device.status != "revoked":
+            return Grant("DEV", f"device:{opts.nkey}", DEVICE_PUBLISH, inbox)
+        return Grant("ANON", f"enrolling:{opts.nkey}", ENROLLING_PUBLISH, inbox)
+    if opts.user.startswith("gw-"):
+        gateway_id = opts.user[3:]
+        gateway = state.gateways.get(gateway_id)
+        hashed = gateway.nats_password_bcrypt if gateway else None
+        if not hashed or not opts.password or not _bcrypt_ok(opts.password, hashed):
+            raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r}")
+        return Grant(
+            "GW",
+            f"gateway:{gateway_id}",
+            GATEWAY_PUBLISH,
+            (peers_subject(gateway_id), f"{inbox_prefix(gateway_user(gateway_id))}.>"),
+        )
+    if opts.user or opts.password:
+        raise DammError(Code.UNAUTHORIZED, "unknown user")
+    return Grant("ANON", "anon:-", ANON_PUBLISH, ("_INBOX.>",))
+
+
+def _bcrypt_ok(password: str, hashed: str) -> bool:
+    try:
+        return bcrypt.checkpw(password.encode()[:72], hashed.encode())
+    except ValueError:
+        return False
+
+
+def response(req: AuthRequest, outcome: Grant | DammError, seed: bytes, now: float) -> bytes:
+    """The signed authorization response: a user JWT for a grant, or the refusal's code."""
+    claims: dict[str, Any] = {"type": "authorization_response", "version": 2}
+    if isinstance(outcome, DammError):
+        claims["error"] = f"{outcome.code.slug}: {outcome.detail}"[:200]
+    else:
+        user = {
+            "sub": req.user_nkey,
+            "aud": outcome.account,
+            "name": outcome.name,
+            "iat": int(now),
+            "exp": int(now) + GRANT_TTL_S,
+            "nats": {
+                "pub": {"allow": list(outcome.publish)},
+                "sub": {"allow": list(outcome.subscribe)},
+                "subs": outcome.subs,
+                "data": -1,
+                "payload": -1,
+                "type": "user",
+                "version": 2,
+            },
+        }
+        claims["jwt"] = nats_identity.encode_jwt(user, seed)
+    token = nats_identity.encode_jwt(
+        {"sub": req.user_nkey, "aud": req.server_id.id, "iat": int(now), "nats": claims}, seed
+    )
+    return token.encode("ascii")
+
+
+_request_claims = msgspec.json.Decoder(AuthRequest)
+
+
+class CalloutService:
+    """Answers the server's authorization requests, on a connection of its own so a flood of
+    requests elsewhere cannot make the server drop it as a slow consumer."""
+
+    def __init__(self, nc: NATS, state: DecisionState, seed: bytes) -> None:
+        self.nc = nc
+        self.state = state
+        self.seed = seed
+        self._sub: Any = None
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(AUTH_SUBJECT, queue=QUEUE, cb=self._on_request)
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _on_request(self, msg: Msg) -> None:
+        try:
+            claims = nats_identity.decode_jwt(msg.data.decode("ascii", "replace"))
+            req = _request_claims.decode(msgspec.json.encode(claims.get("nats", {})))
+        except (nats_identity.IdentityError, msgspec.DecodeError, msgspec.ValidationError):
+            _log.warning("auth callout request not understood")
+            return  # the server times the connection out; nothing to sign for
+        try:
+            outcome: Grant | DammError
+            if req.connect_opts.password:  # bcrypt is slow on purpose: off the event loop
+                outcome = await asyncio.to_thread(decide, req, self.state)
+            else:
+                outcome = decide(req, self.state)
+        except DammError as err:
+            outcome = err
+            _log.info("connection refused", code=err.code.slug, host=req.client_info.host)
+        if msg.reply:
+            await self.nc.publish(msg.reply, response(req, outcome, self.seed, time.time()))

@@ -1,0 +1,125 @@
+"""NATS identities: nkeys (Ed25519) made at the edge, and the JWTs NATS auth callout exchanges.
+
+A device's identity is an nkey user seed made on the device at enrollment; only its public key
+ever leaves. A WireGuard key cannot sign, so it cannot prove who is connecting. The JWTs here
+are the few claims the server's auth callout reads: the server's authorization request, our
+answer, and the user claims (account and permissions) inside that answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from typing import Any
+
+import msgspec
+import nacl.exceptions
+import nacl.signing
+import nkeys  # type: ignore[import-untyped]
+
+_HEADER = (
+    base64.urlsafe_b64encode(b'{"typ":"JWT","alg":"ed25519-nkey"}').rstrip(b"=").decode("ascii")
+)
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+class IdentityError(Exception):
+    """A key, signature or token that does not verify."""
+
+
+def new_user_seed() -> bytes:
+    """A fresh nkey user seed (``SU…``), made from the OS's randomness."""
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+
+def new_account_seed() -> bytes:
+    """A fresh nkey account seed (``SA…``): the auth callout's issuer signs with it."""
+    return bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT))
+
+
+def public_key(seed: bytes) -> str:
+    try:
+        return bytes(nkeys.from_seed(bytearray(seed)).public_key).decode("ascii")
+    except (nkeys.NkeysError, ValueError) as exc:
+        raise IdentityError(f"not an nkey seed: {type(exc).__name__}") from None
+
+
+def as_user_key(public: str) -> str:
+    """The same Ed25519 key as an nkey *user* key (``U…``)."""
+    raw = base64.b32decode(public)[1:-2]
+    body = bytes([nkeys.PREFIX_BYTE_USER]) + raw
+    return base64.b32encode(body + bytes(nkeys.crc16_checksum(body))).decode("ascii")
+
+
+def is_user_key(value: str) -> bool:
+    return _valid_public(value, "U")
+
+
+def _valid_public(value: str, role: str) -> bool:
+    if len(value) != 56 or not value.startswith(role):
+        return False
+    try:
+        raw = base64.b32decode(value)
+    except ValueError:
+        return False
+    return bytes(raw[-2:]) == bytes(nkeys.crc16_checksum(raw[:-2]))
+
+
+def verify(public: str, data: bytes, signature: bytes) -> bool:
+    """Whether ``signature`` over ``data`` was made by the holder of ``public``'s seed."""
+    if not any(_valid_public(public, role) for role in "UNA"):
+        return False
+    raw = base64.b32decode(public)[1:-2]
+    try:
+        nacl.signing.VerifyKey(raw).verify(data, signature)
+    except (nacl.exceptions.BadSignatureError, ValueError):
+        return False
+    return True
+
+
+def verify_nonce(public: str, nonce: str, signature_b64: str) -> bool:
+    """The proof a client sends at CONNECT: its key's signature over the server's nonce."""
+    try:
+        padded = signature_b64 + "=" * (-len(signature_b64) % 4)
+        signature = base64.urlsafe_b64decode(padded.replace("+", "-").replace("/", "_"))
+    except ValueError:
+        return False
+    return verify(public, nonce.encode(), signature)
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def encode_jwt(claims: dict[str, Any], seed: bytes) -> str:
+    """Sign ``claims`` as NATS does: ``jti`` is the hash of the claims, ``iss`` the signer."""
+    body = {**claims, "iss": public_key(seed), "jti": ""}
+    body["jti"] = base64.b32encode(hashlib.sha256(_encode(body)).digest()).decode().rstrip("=")
+    payload = _b64(_encode(body))
+    signing_input = f"{_HEADER}.{payload}".encode("ascii")
+    signature = nkeys.from_seed(bytearray(seed)).sign(signing_input)
+    return f"{_HEADER}.{payload}.{_b64(bytes(signature))}"
+
+
+def decode_jwt(token: str) -> dict[str, Any]:
+    """The claims of a JWT whose signature verifies against its own ``iss`` key."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise IdentityError("not a JWT")
+    try:
+        claims = _decode(_unb64(parts[1]))
+        signature = _unb64(parts[2])
+    except (ValueError, msgspec.DecodeError):
+        raise IdentityError("not a JWT") from None
+    issuer = claims.get("iss")
+    if not isinstance(issuer, str) or not verify(
+        issuer, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
+    ):
+        raise IdentityError("JWT signature does not verify")
+    return claims
