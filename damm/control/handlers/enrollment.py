@@ -468,18 +468,19 @@ class EnrollmentCommitter:
         ctx = self.ctx
         new_key = validate_public_key(req.new_public_key)
         old_key = validate_public_key(req.old_public_key)
+        if call.caller is not None:
+            # From outside, only the connection holding the device's identity may act on it.
+            # It depends on nothing but the caller's own identity, so it tells nothing either.
+            identity = call.identity or ""
+            await ctx.fresh(lambda: ctx.state.identities.get(identity) == req.device_id)
+            if ctx.state.identities.get(identity) != req.device_id:
+                raise DammError(Code.NOT_YOUR_DEVICE, f"device {req.device_id!r}")
         # The proof first: until it holds, the caller learns nothing about the device, not even
         # whether it exists or what its current key is.
         if not ctx.rotation.verify(req.proof, old_key, req.device_id, new_key, req.request_id):
             raise DammError(Code.UNAUTHORIZED, "the proof of the old key does not verify")
         await ctx.fresh(lambda: req.device_id in ctx.state.devices)
         dev = ctx.state.devices.get(req.device_id)
-        if call.caller is not None and ctx.state.identities.get(call.identity or "") != (
-            req.device_id
-        ):
-            # From outside, only the connection holding the device's identity may act on it;
-            # checked before the lookup, so the answer does not say which device ids exist.
-            raise DammError(Code.NOT_YOUR_DEVICE, f"device {req.device_id!r}")
         if dev is None:
             raise DammError(Code.NOT_FOUND, f"device {req.device_id!r}")
         if dev.status == "revoked":
