@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from damm.domain.ipam import Overlay
+from damm.domain.throttle import Rate
 from damm.errors import Code, DammError
 
 UsagePeriod = Literal["month", "week", "day"]
@@ -94,6 +95,9 @@ class ControlSettings:
     # The leader snapshots the decision state this often, once this many events were folded.
     snapshot_interval_s: float = 60.0
     snapshot_min_events: int = 10_000
+    # Unauthenticated requests (enrollment, catalog), per connection and per source address.
+    throttle_connection: Rate = field(default_factory=lambda: Rate(2.0, 10.0))
+    throttle_source: Rate = field(default_factory=lambda: Rate(20.0, 100.0))
 
     @classmethod
     def from_env(cls, keys_dir: Path) -> ControlSettings:
@@ -110,4 +114,18 @@ class ControlSettings:
             snapshot_interval_s=float(_env("DAMM_SNAPSHOT_INTERVAL", "60")),
             snapshot_min_events=int(_env("DAMM_SNAPSHOT_MIN_EVENTS", "10000")),
             keys_dir=keys_dir,
+            throttle_connection=_rate("DAMM_THROTTLE_CONNECTION", "2/10"),
+            throttle_source=_rate("DAMM_THROTTLE_SOURCE", "20/100"),
         )
+
+
+def _rate(name: str, default: str) -> Rate:
+    """``PER_SECOND/BURST``, e.g. ``2/10``."""
+    value = _env(name, default)
+    try:
+        per_second, burst = (float(x) for x in value.split("/"))
+    except ValueError:
+        raise DammError(Code.INVALID_ARGUMENT, f"{name}={value!r}: want PER_SECOND/BURST") from None
+    if per_second <= 0 or burst < 1:
+        raise DammError(Code.INVALID_ARGUMENT, f"{name}={value!r}: rate > 0 and burst >= 1")
+    return Rate(per_second, burst)

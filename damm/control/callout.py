@@ -129,7 +129,9 @@ def _bcrypt_ok(password: str, hashed: str) -> bool:
         return False
 
 
-def response(req: AuthRequest, outcome: Grant | DammError, seed: bytes, now: float) -> bytes:
+def response(
+    req: AuthRequest, outcome: Grant | DammError, seed: nats_identity.Signer | bytes, now: float
+) -> bytes:
     """The signed authorization response: a user JWT for a grant, or the refusal's code."""
     claims: dict[str, Any] = {"type": "authorization_response", "version": 2}
     if isinstance(outcome, DammError):
@@ -168,7 +170,7 @@ class CalloutService:
     def __init__(self, nc: NATS, state: DecisionState, seed: bytes) -> None:
         self.nc = nc
         self.state = state
-        self.seed = seed
+        self.issuer = nats_identity.Signer(seed)
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -197,4 +199,4 @@ class CalloutService:
             outcome = err
             _log.info("connection refused", code=err.code.slug, host=req.client_info.host)
         if msg.reply:
-            await self.nc.publish(msg.reply, response(req, outcome, self.seed, time.time()))
+            await self.nc.publish(msg.reply, response(req, outcome, self.issuer, time.time()))

@@ -172,6 +172,8 @@ class ControlPlane:
             routes,
             metrics=self.metrics,
             trust_request_info=self.callout_seed is not None,
+            per_connection=self.settings.throttle_connection,
+            per_source=self.settings.throttle_source,
         )
         await self._service.start()
         if self.callout_seed is not None:

@@ -97,14 +97,25 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def encode_jwt(claims: dict[str, Any], seed: bytes) -> str:
+class Signer:
+    """An nkey ready to sign: deriving it from the seed costs more than signing, so once."""
+
+    def __init__(self, seed: bytes) -> None:
+        self.public = public_key(seed)
+        self._key = nacl.signing.SigningKey(bytes(nkeys.decode_seed(bytearray(seed))[1]))
+
+    def sign(self, data: bytes) -> bytes:
+        return bytes(self._key.sign(data).signature)
+
+
+def encode_jwt(claims: dict[str, Any], signer: Signer | bytes) -> str:
     """Sign ``claims`` as NATS does: ``jti`` is the hash of the claims, ``iss`` the signer."""
-    body = {**claims, "iss": public_key(seed), "jti": ""}
+    key = signer if isinstance(signer, Signer) else Signer(signer)
+    body = {**claims, "iss": key.public, "jti": ""}
     body["jti"] = base64.b32encode(hashlib.sha256(_encode(body)).digest()).decode().rstrip("=")
     payload = _b64(_encode(body))
-    signing_input = f"{_HEADER}.{payload}".encode("ascii")
-    signature = nkeys.from_seed(bytearray(seed)).sign(signing_input)
-    return f"{_HEADER}.{payload}.{_b64(bytes(signature))}"
+    signature = key.sign(f"{_HEADER}.{payload}".encode("ascii"))
+    return f"{_HEADER}.{payload}.{_b64(signature)}"
 
 
 def decode_jwt(token: str) -> dict[str, Any]:
