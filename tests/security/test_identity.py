@@ -307,3 +307,36 @@ async def test_unauthenticated_connections_and_subscriptions_are_capped(
     await _eventually(lambda: any(refusal(e) is not None for e in told()))
     refused = [refusal(e) for e in told()]
     assert any(r is not None and r.code is Code.TOO_MANY_SUBSCRIPTIONS for r in refused)
+
+
+async def test_the_cli_enrolls_and_rotates_under_its_own_identity(
+    callout_server: NatsServer, plane: ControlPlane, fleet: dict[str, str], tmp_path: Path
+) -> None:
+    import os
+    import stat
+    import subprocess
+    import sys
+
+    damm = str(Path(sys.executable).parent / "damm")
+    token_file = tmp_path / "token"
+    token_file.write_text(fleet["token"] + "\n")
+    token_file.chmod(0o600)
+    env = {**os.environ, "DAMM_NATS_URL": callout_server.url, "DAMM_HOME": str(tmp_path / "n")}
+    state_dir = tmp_path / "dev"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [damm, "device", *args, "--state-dir", str(state_dir)],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+
+    done = await asyncio.to_thread(run, "enroll", "--token-file", str(token_file))
+    assert done.returncode == 0, done.stderr
+    identity = nats_identity.public_key((state_dir / "identity.nk").read_bytes().strip())
+    assert stat.S_IMODE((state_dir / "identity.nk").stat().st_mode) == 0o600
+    assert plane.ctx is not None
+    device_id = plane.ctx.state.identities[identity]
+    assert plane.ctx.state.devices[device_id].identity_key == identity
+    rotated = await asyncio.to_thread(run, "rotate-key")
+    assert rotated.returncode == 0, rotated.stderr
+    assert f"rotated key of {device_id}" in rotated.stdout
