@@ -47,7 +47,8 @@ DEVICE_PUBLISH = (
 ENROLLING_PUBLISH = (f"{REQUEST_PREFIX}.enroll", f"{REQUEST_PREFIX}.catalog.>")
 ANON_PUBLISH = (f"{REQUEST_PREFIX}.catalog.>",)
 GATEWAY_PUBLISH = (f"{REQUEST_PREFIX}.gateway.>",)
-# Subscriptions per connection: an honest client holds one inbox subscription.
+# Subscriptions per connection, as the user JWT states it. nats-server 2.15 in config mode was
+# seen not to enforce it for callout users; the ANON account's max_subscriptions is what holds.
 OUTSIDE_SUBS = 8
 GRANT_TTL_S = 24 * 3600
 
