@@ -162,8 +162,13 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
     state.devices_by_gateway = {}
     state.active_on.clear()
     expiries: list[tuple[Any, str]] = []
+    state.identities = {}
     for dev in state.devices.values():
         state.devices_by_gateway.setdefault(dev.gateway_id, {})[dev.device_id] = dev
+        if dev.identity_key and (
+            dev.status != "revoked" or dev.identity_key not in state.identities
+        ):
+            state.identities[dev.identity_key] = dev.device_id
         if dev.status != "revoked":
             state.count_egress(dev, 1)
         if peer_of(dev) is not None:

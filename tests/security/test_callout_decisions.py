@@ -145,3 +145,16 @@ def test_buckets_stay_bounded() -> None:
     for n in range(1000):
         assert buckets.take(f"source-{n}", 0.0)
     assert len(buckets) == 100
+
+
+def test_identities_travel_in_state_snapshots() -> None:
+    from damm.control import snapshots
+
+    seed = nats_identity.new_user_seed()
+    key = nats_identity.public_key(seed)
+    state = _state_with_device(key)
+    fresh = DecisionState(Overlay.parse("10.44.0.0/24"))
+    snapshots.restore(snapshots.encode(state, 1), fresh)
+    assert fresh.identities == {key: "d1"}
+    grant = decide(_request(nkey=key, sig=_signed(seed)), fresh)
+    assert grant.account == "DEV"
