@@ -117,7 +117,10 @@ async def test_restart_keeps_the_port_and_the_agent_and_device_carry_on(
 
         state_dir = tmp_path / "device"
         public = files.generate_key(state_dir)
-        device_nc = await connect(stack.nats_url)
+        # damm up runs the auth callout: a device enrolls under its own key, as the CLI does.
+        device_nc = await connect(
+            stack.nats_url, identity_seed=files.identity_seed(state_dir, create=True)
+        )
         try:
             for _ in range(50):  # until the agent's first heartbeat is folded
                 try:

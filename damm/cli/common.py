@@ -259,7 +259,13 @@ def token_options(envvar: str, what: str) -> Callable[[Callable[..., Any]], Call
             default=None,
             help=f"File holding the {what} (mode 0600), or set {envvar}.",
         )(fn)
-        return click.option("--token", envvar=envvar, default=None, hidden=True)(fn)
+        return click.option(
+            "--token",
+            envvar=envvar,
+            default=None,
+            hidden=True,
+            help=f"The {what} itself; shown by ps to every user, so prefer --token-file.",
+        )(fn)
 
     return decorate
 
