@@ -74,9 +74,12 @@ def inbox_prefix(user: str) -> str:
     return f"_INBOX_{user}"
 
 
+GATEWAY_USER_PREFIX = "gw-"
+
+
 def gateway_user(gateway_id: str) -> str:
     """A gateway's NATS user name."""
-    return f"gw-{gateway_id}"
+    return f"{GATEWAY_USER_PREFIX}{gateway_id}"
 
 
 def gateway_reply_prefix(gateway_id: str) -> str:

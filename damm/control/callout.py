@@ -13,7 +13,8 @@ Grants:
   device: account DEV, the device requests, and an inbox ``_INBOX_<key>`` nobody else may read;
 - a key that proves itself but belongs to no active device: account ANON, only enrollment and
   the catalog, with the same private inbox, so its enrollment reply is its own;
-- a gateway user ``gw-<id>`` with its token: account GW, its own peer set and inbox;
+- a gateway user ``gw-<id>`` with its token: account GW, its own peer set and reply subjects
+  (``damm.gwr.<id>.>``: the control plane answers a gateway only there);
 - no credentials at all: account ANON, only the catalog (its answers are public anyway).
 """
 
@@ -33,7 +34,7 @@ from damm import log
 from damm.control.state import DecisionState
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
-from damm.subjects import REQUEST_PREFIX, gateway_user, inbox_prefix, peers_subject
+from damm.subjects import REQUEST_PREFIX, gateway_reply_prefix, inbox_prefix, peers_subject
 
 _log = log.get("damm.control.callout")
 
@@ -116,7 +117,7 @@ def decide(req: AuthRequest, state: DecisionState) -> Grant:
             "GW",
             f"gateway:{gateway_id}",
             GATEWAY_PUBLISH,
-            (peers_subject(gateway_id), f"{inbox_prefix(gateway_user(gateway_id))}.>"),
+            (peers_subject(gateway_id), f"{gateway_reply_prefix(gateway_id)}.>"),
         )
     if opts.user or opts.password:
         raise DammError(Code.UNAUTHORIZED, "unknown user")

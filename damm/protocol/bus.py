@@ -12,7 +12,8 @@ from nats.aio.client import Client as NATS
 from damm import log
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
-from damm.subjects import inbox_prefix
+from damm.protocol.client import use_private_replies
+from damm.subjects import GATEWAY_USER_PREFIX, inbox_prefix
 
 _log = log.get("damm.protocol.bus")
 
@@ -71,17 +72,23 @@ async def connect(
         options["inbox_prefix"] = inbox_prefix(nats_identity.public_key(identity_seed))
     if reconnect:
         nc: NATS = await nats.connect(**options)
-        return _plain_inbox_without_identities(nc, identity_seed)
+        return _private_replies(_plain_inbox_without_identities(nc, identity_seed), user)
     # A one-shot client (the CLI) must fail fast: nats-py keeps retrying an unreachable server.
     options["max_reconnect_attempts"] = 0
     try:
         nc = await asyncio.wait_for(nats.connect(**options), connect_timeout * 2)
-        return _plain_inbox_without_identities(nc, identity_seed)
+        return _private_replies(_plain_inbox_without_identities(nc, identity_seed), user)
     except TimeoutError:
         last = errors[-1] if errors else None
         raise refusal(last) or ConnectionError(str(last) if last else "timed out") from None
     except Exception as exc:
         raise refusal(exc) or refusal(errors[-1] if errors else None) or exc from None
+
+
+def _private_replies(nc: NATS, user: str | None) -> NATS:
+    if user and user.startswith(GATEWAY_USER_PREFIX):
+        use_private_replies(nc, user[len(GATEWAY_USER_PREFIX) :])
+    return nc
 
 
 def _plain_inbox_without_identities(nc: NATS, identity_seed: bytes | None) -> NATS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from typing import TypeVar
 
 import msgspec
@@ -13,7 +14,7 @@ from nats.aio.msg import Msg
 
 from damm.errors import Code, DammError
 from damm.protocol.messages import TIMEOUT_HEADER, Reply
-from damm.subjects import request_subject
+from damm.subjects import gateway_reply_prefix, request_subject
 
 T = TypeVar("T")
 
@@ -25,6 +26,59 @@ NO_RESPONDERS_GRACE_S = 1.0
 # The server's budget is this much shorter than the client's wait, so a request the server still
 # records is one whose client is still listening for the answer.
 REPLY_MARGIN_S = 0.2
+
+
+REPLY_TOKEN_HEADER = "Damm-Reply-Token"  # damm.protocol.router reads it
+
+
+class PrivateReplies:
+    """A gateway's answers. The control plane sends them to ``damm.gwr.<gateway>.<token>``, on
+    subjects only that gateway may read, never to the reply subject a request names (in the one
+    gateway account that could be another gateway's); one subscription here receives them and
+    hands each to the request waiting for its token."""
+
+    def __init__(self, nc: NATS, prefix: str) -> None:
+        self.nc = nc
+        self.prefix = prefix
+        self._sub: object | None = None
+        self._lock = asyncio.Lock()
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+
+    async def _on_msg(self, msg: Msg) -> None:
+        future = self._waiting.get(msg.subject[len(self.prefix) + 1 :])
+        if future is not None and not future.done():
+            future.set_result(msg)
+
+    async def request(
+        self, subject: str, payload: bytes, timeout: float, headers: dict[str, str]
+    ) -> Msg:
+        async with self._lock:
+            if self._sub is None:
+                self._sub = await self.nc.subscribe(f"{self.prefix}.>", cb=self._on_msg)
+        token = uuid.uuid4().hex
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        try:
+            await self.nc.publish(
+                subject,
+                payload,
+                reply=f"{self.prefix}.{token}",
+                headers={**headers, REPLY_TOKEN_HEADER: token},
+            )
+            msg = await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise nats.errors.NoRespondersError
+        return msg
+
+
+_private: weakref.WeakKeyDictionary[NATS, PrivateReplies] = weakref.WeakKeyDictionary()
+
+
+def use_private_replies(nc: NATS, gateway_id: str) -> None:
+    """Every ``call`` on ``nc`` from now on takes its answer on the gateway's own subjects."""
+    _private[nc] = PrivateReplies(nc, gateway_reply_prefix(gateway_id))
 
 
 async def _request(
@@ -53,9 +107,11 @@ async def _request(
             raise DammError(Code.UNAVAILABLE, f"no reply within {timeout:g}s")
         budget_ms = max(1, int((left - min(REPLY_MARGIN_S, left / 2)) * 1000))
         try:
-            msg: Msg = await nc.request(
-                subject, payload, timeout=left, headers={**headers, TIMEOUT_HEADER: str(budget_ms)}
-            )
+            sent = {**headers, TIMEOUT_HEADER: str(budget_ms)}
+            private = _private.get(nc)
+            if private is not None:
+                return await private.request(subject, payload, left, sent)
+            msg: Msg = await nc.request(subject, payload, timeout=left, headers=sent)
             return msg
         except nats.errors.NoRespondersError:
             now = loop.time()

@@ -37,7 +37,7 @@ from damm.protocol.messages import (
     ErrorBody,
     Reply,
 )
-from damm.subjects import request_subject
+from damm.subjects import gateway_reply_prefix, request_subject
 
 _log = log.get("damm.handlers")
 _encoder = msgspec.json.Encoder()
@@ -51,7 +51,14 @@ _CORRELATION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _ACTOR = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
 # Where an answer may go: an inbox. Outside parties' replies arrive mapped by the server
 # (``_R_.``, see damm.stack.nats_config); this check is the second line behind that.
-REPLY_SUBJECT = re.compile(r"(_R_|_INBOX|_INBOX_[A-Za-z0-9_-]{1,80})(\.[A-Za-z0-9_-]{1,64}){1,4}")
+REPLY_SUBJECT = re.compile(
+    r"(_R_|_INBOX|_INBOX_[A-Za-z0-9_-]{1,80}|damm\.gwr\.[A-Za-z0-9_-]{1,64})"
+    r"(\.[A-Za-z0-9_-]{1,64}){1,4}"
+)
+# A gateway names where its answer goes only by a token under its own reply prefix: in the one
+# gateway account, the reply subject it names could be another gateway's.
+REPLY_TOKEN_HEADER = "Damm-Reply-Token"
+_REPLY_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # Unauthenticated requests (enrollment, catalog): an honest device makes a handful.
 DEFAULT_PER_CONNECTION = Rate(per_second=2.0, burst=10.0)
@@ -92,6 +99,11 @@ class Caller:
         return value if kind in ("device", "enrolling") and value else None
 
     @property
+    def gateway(self) -> str | None:
+        kind, _, value = self.name.partition(":")
+        return value if kind == "gateway" and value else None
+
+    @property
     def unauthenticated(self) -> bool:
         return self.account == UNAUTHENTICATED_ACCOUNT
 
@@ -121,6 +133,21 @@ def caller_of(headers: dict[str, str]) -> Caller | None:
     return Caller(info.acc, info.user, f"{info.server}/{info.id}", info.host)
 
 
+def _reply_to(reply: str, headers: dict[str, str], caller: Caller | None) -> str | None:
+    """Where the answer goes, or None when nowhere is safe. A gateway (known from the
+    server-stamped request info) is answered only under its own reply prefix; everyone else on
+    the reply subject, which the server has mapped (``_R_``) for outside accounts."""
+    if caller is not None and caller.gateway is not None:
+        token = headers.get(REPLY_TOKEN_HEADER, "")
+        if not _REPLY_TOKEN.fullmatch(token):
+            return None
+        try:
+            return f"{gateway_reply_prefix(caller.gateway)}.{token}"
+        except DammError:
+            return None
+    return reply if REPLY_SUBJECT.fullmatch(reply) else None
+
+
 @dataclass(frozen=True)
 class Call:
     """Who asked, the request's correlation id (the dedupe key for its events), and the event
@@ -133,6 +160,7 @@ class Call:
     def expired(self, margin: float = 0.0) -> bool:
         """Past the deadline, or closer to it than ``margin`` (the time the work may take)."""
         return asyncio.get_running_loop().time() + margin >= self.deadline
+
     caller: Caller | None = None  # None: from inside the control plane's own account
 
     @property
@@ -247,7 +275,9 @@ class Service:
         ):
             if not msg.reply:
                 return
-            if not REPLY_SUBJECT.fullmatch(msg.reply):
+            caller = caller_of(headers) if self.trust_request_info else None
+            reply = _reply_to(msg.reply, headers, caller)
+            if reply is None:
                 _log.warning(
                     "request dropped",
                     code=Code.BAD_REPLY_SUBJECT.slug,
@@ -260,7 +290,7 @@ class Service:
                 return
             try:
                 code, body = await self._answer(
-                    route, decoder, msg, headers, correlation_id, arrived
+                    route, decoder, msg, headers, correlation_id, arrived, caller
                 )
             except Exception:  # never leave a requester without an answer
                 _log.exception("request failed outside the handler")
@@ -275,7 +305,7 @@ class Service:
                     )
                 )
             try:
-                await self.nc.publish(msg.reply, body)
+                await self.nc.publish(reply, body)
             except nats.errors.Error as exc:  # the asker times out and retries
                 _log.warning("reply not sent", error=repr(exc))
             self.metrics.request(route.command, code, time.perf_counter() - received)
@@ -288,9 +318,9 @@ class Service:
         headers: dict[str, str],
         correlation_id: str | None,
         arrived: float,
+        caller: Caller | None,
     ) -> tuple[str, bytes]:
         """The answer, and the code it carries ("ok" or an error code) for the metrics."""
-        caller = caller_of(headers) if self.trust_request_info else None
         if caller is not None and caller.unauthenticated:
             now = self._clock()
             if not self._per_connection.take(caller.client, now):

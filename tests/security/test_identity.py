@@ -340,3 +340,64 @@ async def test_the_cli_enrolls_and_rotates_under_its_own_identity(
     rotated = await asyncio.to_thread(run, "rotate-key")
     assert rotated.returncode == 0, rotated.stderr
     assert f"rotated key of {device_id}" in rotated.stdout
+
+
+async def test_a_gateway_cannot_aim_answers_at_another_gateway(
+    callout_server: NatsServer, fleet: dict[str, str], parties: Callable[[], Party]
+) -> None:
+    """All gateways share the GW account, where NATS does not check the reply subject a
+    request names: the control plane answers a gateway only on its own reply subjects."""
+    victim, hostile = parties(), parties()
+    victim_nc = await victim.open(callout_server.url, user="gw-gw2", password=fleet["gw2_token"])
+    seen: list[str] = []
+
+    async def keep(msg: Any) -> None:
+        seen.append(msg.subject)
+
+    for subject in ("damm.peers.gw2", "damm.gwr.gw2.>", "_INBOX_gw-gw2.>"):
+        with contextlib.suppress(nats.errors.Error):
+            await victim_nc.subscribe(subject, cb=keep)
+    await victim_nc.flush()
+    nc = await hostile.open(callout_server.url, user="gw-gw1", password=fleet["gw1_token"])
+    own: list[str] = []
+
+    async def mine(msg: Any) -> None:
+        own.append(msg.subject)
+
+    await nc.subscribe("damm.gwr.gw1.>", cb=mine)
+    beat = __import__("msgspec").json.encode(
+        p.Heartbeat(gateway_id="gw1", token=fleet["gw1_token"], peer_count=0, active_peers=0,
+                    rx_bytes=0, tx_bytes=0, load=0.1)
+    )  # fmt: skip
+    targets = ("damm.peers.gw2", "damm.gwr.gw2.x", "_INBOX_gw-gw2.x", "damm.gwr.gw2")
+    for target in targets:  # no reply token: nowhere of its own to answer, so no answer
+        await nc.publish("damm.req.gateway.heartbeat", beat, reply=target)
+    for i, target in enumerate(targets):
+        await nc.publish(
+            "damm.req.gateway.heartbeat", beat, reply=target,
+            headers={"Damm-Reply-Token": f"t{i}", "Damm-Correlation-Id": uuid.uuid4().hex},
+        )  # fmt: skip
+    # Answered, each on the hostile gateway's own subject, whatever reply it named.
+    await _eventually(lambda: len(own) == len(targets), 10.0)
+    assert sorted(own) == [f"damm.gwr.gw1.t{i}" for i in range(len(targets))]
+    # Nor may it publish there itself.
+    for target in ("damm.peers.gw2", "damm.gwr.gw2.x", "_INBOX_gw-gw2.x"):
+        await nc.publish(target, b"{}")
+    await _eventually(
+        lambda: any("permissions violation" in str(e).lower() for e in hostile.errors)
+    )
+    await nc.flush()
+    await victim_nc.flush()
+    assert seen == []
+    # The victim's own calls still work on its own subjects.
+    gw2 = await connect(callout_server.url, user="gw-gw2", password=fleet["gw2_token"])
+    try:
+        done = await call(
+            gw2, "gateway.heartbeat",
+            p.Heartbeat(gateway_id="gw2", token=fleet["gw2_token"], peer_count=0, active_peers=0,
+                        rx_bytes=0, tx_bytes=0, load=0.1),
+            p.Done,
+        )  # fmt: skip
+        assert done.seq > 0
+    finally:
+        await gw2.close()
