@@ -15,7 +15,7 @@ from pathlib import Path
 from damm.events.streams import ensure_streams
 from damm.protocol.bus import connect
 from damm.stack.nats_cluster import NatsCluster, until_meta_leader
-from damm.stack.nats_config import production_cluster
+from damm.stack.nats_config import callout_env, production_cluster
 from damm.stack.nats_server import binary
 from damm.stack.stackfile import StackFile
 from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
@@ -32,6 +32,7 @@ def test_ops_cluster_conf_is_generated_and_valid(tmp_path: Path) -> None:
         **os.environ,
         "DAMM_NATS_NODE": "nats-1",
         **{f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "SYS")},
+        **callout_env(),
     }
     done = subprocess.run(
         [binary(), "-t", "-c", str(path)],

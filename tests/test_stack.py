@@ -25,7 +25,7 @@ from damm.keys.tokens import gateway_password_hash
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
-from damm.stack.nats_config import production
+from damm.stack.nats_config import callout_env, production
 from damm.stack.nats_server import NatsServer, binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +43,7 @@ def test_ops_nats_conf_is_valid(tmp_path: Path) -> None:
     env = {
         **os.environ,
         **{f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "GATEWAY", "SYS")},
+        **callout_env(),
     }
     done = subprocess.run(
         [binary(), "-t", "-c", str(path)],
@@ -233,9 +234,11 @@ def test_damm_up_starts_stops_and_reuses_data(stack_home: Path) -> None:
     assert leftovers.stdout.strip() == "", "processes left behind"
 
 
-async def test_nats_config_renders_each_gateway(
+async def test_nats_config_needs_no_user_per_gateway(
     control: ControlPlane, admin_nc: NATS, nats_server: NatsServer, tmp_path: Path
 ) -> None:
+    """Gateways are decided by the auth callout: adding one leaves the file as it was, and the
+    environment `admin callout-key` prints makes it valid."""
     added = await call(
         admin_nc, "admin.gateway.add", p.AddGateway(gateway_id="gw7", region="eu"), p.GatewayAdded
     )
@@ -247,24 +250,31 @@ async def test_nats_config_renders_each_gateway(
         "DAMM_HOME": str(tmp_path / "nohome"),
     }
     out = tmp_path / "damm.conf"
-    done = await asyncio.to_thread(
-        subprocess.run,
-        [DAMM, "admin", "nats-config", "--out", str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    seed = tmp_path / "callout.seed"
+    done, keyed = [
+        await asyncio.to_thread(
+            subprocess.run, argv, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        for argv in (
+            [DAMM, "admin", "nats-config", "--out", str(out)],
+            [DAMM, "admin", "callout-key", str(seed)],
+        )
+    ]
     assert done.returncode == 0, done.stderr
+    assert keyed.returncode == 0, keyed.stderr
     text = out.read_text()
     assert oct(out.stat().st_mode & 0o777) == "0o600"
-    assert '{ user: "gw-gw7", password: "$2a$' in text
-    assert '"damm.peers.gw7", "_INBOX_gw-gw7.>"' in text
+    assert oct(seed.stat().st_mode & 0o777) == "0o600"
+    assert text == production()
+    assert "gw7" not in text
     assert added.token not in text
+    assert "auth_callout" in text
+    printed = dict(line.split("=", 1) for line in keyed.stdout.split())
+    assert printed == callout_env(seed.read_bytes().strip())
     conf = tmp_path / "check.conf"
     conf.write_text(text.replace("/var/lib/damm", str(tmp_path)))
     env.update({f"DAMM_{r}_PASSWORD": "x" * 12 for r in ("CONTROL", "ADMIN", "SYS")})
+    env.update(printed)
     checked = await asyncio.to_thread(
         subprocess.run,
         [binary(), "-t", "-c", str(conf)],

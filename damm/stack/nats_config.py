@@ -38,7 +38,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from damm.keys.nats_identity import as_user_key
+from damm.keys.nats_identity import as_user_key, new_account_seed, public_key
 from damm.subjects import (
     EVENT_PREFIX,
     GATEWAY_REPLY_PREFIX,
@@ -444,3 +444,10 @@ def production_cluster() -> str:
             callout_issuer=CALLOUT_ISSUER_ENV,
         )
     )
+
+
+def callout_env(seed: bytes | None = None) -> dict[str, str]:
+    """The environment the production files expect for the callout: what
+    `damm admin callout-key` prints for ``seed`` (a fresh one when None)."""
+    issuer = public_key(seed if seed is not None else new_account_seed())
+    return {CALLOUT_ISSUER_ENV[1:]: issuer, CALLOUT_NONCE_USER_ENV[1:]: as_user_key(issuer)}
