@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -13,12 +14,16 @@ import time
 from pathlib import Path
 
 from damm.events.streams import ensure_streams
+from damm.keys import nats_identity
+from damm.protocol import messages as p
 from damm.protocol.bus import connect
+from damm.protocol.client import call
 from damm.stack.nats_cluster import NatsCluster, until_meta_leader
 from damm.stack.nats_config import callout_env, production_cluster
 from damm.stack.nats_server import binary
 from damm.stack.stackfile import StackFile
 from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
+from tests.fleet import enroll, setup_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,6 +72,27 @@ async def test_a_loopback_cluster_replicates_the_streams_three_times(tmp_path: P
         cluster.stop()
 
 
+async def _parties_on_every_node(urls: list[str], admin_password: str) -> None:
+    """The auth callout on a cluster: whichever node a device or a gateway connects to, one of
+    the two control planes decides it and the answers find their way back."""
+    admin = await connect(",".join(urls), user="admin", password=admin_password)
+    try:
+        fleet = await setup_fleet(admin, admin, tier="silver", gateways=(("gw1", "eu"),))
+    finally:
+        await admin.close()
+    for url in urls:
+        device = await connect(url, identity_seed=nats_identity.new_user_seed(), reconnect=False)
+        gateway = await connect(url, user="gw-gw1", password=fleet["gw1_token"], reconnect=False)
+        try:
+            assert (await enroll(device, fleet["token"])).device_id
+            beat = p.Heartbeat(gateway_id="gw1", token=fleet["gw1_token"], peer_count=0,
+                               active_peers=0, rx_bytes=0, tx_bytes=0, load=0.1)  # fmt: skip
+            assert (await call(gateway, "gateway.heartbeat", beat, p.Done)).seq > 0
+        finally:
+            await device.close()
+            await gateway.close()
+
+
 def test_damm_up_cluster_serves_from_two_control_planes(tmp_path: Path) -> None:
     home = Path(tempfile.mkdtemp(prefix="damm-test-cluster-", dir="/tmp"))  # see test_stack
     env = {**os.environ, "DAMM_HOME": str(home / "home")}
@@ -106,6 +132,8 @@ def test_damm_up_cluster_serves_from_two_control_planes(tmp_path: Path) -> None:
             check=False,
         )
         assert len(planes.stdout.split()) == 1, "the second control plane is not running"
+        passwords = json.loads(stack.read_text())["passwords"]
+        asyncio.run(_parties_on_every_node(nats_url.split(","), passwords["admin"]))
     finally:
         up.send_signal(signal.SIGTERM)
         out, _ = up.communicate(timeout=60)
