@@ -146,9 +146,10 @@ async def test_restart_keeps_the_port_and_the_agent_and_device_carry_on(
                        and agent.nc.is_connected, timeout=30)  # fmt: skip
         await asyncio.wait_for(agent.heartbeat(), 10)  # the agent speaks to the new control plane
 
-        # The device carries on with the URL it enrolled through.
+        # The device carries on with the URL it enrolled through, under its own key (check-in
+        # and failover reports are device requests: an anonymous connection may not make them).
         nats_url = files.load(state_dir).nats_url
-        device_nc = await connect(nats_url)
+        device_nc = await connect(nats_url, identity_seed=files.identity_seed(state_dir))
         try:
             await wait_for(lambda: catalog_lists(device_nc, dev.trust, "fd2"), timeout=30)  # type: ignore[arg-type]
             moved = await failover(device_nc, state_dir)
