@@ -120,6 +120,39 @@ async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIte
 
 
 @pytest.fixture
+def callout_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """The shipped layout: no device or gateway users in the file; the control plane's auth
+    callout decides each connection (a module opts in by overriding ``nats_server``)."""
+    server = NatsServer(tmp_path / "nats", callout=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def callout_control(
+    callout_nats_server: NatsServer, dsn: str, tmp_path: Path
+) -> AsyncIterator[ControlPlane]:
+    """A control plane that answers the auth callout (with ``callout_nats_server``)."""
+    from damm.control.process import ControlPlane
+    from damm.domain.ipam import Overlay
+    from damm.settings import ControlSettings
+
+    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
+    plane = ControlPlane(
+        callout_nats_server.url,
+        dsn,
+        settings,
+        password=callout_nats_server.passwords["control"],
+        clock=SkewedClock(),
+        callout_seed=callout_nats_server.callout_seed,
+    )
+    await plane.start()
+    yield plane
+    await plane.stop()
+
+
+@pytest.fixture
 async def admin_nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     client = await connect(nats_server.url, user="admin", password=nats_server.passwords["admin"])
     yield client

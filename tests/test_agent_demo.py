@@ -18,6 +18,17 @@ from damm.stack.nats_server import NatsServer
 
 pytestmark = pytest.mark.netns
 
+@pytest.fixture
+def nats_server(callout_nats_server: NatsServer) -> NatsServer:
+    """Gateways run under their identity here, decided by the auth callout, as `damm up` runs."""
+    return callout_nats_server
+
+
+@pytest.fixture
+def control(callout_control: ControlPlane) -> ControlPlane:
+    return callout_control
+
+
 
 def _pids(pattern: str) -> set[str]:
     out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout

@@ -223,6 +223,13 @@ async def _kept_device(nc: NATS, dev_dir: Path, gateway_id: str) -> files.Device
     return dev
 
 
+async def _device_connection(nats_url: str, dev_dir: Path) -> NATS:
+    """The demo device on the bus under its own identity, kept in its state dir beside
+    device.json as `damm device enroll` keeps it, so the CLI can carry on with that dir."""
+    identity = files.identity_seed(dev_dir, create=True)
+    return await connect(nats_url, name="damm-demo-device", identity_seed=identity)
+
+
 async def _build(
     h: DemoHandle, nats_url: str, admin_password: str, database_url: str, state_dir: Path
 ) -> None:
@@ -231,9 +238,8 @@ async def _build(
     devd = await lab.wireguard_go(h.dev_ns, "d")
     h.dev_ifname = devd.ifname
     admin = await connect(nats_url, user="admin", password=admin_password, name="damm-demo")
-    # The demo device's NATS identity: its own key, so its enrollment reply is private to it.
-    identity = files.identity_seed(state_dir, create=True)
-    device_nc = await connect(nats_url, name="damm-demo-device", identity_seed=identity)
+    dev_dir = h.state_dir = state_dir / "device"
+    device_nc = await _device_connection(nats_url, dev_dir)
     try:
         orch_dir = state_dir / "orchestrator"
         providers = build_providers(TOPOLOGY, orch_dir)
@@ -263,14 +269,15 @@ async def _build(
 
         # The device: the last demo's if the control plane still has it, else a new one with its
         # key made locally, enrolled, the state dir `damm device enroll` writes.
-        dev_dir = h.state_dir = state_dir / "device"
         started = time.monotonic()
         kept = await _kept_device(device_nc, dev_dir, h.gateway_id)
         if kept is not None:
             dev, h.config_path, h.reused = kept, dev_dir / files.CONFIG, True
         else:
+            await device_nc.close()
             await asyncio.to_thread(shutil.rmtree, dev_dir, ignore_errors=True)
             public = files.generate_key(dev_dir)
+            device_nc = await _device_connection(nats_url, dev_dir)
             token = (
                 await call(
                     admin, "admin.token.create", p.CreateToken(tier="demo", uses=1), p.TokenCreated
@@ -278,6 +285,10 @@ async def _build(
             ).token
             enrolled = await _enroll(device_nc, token, public)
             dev, h.config_path = save_enrollment(dev_dir, enrolled, public, nats_url)
+            # The callout placed this connection while its key was not enrolled yet (enroll
+            # and catalog only); connecting again lands it in the device account.
+            await device_nc.close()
+            device_nc = await _device_connection(nats_url, dev_dir)
         h.enroll_ms = _ms(started)
         h.device_id, h.device_address = dev.device_id, dev.address
         h.first_door, h.first_endpoint = dev.front_door_id, dev.endpoint
