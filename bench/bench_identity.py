@@ -42,6 +42,12 @@ from damm.stack.postgres import Postgres
 from tests.fleet import setup_fleet
 
 
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -116,10 +122,16 @@ async def measure(args: argparse.Namespace, *, identities: bool) -> tuple[float,
             finally:
                 await nc.close()
 
+        assert server.proc is not None
+        pids = {"nats": server.proc.pid, "control": control.pid, "client": os.getpid()}
+        cpu_before = {k: cpu_s(v) for k, v in pids.items()}
         rate, lat = await closed_loop(enroll, args.n, args.concurrency)
+        cpu = "  ".join(
+            f"{k} {(cpu_s(v) - cpu_before[k]) / args.n * 1000:.2f}" for k, v in pids.items()
+        )
         print(
             f"{label:34} {rate:8.0f} enrollments/s   p50 {statistics.median(lat) * 1000:6.1f} ms"
-            f"   p99 {pct(lat, 0.99) * 1000:6.1f} ms"
+            f"   p99 {pct(lat, 0.99) * 1000:6.1f} ms   CPU ms/enrollment: {cpu}"
         )
         await admin.close()
         return rate, pct(lat, 0.99) * 1000

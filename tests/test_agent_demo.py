@@ -18,6 +18,7 @@ from damm.stack.nats_server import NatsServer
 
 pytestmark = pytest.mark.netns
 
+
 @pytest.fixture
 def nats_server(callout_nats_server: NatsServer) -> NatsServer:
     """Gateways run under their identity here, decided by the auth callout, as `damm up` runs."""
@@ -27,7 +28,6 @@ def nats_server(callout_nats_server: NatsServer) -> NatsServer:
 @pytest.fixture
 def control(callout_control: ControlPlane) -> ControlPlane:
     return callout_control
-
 
 
 def _pids(pattern: str) -> set[str]:

@@ -49,6 +49,7 @@ _ok, _why = netlab.can_run_netns()
 if not _ok:
     pytest.skip(f"network-namespace tests skipped: {_why}", allow_module_level=True)
 
+
 @pytest.fixture
 def nats_server(callout_nats_server: NatsServer) -> NatsServer:
     """Gateways run under their identity here, decided by the auth callout, as `damm up` runs."""
@@ -58,7 +59,6 @@ def nats_server(callout_nats_server: NatsServer) -> NatsServer:
 @pytest.fixture
 def control(callout_control: ControlPlane) -> ControlPlane:
     return callout_control
-
 
 
 def topology_text(gateways: str, *, extra_region: str = "", rails: str = "") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import msgspec
 import nkeys
 import pytest
 from hypothesis import given
@@ -15,6 +16,7 @@ from damm.control.callout import (
     ClientInfo,
     ConnectOptions,
     ServerId,
+    _RequestClaims,
     decide,
     response,
 )
@@ -158,3 +160,29 @@ def test_identities_travel_in_state_snapshots() -> None:
     assert fresh.identities == {key: "d1"}
     grant = decide(_request(nkey=key, sig=_signed(seed)), fresh)
     assert grant.account == "DEV"
+
+
+def test_a_server_request_is_read_typed_and_garbage_is_refused() -> None:
+    seed = nats_identity.new_user_seed()
+    key = nats_identity.public_key(seed)
+    claims = {"nats": {"server_id": {"id": "NSERVER"}, "user_nkey": "UCONN",
+                       "client_info": {"nonce": NONCE},
+                       "connect_opts": {"nkey": key, "sig": _signed(seed)}}}  # fmt: skip
+    token = nats_identity.encode_jwt(claims, nats_identity.new_account_seed())
+    req = nats_identity.unverified_claims(token, _RequestClaims).nats
+    assert req.connect_opts.nkey == key
+    assert decide(req, DecisionState(Overlay.parse("10.44.0.0/24"))).account == "ANON"
+    for garbage in ("", "a.b", "x.!!!.y", token.split(".")[0] + ".e30.sig"):
+        with pytest.raises((nats_identity.IdentityError, msgspec.ValidationError)):
+            nats_identity.unverified_claims(garbage, _RequestClaims)
+
+
+def test_a_signature_checks_against_its_own_key_only() -> None:
+    seed, other = nats_identity.new_user_seed(), nats_identity.new_user_seed()
+    key = nats_identity.public_key(seed)
+    assert nats_identity.verify_nonce(key, NONCE, _signed(seed))
+    assert not nats_identity.verify_nonce(key, NONCE, _signed(other))
+    assert not nats_identity.verify_nonce(key, "another nonce", _signed(seed))
+    assert not nats_identity.verify_nonce(key[:-1] + ("A" if key[-1] != "A" else "B"), NONCE,
+                                          _signed(seed))  # fmt: skip
+    assert not nats_identity.verify_nonce("S" + key[1:], NONCE, _signed(seed))
