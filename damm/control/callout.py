@@ -21,7 +21,11 @@ Grants:
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
+import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,7 +98,49 @@ def device_inbox(identity: str) -> str:
     return inbox_prefix(identity)
 
 
-def decide(req: AuthRequest, state: DecisionState) -> Grant:
+class PasswordCache:
+    """Gateway tokens that already matched the bcrypt hash the log holds for their gateway.
+
+    bcrypt is slow on purpose (about 60 ms), and after a NATS restart every gateway reconnects
+    at once. Keyed by the hash from the log, so a new token (a new hash) or a removed gateway is
+    never answered from here. Only a keyed digest of each token is kept, under a key made for
+    this process, never the token.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._key = os.urandom(32)
+        self._ok: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+
+    def _digest(self, password: str) -> bytes:
+        return hmac.new(self._key, password.encode(), hashlib.sha256).digest()
+
+    def known(self, gateway_id: str, hashed: str, password: str) -> bool:
+        seen = self._ok.get((gateway_id, hashed))
+        return seen is not None and hmac.compare_digest(seen, self._digest(password))
+
+    def remember(self, gateway_id: str, hashed: str, password: str) -> None:
+        self._ok[(gateway_id, hashed)] = self._digest(password)
+        self._ok.move_to_end((gateway_id, hashed))
+        if len(self._ok) > self.capacity:
+            self._ok.popitem(last=False)
+
+
+def _gateway_hash(state: DecisionState, gateway_id: str) -> str | None:
+    gateway = state.gateways.get(gateway_id)
+    return gateway.nats_password_bcrypt if gateway else None
+
+
+def needs_bcrypt(req: AuthRequest, state: DecisionState, passwords: PasswordCache) -> bool:
+    """Whether deciding ``req`` means a bcrypt check (then it runs off the event loop)."""
+    opts = req.connect_opts
+    if not opts.password or not opts.user.startswith("gw-"):
+        return False
+    hashed = _gateway_hash(state, opts.user[3:])
+    return hashed is not None and not passwords.known(opts.user[3:], hashed, opts.password)
+
+
+def decide(req: AuthRequest, state: DecisionState, passwords: PasswordCache | None = None) -> Grant:
     """Who this connection is and what it may do; a DammError when it may not connect."""
     opts = req.connect_opts
     if opts.nkey:
@@ -109,10 +155,14 @@ def decide(req: AuthRequest, state: DecisionState) -> Grant:
         return Grant("ANON", f"enrolling:{opts.nkey}", ENROLLING_PUBLISH, inbox)
     if opts.user.startswith("gw-"):
         gateway_id = opts.user[3:]
-        gateway = state.gateways.get(gateway_id)
-        hashed = gateway.nats_password_bcrypt if gateway else None
-        if not hashed or not opts.password or not _bcrypt_ok(opts.password, hashed):
+        hashed = _gateway_hash(state, gateway_id)
+        if not hashed or not opts.password:
             raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r}")
+        if passwords is None or not passwords.known(gateway_id, hashed, opts.password):
+            if not _bcrypt_ok(opts.password, hashed):
+                raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r}")
+            if passwords is not None:
+                passwords.remember(gateway_id, hashed, opts.password)
         return Grant(
             "GW",
             f"gateway:{gateway_id}",
@@ -174,6 +224,8 @@ class CalloutService:
         self.nc = nc
         self.state = state
         self.issuer = nats_identity.Signer(seed)
+        self.passwords = PasswordCache()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sub: Any = None
 
     async def start(self) -> None:
@@ -184,6 +236,19 @@ class CalloutService:
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _check_password(self, req: AuthRequest) -> None:
+        """bcrypt is slow on purpose: off the event loop, and the cache (touched only on the
+        loop) remembers the hash it was checked against, even if the log moved meanwhile."""
+        gateway_id, password = req.connect_opts.user[3:], req.connect_opts.password
+        hashed = _gateway_hash(self.state, gateway_id)
+        if hashed is None:
+            return
+        if not await asyncio.to_thread(_bcrypt_ok, password, hashed):
+            raise DammError(Code.UNAUTHORIZED, f"gateway {gateway_id!r}")
+        self.passwords.remember(gateway_id, hashed, password)
 
     async def _on_request(self, msg: Msg) -> None:
         try:
@@ -193,12 +258,21 @@ class CalloutService:
         except (nats_identity.IdentityError, msgspec.ValidationError):
             _log.warning("auth callout request not understood")
             return  # the server times the connection out; nothing to sign for
+        if needs_bcrypt(req, self.state, self.passwords):
+            # Its own task: nats-py runs one callback at a time, and the next connection
+            # must not wait out this one's bcrypt.
+            task = asyncio.create_task(self._answer(msg, req, slow=True))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        else:
+            await self._answer(msg, req, slow=False)
+
+    async def _answer(self, msg: Msg, req: AuthRequest, *, slow: bool) -> None:
         try:
             outcome: Grant | DammError
-            if req.connect_opts.password:  # bcrypt is slow on purpose: off the event loop
-                outcome = await asyncio.to_thread(decide, req, self.state)
-            else:
-                outcome = decide(req, self.state)
+            if slow:
+                await self._check_password(req)
+            outcome = decide(req, self.state, self.passwords)
         except DammError as err:
             outcome = err
             _log.info("connection refused", code=err.code.slug, host=req.client_info.host)

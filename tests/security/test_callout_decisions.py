@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from damm.control import callout
 from damm.control.callout import (
     ANON_PUBLISH,
     AuthRequest,
@@ -20,11 +21,12 @@ from damm.control.callout import (
     decide,
     response,
 )
-from damm.control.state import DecisionState, DeviceState
+from damm.control.state import DecisionState, DeviceState, GatewayState
 from damm.domain.ipam import Overlay
 from damm.domain.throttle import Buckets, Rate
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
+from damm.keys.tokens import gateway_password_hash
 
 NONCE = "n0nce-from-the-server"
 
@@ -186,3 +188,42 @@ def test_a_signature_checks_against_its_own_key_only() -> None:
     assert not nats_identity.verify_nonce(key[:-1] + ("A" if key[-1] != "A" else "B"), NONCE,
                                           _signed(seed))  # fmt: skip
     assert not nats_identity.verify_nonce("S" + key[1:], NONCE, _signed(seed))
+
+
+def test_a_gateway_token_is_bcrypt_checked_once_per_hash_the_log_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reconnect storm (every gateway after a NATS restart) costs one bcrypt per gateway per
+    process, not one per connection; a new hash in the log (a new token) is checked again."""
+    state = DecisionState(Overlay.parse("10.44.0.0/24"))
+    state.gateways["gw1"] = GatewayState("gw1", "eu", "th", nats_password_bcrypt=_HASH_A)
+    checks: list[str] = []
+    real = callout._bcrypt_ok
+
+    def counted(password: str, hashed: str) -> bool:
+        checks.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(callout, "_bcrypt_ok", counted)
+    passwords = callout.PasswordCache()
+    gw = _request(user="gw-gw1", password="token-a")
+    for _ in range(3):
+        assert decide(gw, state, passwords).account == "GW"
+    assert checks == [_HASH_A]
+    assert not callout.needs_bcrypt(gw, state, passwords)
+    with pytest.raises(DammError) as caught:
+        decide(_request(user="gw-gw1", password="token-b"), state, passwords)
+    assert caught.value.code is Code.UNAUTHORIZED
+    state.gateways["gw1"].nats_password_bcrypt = _HASH_B  # the token was replaced
+    assert callout.needs_bcrypt(gw, state, passwords)
+    with pytest.raises(DammError):
+        decide(gw, state, passwords)
+    assert decide(_request(user="gw-gw1", password="token-b"), state, passwords).account == "GW"
+    del state.gateways["gw1"]
+    with pytest.raises(DammError):
+        decide(_request(user="gw-gw1", password="token-b"), state, passwords)
+    assert len(checks) == 4
+
+
+_HASH_A = gateway_password_hash("token-a")
+_HASH_B = gateway_password_hash("token-b")
