@@ -27,7 +27,10 @@ class StackFile:
 
     def write(self, directory: Path | None = None) -> Path:
         path = (directory or home()) / "stack.json"
-        private_dir(path.parent)
+        if not path.parent.exists():
+            # Only when missing: `damm up` narrowed an existing home at start, and as root the
+            # embedded Postgres then needs its execute bit to reach its data (postgres.py).
+            private_dir(path.parent)
         write_atomic(path, json.dumps(asdict(self), indent=2), mode=0o600)
         return path
 
