@@ -227,3 +227,14 @@ def test_a_gateway_token_is_bcrypt_checked_once_per_hash_the_log_holds(
 
 _HASH_A = gateway_password_hash("token-a")
 _HASH_B = gateway_password_hash("token-b")
+
+
+@given(st.binary(min_size=32, max_size=32), st.sampled_from(["user", "account"]))
+def test_public_keys_are_what_nkeys_derives(raw: bytes, role: str) -> None:
+    prefix = nkeys.PREFIX_BYTE_USER if role == "user" else nkeys.PREFIX_BYTE_ACCOUNT
+    seed = bytes(nkeys.encode_seed(raw, prefix))
+    expected = bytes(nkeys.from_seed(bytearray(seed)).public_key).decode()
+    assert nats_identity.public_key(seed) == expected
+    flipped = seed[:10] + (b"B" if seed[10:11] != b"B" else b"C") + seed[11:]
+    with pytest.raises(nats_identity.IdentityError):
+        nats_identity.public_key(flipped)
