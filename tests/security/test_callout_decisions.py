@@ -47,18 +47,10 @@ def _request(**opts: str) -> AuthRequest:
 def _state_with_device(identity: str, status: str = "active") -> DecisionState:
     state = DecisionState(Overlay.parse("10.44.0.0/24"))
     state.devices["d1"] = DeviceState(
-        "d1",
-        "pk",
-        "t1",
-        "gold",
-        "gw1",
-        "fd1",
-        "10.44.0.10/24",
-        None,
-        10,
-        status=status,  # type: ignore[arg-type]
-        identity_key=identity,
-    )
+        device_id="d1", public_key="pk", token_id="t1", tier="gold", gateway_id="gw1",
+        front_door_id="fd1", egress_pool_id=None, address="10.44.0.10/24", index=10,
+        status=status, identity_key=identity,  # type: ignore[arg-type]
+    )  # fmt: skip
     state.identities[identity] = "d1"
     return state
 
