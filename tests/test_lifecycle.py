@@ -13,9 +13,12 @@ import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import asyncpg
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -31,12 +34,28 @@ from damm.subjects import EVENTS_STREAM
 from tests.fleet import enroll, heartbeat, keypair, setup_fleet
 
 DAMM = str(Path(sys.executable).parent / "damm")
+T = TypeVar("T")
 BACKGROUND_ACTORS = ("system", "policy")
+
+
+async def _through_reloads(call: Callable[[], Awaitable[T]], wait_s: float = 10.0) -> T:
+    """A JetStream API call, retried while nats-server answers "service unavailable": the
+    fixtures reload its configuration whenever a gateway user is added (tests/conftest.py), and
+    its JetStream API does not answer for that moment (as damm.reports.audit waits it out)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            return await call()
+        except nats.js.errors.ServiceUnavailableError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def last_seq(control: ControlPlane) -> int:
     assert control.nc is not None
-    info = await control.nc.jetstream().stream_info(EVENTS_STREAM)
+    js = control.nc.jetstream()
+    info = await _through_reloads(lambda: js.stream_info(EVENTS_STREAM))
     return int(info.state.last_seq)
 
 
@@ -45,7 +64,7 @@ async def appended_since(control: ControlPlane, seq: int) -> list[Envelope]:
     js = control.nc.jetstream()
     out = []
     for n in range(seq + 1, await last_seq(control) + 1):
-        raw = await js.get_msg(EVENTS_STREAM, n)
+        raw = await _through_reloads(lambda n=n: js.get_msg(EVENTS_STREAM, n))  # type: ignore[misc]
         out.append(codec.decode(raw.data, seq=n))
     return out
 
