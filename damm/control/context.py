@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
+import nats.errors
+import nats.js.errors
 
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
@@ -16,7 +18,7 @@ from damm.control.follower import StateFollower
 from damm.control.state import DecisionState
 from damm.errors import Code, DammError
 from damm.events.model import Actor, Event
-from damm.events.store import Append, Appended, ConflictError, EventStore, envelope
+from damm.events.store import Append, Appended, AppendError, ConflictError, EventStore, envelope
 from damm.keys.rotation import RotationKey
 from damm.protocol.router import Call
 from damm.settings import ControlSettings
@@ -39,6 +41,10 @@ class Planned:
     correlation_id: str
     expected: int | None = None
     msg_id: str | None = None
+
+
+# What an append raises when no server took the message at all.
+UNRECEIVED = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, AppendError)
 
 
 @dataclass
@@ -154,6 +160,15 @@ class Context:
                     raise err from None
                 await self.follower.sync()
                 await attempts.pause()
+                continue
+            except UNRECEIVED as exc:
+                if isinstance(exc, AppendError) and not exc.transient:
+                    raise
+                # Nobody received it (a server reloading, a stream electing its leader): sending
+                # it again cannot record it twice.
+                if attempts.lost() is not None:
+                    raise DammError(Code.UNAVAILABLE, "the event log did not answer") from None
+                await asyncio.sleep(random.uniform(0.05, 0.15))
                 continue
             self.absorb(items, result)
             if result.duplicate:
