@@ -127,6 +127,7 @@ class Stack:
         self.admin: NATS | None = None
         self.fleet: dict[str, str] = {}
         self.networks: dict[str, Network] = {}
+        self.log_level = "warning"  # of the control planes; "info" shows reconnects and resumes
         self._traffic: asyncio.Task[None] | None = None
 
     @property
@@ -179,7 +180,7 @@ class Stack:
             self.root / f"control-{i}.log",
             projectors=i == 0,
             stream_replicas=min(self.nodes, 3),
-            log_level="warning",
+            log_level=self.log_level,
             extra_env={"DAMM_OVERLAY": OVERLAY},
         )
 
