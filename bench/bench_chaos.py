@@ -8,7 +8,7 @@ what dominates a window can be read off one run. p99 outside the fault windows i
 single node with one control plane measured in the same run.
 
     .venv/bin/python bench/bench_chaos.py [--rate 200] [--gap 12] [--faults kill-follower,...]
-        [--repeat 1] [--no-single]
+        [--repeat 1] [--no-single] [--planes 2]
 
 Targets: window <= 2 s for a control-plane or non-leader NATS node kill, <= 5 s for the stream
 leader.
@@ -40,7 +40,6 @@ from tests.chaos.harness import (
     Outcome,
     Stack,
     drive,
-    failure_window,
     kill_agent,
     kill_node,
     kill_plane,
@@ -50,6 +49,7 @@ from tests.chaos.harness import (
     pause_node,
     pause_plane,
     pause_postgres,
+    windows_of,
 )
 
 FAULTS: dict[str, Callable[[Stack, Postgres], Awaitable[Fault]]] = {
@@ -145,13 +145,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             p99, n = p99_outside(base.outcomes, [])
             figures["single_node_p99_ms"] = round(p99 * 1000, 1)
             figures["single_node_samples"] = n
-        stack = Stack(root / "cluster", dsn, nodes=3, planes=2, pg=pg)
+        stack = Stack(root / "cluster", dsn, nodes=3, planes=args.planes, pg=pg)
         stack.log_level = "info"
         await stack.start()
-        names = [f for f in args.faults.split(",") for _ in range(args.repeat)]
+        names = [f for f in args.faults.split(",") if f for _ in range(args.repeat)]
         offset = time.time() - time.monotonic()
         try:
-            duration = 4 + len(names) * args.gap + args.gap
+            duration = 4 + len(names) * args.gap + args.gap if names else args.gap
             task = asyncio.create_task(drive(stack, args.rate, duration))
             faults: list[Fault] = []
             await asyncio.sleep(4)
@@ -170,8 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         figures["cluster_p99_ms"] = round(p99 * 1000, 1)
         figures["cluster_samples"] = n
         rows = []
-        for f in faults:
-            window = failure_window(outcomes, f)
+        for f, window in zip(faults, windows_of(outcomes, faults), strict=True):
             rows.append({"fault": f.name, "target": f.target, "window_s": round(window, 2)})
             print(f"{f.name} ({f.target}): window {window:.2f}s", flush=True)
             print("\n".join(buckets(outcomes, f)))
@@ -191,6 +190,7 @@ def main() -> None:
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-single", action="store_true")
+    parser.add_argument("--planes", type=int, default=2, help="control planes on the cluster")
     args = parser.parse_args()
     log.configure("warning", json=True)
     print(json.dumps(asyncio.run(run(args)), indent=2))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 import signal
@@ -751,16 +752,26 @@ def check_usage_log(envs: Sequence[m.Envelope], moved: dict[str, tuple[int, int]
 # --- figures -------------------------------------------------------------------------------------
 
 
-def failure_window(outcomes: Sequence[Outcome], fault: Fault, slack: float = 6.0) -> float:
+def failure_window(
+    outcomes: Sequence[Outcome], fault: Fault, slack: float = 6.0, until: float = math.inf
+) -> float:
     """Seconds between the first and the last failed request sent around the fault (0 when
-    none failed): how long a client would have seen errors."""
+    none failed): how long a client would have seen errors. ``until``: the next fault's
+    injection, whose failures are not this one's."""
+    end = min(fault.recovered + slack, until)
     failed = [
         a.sent
         for o in outcomes
         for a in o.attempts
-        if a.code != "ok" and fault.injected - 1.0 <= a.sent <= fault.recovered + slack
+        if a.code != "ok" and fault.injected - 1.0 <= a.sent < end
     ]
     return max(failed) - min(failed) if failed else 0.0
+
+
+def windows_of(outcomes: Sequence[Outcome], faults: Sequence[Fault]) -> list[float]:
+    """Each fault's failure window, cut where the next fault begins."""
+    ends = [f.injected for f in faults[1:]] + [math.inf]
+    return [failure_window(outcomes, f, until=end) for f, end in zip(faults, ends, strict=True)]
 
 
 def p99_outside(

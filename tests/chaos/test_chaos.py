@@ -36,7 +36,6 @@ from tests.chaos.harness import (
     details,
     drive,
     exact_usage,
-    failure_window,
     kill_agent,
     kill_node,
     kill_plane,
@@ -48,6 +47,7 @@ from tests.chaos.harness import (
     pause_plane,
     pause_postgres,
     read_log,
+    windows_of,
 )
 
 ARTEFACTS = Path(
@@ -120,9 +120,9 @@ async def verdict(stack: Stack, load: Load, faults: list[Fault], name: str) -> d
                 "fault": f.name,
                 "target": f.target,
                 "at_s": round(f.injected - (outcomes[0].attempts[0].sent if outcomes else 0), 1),
-                "window_s": round(failure_window(outcomes, f), 3),
+                "window_s": round(window, 3),
             }
-            for f in faults
+            for f, window in zip(faults, windows_of(outcomes, faults), strict=True)
         ],
         "p99_outside_faults_s": round(p99, 4),
         "p99_samples": n,
