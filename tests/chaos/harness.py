@@ -770,7 +770,7 @@ def failure_window(
 
 def windows_of(outcomes: Sequence[Outcome], faults: Sequence[Fault]) -> list[float]:
     """Each fault's failure window, cut where the next fault begins."""
-    ends = [f.injected for f in faults[1:]] + [math.inf]
+    ends = [*(f.injected for f in faults[1:]), math.inf][: len(faults)]
     return [failure_window(outcomes, f, until=end) for f, end in zip(faults, ends, strict=True)]
 
 
