@@ -32,6 +32,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from damm import log
+from damm.protocol.bus import connect
 from damm.stack.postgres import Postgres
 from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
 from tests.chaos.harness import (
@@ -52,7 +53,22 @@ from tests.chaos.harness import (
     windows_of,
 )
 
+
+async def kill_meta_leader(stack: Stack, down_s: float) -> Fault:
+    """SIGKILL the node leading JetStream's meta group, when it does not lead the stream."""
+    name = await meta_leader(stack)
+    if name == await stack.stream_leader():
+        return Fault("SIGKILL meta leader node (skipped: it leads the stream)", 0.0, 0.0, name)
+    node = stack.node(name)
+    injected = time.monotonic()
+    await asyncio.to_thread(node.kill)
+    await asyncio.sleep(down_s)
+    await asyncio.to_thread(node.start)
+    return Fault("SIGKILL meta leader node", injected, time.monotonic(), name)
+
+
 FAULTS: dict[str, Callable[[Stack, Postgres], Awaitable[Fault]]] = {
+    "kill-meta": lambda s, pg: kill_meta_leader(s, 2.0),
     "kill-leader": lambda s, pg: kill_node(s, "leader", 2.0),
     "kill-follower": lambda s, pg: kill_node(s, "follower", 2.0),
     "stop-leader": lambda s, pg: pause_node(s, "leader", 3.0),
@@ -112,7 +128,20 @@ async def consumers(stack: Stack) -> dict[str, str]:
             leader = info.cluster.leader if info.cluster else ""
             kind = "durable" if info.config.durable_name else "ordered"
             out[f"{stream}/{kind}/{info.name[:8]}"] = str(leader)
+    out["JetStream meta leader"] = await meta_leader(stack)
     return out
+
+
+async def meta_leader(stack: Stack) -> str:
+    """The node leading JetStream's meta group (consumer and stream creation go through it)."""
+    nc = await connect(stack.url, user="sys", password=stack.servers[0].passwords["sys"])
+    try:
+        msg = await nc.request("$SYS.REQ.SERVER.PING.JSZ", b"", timeout=2)
+        return str(json.loads(msg.data)["data"]["meta_cluster"].get("leader", ""))
+    except Exception as exc:  # a node may be down or paused
+        return repr(exc)
+    finally:
+        await nc.close()
 
 
 def _wall(stamp: str) -> float:
@@ -158,7 +187,11 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             for name in names:
                 started = time.monotonic()
                 placed = await consumers(stack)
-                faults.append(await FAULTS[name](stack, pg))
+                fault = await FAULTS[name](stack, pg)
+                if not fault.injected:
+                    print(f"{name}: {fault.name}", flush=True)
+                    continue
+                faults.append(fault)
                 hosted = [c for c, where in placed.items() if where == faults[-1].target]
                 print(f"{name} on {faults[-1].target}: it hosted consumers {hosted}", flush=True)
                 await asyncio.sleep(max(0.0, args.gap - (time.monotonic() - started)))
