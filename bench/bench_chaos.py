@@ -57,8 +57,15 @@ from tests.chaos.harness import (
 async def kill_meta_leader(stack: Stack, down_s: float) -> Fault:
     """SIGKILL the node leading JetStream's meta group, when it does not lead the stream."""
     name = await meta_leader(stack)
-    if name == await stack.stream_leader():
-        return Fault("SIGKILL meta leader node (skipped: it leads the stream)", 0.0, 0.0, name)
+    if name == await stack.stream_leader():  # move the stream's leadership off it first
+        assert stack.admin is not None
+        await stack.admin.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{EVENTS_STREAM}", b"", 5)
+        deadline = time.monotonic() + 20
+        while await stack.stream_leader() == name:
+            if time.monotonic() > deadline:
+                return Fault("SIGKILL meta leader (skipped: it kept the stream)", 0.0, 0.0, name)
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(3)  # the step-down's own blip, out of the way
     node = stack.node(name)
     injected = time.monotonic()
     await asyncio.to_thread(node.kill)
