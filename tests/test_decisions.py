@@ -19,8 +19,10 @@ from damm.control.handlers.enrollment import EnrollmentCommitter, Tentative, dec
 from damm.control.handlers.gateway import GatewayHandlers
 from damm.errors import Code, DammError
 from damm.events import model as m
+from damm.events.store import Append, envelope
 from damm.keys.rotation import prove
 from damm.protocol import messages as p
+from damm.subjects import address_subject, event_subject
 from tests.fleet import keypair
 from tests.memory_log import MemoryLog, call_as, memory_context
 
@@ -120,6 +122,56 @@ async def test_a_retried_request_returns_the_same_enrollment(fleet: Fleet) -> No
     again = await fleet.enroll(tok.token, key, request_id="r1")
     assert again == first
     assert len(fleet.log.messages) == count
+
+
+async def _another_replica_enrolled(fleet: Fleet, token_id: str) -> None:
+    """Another control plane's enrollment on the token, in the log but not yet folded here."""
+    subject = event_subject("token", token_id)
+    used = m.TokenUsed(token_id=token_id, device_id="elsewhere")
+    env = envelope(subject, used, actor=m.Actor("device", "elsewhere"), correlation_id="x")
+    await fleet.log.append(Append(subject, env))
+
+
+async def test_replicas_do_not_queue_on_a_token_without_limits(fleet: Fleet) -> None:
+    """Nothing about a token without a use or session limit is counted, so an enrollment
+    another replica recorded on it meanwhile is no lost race (issue 11: two replicas on one
+    token at 200/s had a p99 of 4 s, one replica 82 ms)."""
+    await fleet.tier()
+    await fleet.gateway()
+    tok = await fleet.token()
+    await _another_replica_enrolled(fleet, tok.token_id)
+    enrolled = await fleet.enroll(tok.token)
+    assert fleet.ctx.state.devices[enrolled.device_id].token_id == tok.token_id
+
+
+async def test_after_losing_an_address_a_replica_stops_taking_the_lowest_free(
+    fleet: Fleet,
+) -> None:
+    """Two replicas both taking the lowest free address collide on every enrollment; after
+    losing one, a replica spreads its picks, so it does not lose the same race again."""
+    await fleet.tier()
+    await fleet.gateway()
+    tok = await fleet.token()
+    lowest = fleet.ctx.state.addresses.peek(1)[0]
+    subject = address_subject(lowest)
+    taken = m.AddressAllocated(pool="default", index=lowest, address="-", device_id="elsewhere")
+    env = envelope(subject, taken, actor=m.Actor("device", "elsewhere"), correlation_id="x")
+    await fleet.log.append(Append(subject, env))  # another replica's, not folded here
+    enrolled = await fleet.enroll(tok.token)
+    assert fleet.ctx.state.devices[enrolled.device_id].address != str(
+        fleet.ctx.settings.overlay.address(lowest)
+    )
+
+
+async def test_a_limited_token_still_serialises_its_uses(fleet: Fleet) -> None:
+    """Uses and sessions are counted on the token's subject: a use recorded elsewhere that
+    this replica has not folded must make its append lose the race, never overshoot."""
+    await fleet.tier()
+    await fleet.tier("capped", session_limit=3)
+    await fleet.gateway()
+    for tok in (await fleet.token(uses=5), await fleet.token(tier="capped")):
+        await _another_replica_enrolled(fleet, tok.token_id)
+        await refused(Code.CONFLICT, fleet, fleet.enroll(tok.token))
 
 
 async def test_token_refusals(fleet: Fleet) -> None:

@@ -77,3 +77,45 @@ async def test_follower_folds_new_events_within_a_second_of_a_restart(
     finally:
         await writer.close()
         await nc.close()
+
+
+class _LeaderlessJetStream:
+    """A JetStream whose consumer creation goes unanswered until ``ready_at`` (a cluster that
+    lost its meta leader elects another): a request sent before then waits out its timeout."""
+
+    def __init__(self, timeout: float, ready_at: float) -> None:
+        self.timeout = timeout
+        self.ready_at = ready_at
+
+    async def subscribe(self, *args: object, **kwargs: object) -> object:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self.ready_at:
+            await asyncio.sleep(self.timeout)
+            raise TimeoutError
+        return _Sub()
+
+
+class _Sub:
+    async def unsubscribe(self) -> None:
+        return None
+
+
+class _LeaderlessConnection:
+    def __init__(self, ready_at: float) -> None:
+        self.ready_at = ready_at
+
+    def jetstream(self, timeout: float = 5.0) -> _LeaderlessJetStream:
+        return _LeaderlessJetStream(timeout, self.ready_at)
+
+
+async def test_resume_retries_soon_after_the_meta_leader_returns() -> None:
+    """Killing the node that led JetStream's meta group left one replica's follower without
+    its consumer for 10.4 s at 200/s (its first attempt waited out a 10 s request timeout),
+    and half of all enrollments failed meanwhile. Each attempt now gives up after a second."""
+    loop = asyncio.get_running_loop()
+    nc = _LeaderlessConnection(ready_at=loop.time() + 1.5)
+    follower = StateFollower(nc, DecisionState(ControlSettings().overlay))  # type: ignore[arg-type]
+    started = loop.time()
+    await asyncio.wait_for(follower._resume(), 30)
+    assert len(follower._subs) == 2
+    assert loop.time() - started < 4.0

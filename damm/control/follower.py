@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from damm import log
@@ -22,6 +23,10 @@ _log = log.get("damm.follower")
 # nats-py recreates an ordered consumer after two missed heartbeats; its default of 5 s left the
 # state stale for 10-20 s when the node holding the consumer died without our connection noticing.
 IDLE_HEARTBEAT_S = 0.5
+# Each attempt to recreate the consumers after a reconnect waits this long for JetStream. A node
+# that led the meta group (which creates consumers) takes its requests with it when it dies;
+# waiting out the general 10 s timeout left a replica's state stale for 10.4 s at 200/s.
+RESUME_ATTEMPT_S = 1.0
 
 
 class StateFollower:
@@ -117,11 +122,12 @@ class StateFollower:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         delay = 0.05
+        js = self.nc.jetstream(timeout=RESUME_ATTEMPT_S)
         while True:
             await self._unsubscribe()
             try:
-                self._subs.append(await self._subscribe_events())
-                self._subs.append(await self._subscribe_heartbeats())
+                self._subs.append(await self._subscribe_events(js))
+                self._subs.append(await self._subscribe_heartbeats(js))
             except (nats.errors.Error, TimeoutError) as exc:
                 if loop.time() + delay > deadline:
                     _log.error("follower could not resume; nats-py recovers it", error=repr(exc))
@@ -132,14 +138,14 @@ class StateFollower:
             _log.info("follower resumed", from_seq=self.followed_seq + 1)
             return
 
-    async def _subscribe_events(self) -> Any:
+    async def _subscribe_events(self, js: JetStreamContext | None = None) -> Any:
         """An ordered consumer of the event stream from the first sequence not yet folded."""
 
         async def on_event(msg: object) -> None:
             self._apply(msg, telemetry=False)
 
         after = self.followed_seq
-        return await self.js.subscribe(
+        return await (js or self.js).subscribe(
             f"{EVENT_PREFIX}.>",
             stream=EVENTS_STREAM,
             config=ConsumerConfig(opt_start_seq=after + 1) if after else None,
@@ -151,13 +157,13 @@ class StateFollower:
             pending_bytes_limit=-1,
         )
 
-    async def _subscribe_heartbeats(self) -> Any:
+    async def _subscribe_heartbeats(self, js: JetStreamContext | None = None) -> Any:
         """The latest heartbeat of every gateway, then each new one."""
 
         async def on_heartbeat(msg: object) -> None:
             self._apply(msg, telemetry=True)
 
-        return await self.js.subscribe(
+        return await (js or self.js).subscribe(
             f"{TELEMETRY_PREFIX}.heartbeat.*",
             stream=TELEMETRY_STREAM,
             ordered_consumer=True,

@@ -11,6 +11,7 @@ ipam.allocated (expects the address's sequence) · device.enrolled (expects a ne
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import uuid
 from collections import Counter
@@ -39,6 +40,10 @@ from damm.subjects import DEFAULT_POOL, address_subject, event_subject, key_subj
 _log = log.get("damm.enrollment")
 
 MAX_GROUP = 200  # 4 messages each, under JetStream's 1,000-message atomic batch limit
+# After losing a race, a replica takes its addresses from a random window of the lowest free
+# ones for a while: two replicas both taking the lowest collide every time.
+SPREAD_S = 10.0
+SPREAD_WINDOW = 64
 
 
 @dataclass
@@ -226,6 +231,7 @@ def decide_enrollment(
     expires = now + timedelta(seconds=tier.key_lifetime_s) if tier.key_lifetime_s else None
     actor = Actor("device", device_id)
     token_sub = event_subject("token", token_id)
+    limited = tok.max_uses is not None or tier.session_limit is not None
     key_sub = key_subject(public_key)
     ipam_sub = address_subject(index)
     device_sub = event_subject("device", device_id)
@@ -235,7 +241,10 @@ def decide_enrollment(
             m.TokenUsed(token_id=token_id, device_id=device_id),
             actor,
             correlation_id,
-            expected=tentative.expect(state, token_sub),
+            # Uses and sessions are counted on the token's subject, so a limited token takes
+            # its uses one decision at a time. One without limits has nothing to count: its
+            # replicas need not queue on it (at 200/s, two of them on one token: p99 4 s).
+            expected=tentative.expect(state, token_sub) if limited else None,
         ),
         Planned(
             key_sub,
@@ -313,6 +322,7 @@ class EnrollmentCommitter:
         self._queue: list[_Waiting] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._spread_until = -math.inf  # loop time until which addresses are spread
 
     def routes(self) -> list[Route]:
         return [
@@ -387,7 +397,7 @@ class EnrollmentCommitter:
     async def _commit(self, group: list[_Waiting]) -> None:
         ctx = self.ctx
         tentative = Tentative()
-        indices = iter(ctx.state.addresses.peek(len(group)))
+        indices = iter(self._addresses(len(group)))
         decided: list[tuple[_Waiting, list[Append], str]] = []
         for w in group:
             if (late := w.attempts.too_late()) is not None:
@@ -430,6 +440,9 @@ class EnrollmentCommitter:
             result = await ctx.store.append_batch(batch, ack_timeout=APPEND_ACK_TIMEOUT_S)
         except ConflictError as exc:
             _log.info("enrollment group lost a race", size=len(decided), subject=exc.subject)
+            # The log names the batch's first guarded subject, not always the one that moved:
+            # any lost race means another replica is enrolling too.
+            self._spread_until = asyncio.get_running_loop().time() + SPREAD_S
             await ctx.follower.sync()
             await self._requeue([w for w, _, _ in decided])
             return
@@ -444,6 +457,16 @@ class EnrollmentCommitter:
         ctx.absorb(batch, result)
         for w, _, device_id in decided:
             _settle(w.future, enrolled_reply(ctx, ctx.state.devices[device_id]))
+
+    def _addresses(self, n: int) -> list[int]:
+        """The lowest ``n`` free addresses, or ``n`` in a row from a random place among the
+        lowest free ones while another replica is taking addresses too."""
+        pool = self.ctx.state.addresses
+        if asyncio.get_running_loop().time() >= self._spread_until:
+            return pool.peek(n)
+        free = pool.peek(n + SPREAD_WINDOW)
+        start = random.randrange(max(1, len(free) - n + 1))
+        return free[start : start + n]
 
     @staticmethod
     def _attempt(w: _Waiting) -> bool:
