@@ -1,8 +1,11 @@
-"""Random bodies, headers and reply subjects at every request subject, as every party.
+"""Random bodies, headers and reply subjects at every request subject, as every party, on the
+shipped configuration (the auth callout decides each connection).
 
-Whatever arrives, the answer is a catalogued code other than ``internal``, nothing an outside
-party sends changes the log, and every answer goes to a mapped reply in the requester's own
-account (or the admin's own inbox), never onto another subject of the control plane's account.
+Whatever a party may send is answered with a catalogued code other than ``internal``; what its
+grant does not cover the server refuses itself (a permissions violation, no answer). Nothing an
+outside party sends changes the log, and every answer goes to the requester's own inbox (a
+mapped reply in its account, a gateway's own ``damm.gwr.<id>.``, the admin's inbox), never
+onto another subject.
 """
 
 from __future__ import annotations
@@ -15,15 +18,21 @@ from typing import Any
 import msgspec
 import nats.errors
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from damm.control.process import ControlPlane
 from damm.protocol import messages as p
-from damm.stack.nats_server import NatsServer
-from tests.fleet import enroll, setup_fleet
-from tests.security.conftest import CATALOGUED, as_gateway, code_of, last_seq, wait_for
+from tests.security.conftest import (
+    CATALOGUED,
+    Fleet,
+    code_of,
+    last_seq,
+    party_of,
+    refused_by_server,
+    request,
+    wait_for,
+)
 from tests.security.test_hostile_clients import ReplyWatcher, events_since
 
 DEVICE = {
@@ -39,12 +48,21 @@ GATEWAY = {
     "damm.req.gateway.usage": p.ReportUsage,
     "damm.req.gateway.peers": p.PeerSnapshotRequest,
 }
-ADMIN = {
+ADMIN_ONLY = {
     "damm.req.admin.token.revoke": p.RevokeToken,
     "damm.req.admin.device.revoke": p.DeviceAction,
     "damm.req.admin.usage.reset": p.ResetUsage,
     "damm.req.admin.explain_placement": p.ExplainPlacement,
     "damm.req.admin.catalog.announce": p.Empty,
+}
+ROUTES: dict[str, type[msgspec.Struct]] = {**DEVICE, **GATEWAY, **ADMIN_ONLY}
+# What each party's grant lets it publish (damm.control.callout); the admin may send anything.
+GRANTS: dict[str, tuple[str, ...]] = {
+    "anonymous": ("damm.req.catalog.",),
+    "newcomer": ("damm.req.enroll", "damm.req.catalog."),
+    "device": ("damm.req.enroll", "damm.req.catalog.", "damm.req.device."),
+    "gateway": ("damm.req.gateway.",),
+    "admin": ("damm.req.",),
 }
 
 _text = st.text(
@@ -106,72 +124,89 @@ aimed_replies = st.one_of(
 
 @dataclass
 class Parties:
-    plane: ControlPlane
+    fleet: Fleet
     device: NATS
-    gateway: NATS
-    admin: NATS
     watcher: ReplyWatcher
     events_head: int
-    sent_outside: int = 0
+    answers_due: int = 0  # answers owed to outside parties (mapped replies, a gateway's own)
+
+    async def connection(self, party: str) -> NATS:
+        """Anonymous clients and newcomers connect afresh each time, as many devices would (one
+        connection past its burst would be answered only ``rate_limited_connection``)."""
+        if party == "anonymous":
+            return await self.fleet.anonymous()
+        if party == "newcomer":
+            return (await self.fleet.newcomer())[1]
+        return {"device": self.device, "gateway": self.fleet.gw1, "admin": self.fleet.admin}[party]
 
 
 @pytest.fixture
-async def parties(
-    control: ControlPlane,
-    admin_nc: NATS,
-    gateway_nc: NATS,
-    device_nc: NATS,
-    nats_server: NatsServer,
-) -> AsyncIterator[Parties]:
-    fleet = await setup_fleet(admin_nc, gateway_nc)
-    gw1 = await as_gateway(nats_server, "gw1", fleet["gw1_token"])
-    assert control.nc is not None
-    watcher = await ReplyWatcher().start(admin_nc)
-    parties = Parties(control, device_nc, gw1, admin_nc, watcher, await last_seq(control.nc))
+async def parties(fleet: Fleet) -> AsyncIterator[Parties]:
+    _, device = await fleet.enrolled()
+    assert fleet.plane.nc is not None
+    watcher = await ReplyWatcher().start(fleet.admin)
+    parties = Parties(fleet, device, watcher, await last_seq(fleet.plane.nc))
     yield parties
-    # After every example: each outside request was answered into its requester's own account,
-    # no answer went anywhere else, the log did not move, and honest requests still work.
+    # After every example: each outside request was answered in its requester's own inbox, no
+    # answer went anywhere else, the log did not move, and honest requests still work.
+    own = ("_R_.", "damm.gwr.gw1.")
     await wait_for(
-        lambda: sum(s.startswith("_R_.") for s in watcher.answers) >= parties.sent_outside, 15
+        lambda: sum(s.startswith(own) for s in watcher.answers) >= parties.answers_due, 15
     )
     assert watcher.elsewhere() == []
     # nothing an outside party sent reached the log: only the control plane's own decisions
     # (a catalog publication) and the admin's may have landed meanwhile
-    kinds = {e.actor.kind for e in await events_since(control.nc, parties.events_head)}
+    kinds = {e.actor.kind for e in await events_since(fleet.plane.nc, parties.events_head)}
     assert kinds <= {"system", "admin"}, kinds
-    enrolled = await enroll(device_nc, fleet["token"])
+    enrolled, _ = await fleet.enrolled()
     assert enrolled.device_id
-    await gw1.close()
 
 
 @settings(
-    max_examples=120,
+    max_examples=200,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
 async def test_random_requests_from_every_party(parties: Parties, data: st.DataObject) -> None:
-    party = data.draw(st.sampled_from(["device", "gateway", "admin"]))
-    routes = {"device": DEVICE, "gateway": GATEWAY, "admin": ADMIN}[party]
-    nc = {"device": parties.device, "gateway": parties.gateway, "admin": parties.admin}[party]
-    subject = data.draw(st.sampled_from(sorted(routes)))
-    body = data.draw(bodies(routes[subject]))
+    party = data.draw(st.sampled_from(sorted(GRANTS)))
+    nc = await parties.connection(party)
+    allowed = sorted(s for s in ROUTES if s.startswith(GRANTS[party]))
+    beyond = sorted(set(ROUTES) - set(allowed))
+    # mostly within the grant, where the control plane answers; a quarter beyond it
+    within = not beyond or data.draw(st.integers(0, 3)) > 0
+    subject = data.draw(st.sampled_from(allowed if within else beyond))
+    body = data.draw(bodies(ROUTES[subject]))
     hdrs = data.draw(headers)
+    outside = party != "admin"
+    if not subject.startswith(GRANTS[party]):
+        # Outside its grant: the server refuses the publish; nothing reaches the control plane.
+        seen = party_of(nc).violations()
+        await nc.publish(subject, body, reply=data.draw(aimed_replies), headers=hdrs)
+        await refused_by_server(nc, seen)
+        event(f"{party}: refused by the server")
+        return
     if data.draw(st.booleans()):
         reply = data.draw(aimed_replies)
+        if party == "gateway" and data.draw(st.booleans()):
+            # its own reply token: answered on damm.gwr.gw1.<token>, whatever reply it named
+            hdrs = {**(hdrs or {}), "Damm-Reply-Token": data.draw(_token)}
+            parties.answers_due += 1
+        elif outside and party != "gateway":
+            parties.answers_due += 1  # the server maps the reply into the requester's account
         await nc.publish(subject, body, reply=reply, headers=hdrs)
         await nc.flush()
-        if party != "admin":
-            parties.sent_outside += 1
+        event(f"{party}: aimed reply")
         return
     try:
-        answer = await nc.request(subject, body, timeout=5, headers=hdrs)
+        answer = await request(nc, subject, body, headers=hdrs)
     except nats.errors.TimeoutError:
         pytest.fail(f"no answer from {subject}")
     code = code_of(answer)
+    event(f"{party}: {code or 'ok'}")
     assert code is None or (code in CATALOGUED and code != "internal"), (subject, code)
-    if party != "admin":
-        parties.sent_outside += 1
+    if outside:
+        parties.answers_due += 1
         # nothing an outsider guesses succeeds, except reading a public catalog
         assert code is not None or subject == "damm.req.catalog.get", (subject, body)
     assert parties.watcher.elsewhere() == []
