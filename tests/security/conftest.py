@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NATS
@@ -286,7 +285,3 @@ async def fleet(
             await nc.close()
     stop.set()
     await asyncio.wait_for(task, 10)
-
-
-def decode_json(data: bytes) -> Any:
-    return msgspec.json.decode(data)
