@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 Clock = Callable[[], datetime]
 
@@ -60,3 +61,18 @@ async def sleep_or_stop(seconds: float, *stops: asyncio.Event) -> bool:
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
+
+
+async def cancel_and_wait(task: asyncio.Future[Any], *, every_s: float = 0.5) -> None:
+    """Cancel ``task`` and return once it has ended, whatever it raised.
+
+    Python 3.11's ``asyncio.wait_for`` (under every nats-py request) loses a cancellation that
+    arrives as its inner future completes; the task then runs on, and a plain ``cancel(); await``
+    waited for ever (a replica's stop hung so in the suite). So the cancel is repeated until the
+    task is done.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=every_s)
+    if not task.cancelled():
+        task.exception()  # retrieved: its end was wanted, not a failure to report

@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from damm import log
+from damm.clock import cancel_and_wait
 from damm.control.state import DecisionState
 from damm.errors import Code
 from damm.events import codec
@@ -228,6 +229,5 @@ class StateFollower:
 
     async def stop(self) -> None:
         if self._resuming is not None:
-            self._resuming.cancel()
-            await asyncio.gather(self._resuming, return_exceptions=True)
+            await cancel_and_wait(self._resuming)
         await self._unsubscribe()

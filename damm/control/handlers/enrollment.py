@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from damm import log
+from damm.clock import cancel_and_wait
 from damm.control.context import APPEND_ACK_TIMEOUT_S, Attempts, Context, Planned
 from damm.control.placement_view import candidates, pools, tier_policy
 from damm.control.state import DecisionState, DeviceState, TokenState
@@ -335,8 +336,7 @@ class EnrollmentCommitter:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
         for waiting in self._queue:
             _settle(waiting.future, DammError(Code.UNAVAILABLE, "control plane stopping"))
 

@@ -16,7 +16,6 @@ appears in an event (only its id and the payload digest do).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import re
 import uuid
@@ -37,6 +36,7 @@ from damm.catalog.document import (
     encode_signed,
 )
 from damm.catalog.signing import CatalogSigner, build_catalog
+from damm.clock import cancel_and_wait
 from damm.control.context import Context
 from damm.control.state import GatewayState
 from damm.domain.health import gateway_health
@@ -297,9 +297,7 @@ class CatalogPublisher:
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -15,6 +15,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from damm import log
+from damm.clock import cancel_and_wait
 from damm.control.leadership import Leadership
 from damm.control.state import DecisionState, PeerChange
 from damm.protocol import messages as p
@@ -81,5 +82,4 @@ class PeerPublisher:
         with contextlib.suppress(ValueError):
             self.state.peer_listeners.remove(self._on_change)
         if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
