@@ -37,7 +37,7 @@ from damm.agent import egress as nat
 from damm.agent.identity import load_or_create_key
 from damm.agent.ledger import UsageLedger
 from damm.agent.metrics import measure
-from damm.clock import sleep_or_stop
+from damm.clock import cancel_and_wait, sleep_or_stop
 from damm.errors import Code, DammError
 from damm.metrics import AgentMetrics
 from damm.protocol import messages as p
@@ -163,9 +163,7 @@ class GatewayAgent:
             ]
             waiter = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in [waiter, *tasks]:
-                task.cancel()
-            await asyncio.gather(waiter, *tasks, return_exceptions=True)
+            await asyncio.gather(*(cancel_and_wait(t) for t in [waiter, *tasks]))
             for task in tasks:
                 if task in done and not task.cancelled() and (exc := task.exception()):
                     raise exc

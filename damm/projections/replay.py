@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from damm import log
+from damm.clock import cancel_and_wait
 from damm.errors import Code, DammError
 from damm.projections.migrate import check_schema, migrate
 from damm.projections.readmodels import REPLAYED_TABLES
@@ -269,10 +270,7 @@ async def _fold(
                 progress(done, upto)
         await reader
     finally:
-        if not reader.done():
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+        await cancel_and_wait(reader)
     return done
 
 
