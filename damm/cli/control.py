@@ -27,7 +27,7 @@ def control() -> None:
     envvar="DAMM_KEYS_DIR",
     default="/var/lib/damm/keys",
     show_default=True,
-    help="catalog signing and rotation keys (0600)",
+    help="keys of a deployment from before keys lived in the log: imported on first start",
 )
 @click.option("--no-projectors", is_flag=True, help="serve requests only")
 @click.option(

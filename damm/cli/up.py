@@ -152,7 +152,7 @@ async def up(
             pg = Postgres(directory / "pgdata")
             database_url = await asyncio.to_thread(pg.start)
             stack.callback(pg.stop)
-        settings = ControlSettings.from_env(directory / "keys")
+        settings = ControlSettings.from_env(directory / "keys", kek_file=directory / "kek")
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
