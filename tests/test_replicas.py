@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -417,3 +420,26 @@ async def test_leadership_moves_within_the_bound_when_the_leader_loses_nats(
     finally:
         await b.stop()
         await a.stop()
+
+
+def test_control_run_without_a_kek_says_so(tmp_path: Path, nats_server: NatsServer) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DAMM_KEK")}
+    env |= {
+        "DAMM_NATS_URL": nats_server.url,
+        "DAMM_DATABASE_URL": "postgresql://nobody@/none",
+        "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
+        "DAMM_HOME": str(tmp_path / "nohome"),
+    }
+    damm = str(Path(sys.executable).parent / "damm")
+    done = subprocess.run(
+        [damm, "control", "run", "--keys-dir", str(tmp_path / "keys")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == Code.KEK_MISSING.exit_status, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: {Code.KEK_MISSING.slug}: " + Code.KEK_MISSING.message
+    ]
