@@ -23,6 +23,7 @@ from nats.aio.client import Client as NATS
 from damm.catalog.document import decode_signed
 from damm.catalog.signing import CatalogSigner
 from damm.catalog.verify import TrustState, initial_trust, verify
+from damm.control.handlers import signing_keys
 from damm.control.leadership import LEASE_BUCKET, Leadership
 from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
@@ -243,6 +244,18 @@ async def test_rotation_across_replicas(
     assert announced.published
     await fetch_all()  # every device now pins the next key, whichever replica it asked
     assert all(announced.key_id in t.pinned for t in trusts)
+    # Enrolled between announce and activate, and fetching nothing before the switch: its
+    # enrollment pinned the announced key too.
+    between = await enroll(device_nc, fleet["token"])
+    assert between.catalog is not None
+    assert [k.key_id for k in between.catalog.next_keys] == [announced.key_id]
+    quiet = initial_trust(
+        "eu",
+        between.catalog.key_id,
+        between.catalog.public_key,
+        between.catalog.min_version,
+        between.catalog.next_keys,
+    )
 
     activated = await second.signing_keys.activate(p.Empty(), Call("activate", ADMIN))
     assert activated.key_id == announced.key_id and activated.retired_key_id == old_key
@@ -255,6 +268,7 @@ async def test_rotation_across_replicas(
     await fetch_all()
     for source in (control, second):
         assert decode_signed(await fetch(source)).key_id == announced.key_id
+        verify(await fetch(source), quiet, now=int(time.time()))
     after = [await enroll(device_nc, fleet["token"]) for _ in range(12)]
     assert {d.catalog.key_id for d in after} == {announced.key_id}  # type: ignore[union-attr]
     # a device enrolled after the switch verifies what either replica serves
@@ -268,6 +282,32 @@ async def test_rotation_across_replicas(
     with pytest.raises(DammError) as info:
         await control.signing_keys.activate(p.Empty(), Call("again", ADMIN))
     assert info.value.code is Code.NOT_FOUND
+
+
+async def test_a_fetch_during_the_switch_waits_for_the_new_key(
+    control: ControlPlane,
+    second: ControlPlane,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Between an activation and the leader's next catalog, a replica does not hand a device
+    that pinned the new key a catalog signed by the retired one."""
+    await setup_fleet(admin_nc, gateway_nc)
+    await until(lambda: published(control) is not None and published(second) is not None)
+    leader = leader_of(control, second)
+    follower = second if leader is control else control
+    assert leader.catalogs is not None and follower.signing_keys is not None
+    await follower.signing_keys.announce(p.Empty(), Call("announce", ADMIN))
+    await leader.catalogs.stop()  # the leader is slow to publish
+    monkeypatch.setattr(signing_keys, "PUBLISH_WAIT_S", 0.3)
+    activated = await follower.signing_keys.activate(p.Empty(), Call("activate", ADMIN))
+    assert not activated.published
+    waiting = asyncio.create_task(fetch(follower))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    leader.catalogs.start()
+    assert decode_signed(await waiting).key_id == activated.key_id
 
 
 # --- leadership ---------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ _country = re.compile(COUNTRY_PATTERN)
 ACTOR = m.Actor("system", "catalog-publisher")
 MAX_ATTEMPTS = 5
 KEYRING_POLL_S = 0.02
+SWITCH_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,19 @@ class CatalogPublisher:
             current = self.ctx.state.catalogs.get(req.region)
         if current is None:
             raise DammError(Code.NOT_FOUND, f"no catalog for region {req.region!r}")
+        if current.key_id != self.ctx.state.keyring.active:
+            current = await self._after_switch(req.region, current)
         return p.SignedCatalogReply(signed=current.signed)
+
+    async def _after_switch(self, region: str, current: m.CatalogPublished) -> m.CatalogPublished:
+        """Just after an activation, wait (bounded) for the leader's catalog under the new key:
+        devices enrolled since pin only that key and would refuse the previous catalog."""
+        for _ in range(round(SWITCH_WAIT_S / KEYRING_POLL_S)):
+            latest = self.ctx.state.catalogs.get(region, current)
+            if latest.key_id == self.ctx.state.keyring.active:
+                return latest
+            await asyncio.sleep(KEYRING_POLL_S)
+        return self.ctx.state.catalogs.get(region, current)
 
     # --- building -----------------------------------------------------------------------------
 
