@@ -102,6 +102,11 @@ class Leadership:
                         replicas=self.replicas,
                     )
                 )
+            # The server enforces the bucket's TTL, whoever created it: fence ourselves by it.
+            bucket_ttl = (await self._kv.status()).ttl
+            if bucket_ttl and bucket_ttl != self.ttl_s:
+                _log.warning("lease TTL is the bucket's", configured=self.ttl_s, bucket=bucket_ttl)
+                self.ttl_s = bucket_ttl
         return self._kv
 
     async def _round(self) -> None:
