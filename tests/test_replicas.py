@@ -395,7 +395,10 @@ async def test_leadership_moves_when_the_leader_stops(
     await a.start()
     await b.start()
     try:
-        leader = leader_of(a, b) if await _any_leader(a, b) else a
+        await until(
+            lambda: any(x.leadership is not None and x.leadership.is_leader for x in (a, b))
+        )
+        leader = leader_of(a, b)
         other = b if leader is a else a
         await leader.stop()
         assert other.leadership is not None
@@ -405,11 +408,6 @@ async def test_leadership_moves_when_the_leader_stops(
     finally:
         await a.stop()
         await b.stop()
-
-
-async def _any_leader(*planes: ControlPlane) -> bool:
-    await until(lambda: any(x.leadership is not None and x.leadership.is_leader for x in planes))
-    return True
 
 
 class Proxy:
@@ -474,12 +472,13 @@ async def test_leadership_moves_within_the_bound_when_the_leader_loses_nats(
         await a.stop()
 
 
-def test_control_run_without_a_kek_says_so(tmp_path: Path, nats_server: NatsServer) -> None:
+def test_control_run_without_a_kek_says_so(tmp_path: Path) -> None:
+    """Refused before it connects anywhere: no server is needed to show it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DAMM_KEK")}
     env |= {
-        "DAMM_NATS_URL": nats_server.url,
+        "DAMM_NATS_URL": "nats://127.0.0.1:1",
         "DAMM_DATABASE_URL": "postgresql://nobody@/none",
-        "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
+        "DAMM_CONTROL_PASSWORD": "unused",
         "DAMM_HOME": str(tmp_path / "nohome"),
     }
     damm = str(Path(sys.executable).parent / "damm")
