@@ -410,6 +410,18 @@ async def test_leadership_moves_when_the_leader_stops(
         await b.stop()
 
 
+async def test_a_renewal_that_landed_unseen_keeps_the_lease(control: ControlPlane) -> None:
+    """A renewal that timed out here but reached the server must not cost the lease."""
+    lead = control.leadership
+    assert lead is not None
+    await asyncio.wait_for(lead.gained.wait(), 5)
+    term, since = lead.term, lead.changed_at
+    stale = lead.revision - 1
+    lead.revision = stale  # as if our last update's acknowledgement never arrived
+    await until(lambda: lead.revision > stale + 1, 5)
+    assert lead.is_leader and lead.term == term and lead.changed_at == since
+
+
 class Proxy:
     """A TCP relay to nats-server that a test can cut: the leader 'loses NATS' for real."""
 

@@ -125,7 +125,11 @@ class Leadership:
                 )
                 await self._begin_term(revision, started)
         except KeyValueError as exc:
-            # Another holder's key (create) or a lease that moved on without us (update).
+            # Another holder's key (create) or a lease that moved on without us (update) -- or
+            # our own earlier write that timed out here but landed: then the lease is still ours.
+            with contextlib.suppress(Exception):
+                if await self._reclaim(started):
+                    return
             if self.is_leader:
                 self.depose(f"lease lost: {exc.description or exc!r}")
         except asyncio.CancelledError:
@@ -135,6 +139,20 @@ class Leadership:
             self._kv = None if not self.nc.is_connected else self._kv
         if self.is_leader and loop.time() >= self._renewed_at + self.ttl_s - self.renew_s:
             self.depose("lease not renewed in time")
+
+    async def _reclaim(self, started: float) -> bool:
+        """If the lease key holds our name, write it again from its revision and keep it."""
+        entry = await asyncio.wait_for(self._kv.get(self.key), self.renew_s)
+        if entry is None or entry.value != self.holder.encode():
+            return False
+        revision = await asyncio.wait_for(
+            self._kv.update(self.key, self.holder.encode(), last=entry.revision), self.renew_s
+        )
+        if self.is_leader:
+            self.revision, self._renewed_at = revision, started
+        else:
+            await self._begin_term(revision, started)
+        return True
 
     async def _begin_term(self, revision: int, started: float) -> None:
         """Record the new term in the log before acting as leader: it fences the previous one."""
