@@ -34,6 +34,9 @@ def home() -> Path:
     return Path(_env("DAMM_HOME", ".damm")).absolute()
 
 
+LOCAL_KEK = "kek"  # the KEK `damm up` generates in DAMM_HOME when none is configured
+
+
 def log_level(default: str = "info") -> str:
     return _env("DAMM_LOG_LEVEL", default)
 

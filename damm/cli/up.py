@@ -23,7 +23,7 @@ from damm.errors import Code, DammError
 from damm.metrics import ControlMetrics
 from damm.private_files import private_dir, write_atomic
 from damm.protocol.bus import connect
-from damm.settings import ControlSettings
+from damm.settings import LOCAL_KEK, ControlSettings
 from damm.stack import processes
 from damm.stack.control_process import spawn_control
 from damm.stack.gateway_users import follow_gateways
@@ -152,7 +152,7 @@ async def up(
             pg = Postgres(directory / "pgdata")
             database_url = await asyncio.to_thread(pg.start)
             stack.callback(pg.stop)
-        settings = ControlSettings.from_env(directory / "keys", kek_file=directory / "kek")
+        settings = ControlSettings.from_env(directory / "keys", kek_file=directory / LOCAL_KEK)
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
