@@ -64,6 +64,7 @@ ACTOR = m.Actor("system", "catalog-publisher")
 MAX_ATTEMPTS = 5
 KEYRING_POLL_S = 0.02
 SWITCH_WAIT_S = 2.0
+FIRST_WAIT_S = 5.0  # a leader election (lease TTL) and one publication
 
 
 @dataclass(frozen=True)
@@ -118,13 +119,16 @@ class CatalogPublisher:
     async def get(self, req: p.GetCatalog, call: Call) -> p.SignedCatalogReply:
         """What the leader published last, as this replica folded it: the same on every one."""
         current = self.ctx.state.catalogs.get(req.region)
-        # Not published yet (just started, or a region that appeared a moment ago).
+        # Not published yet (just started, or a region that appeared a moment ago): wait, bounded,
+        # for the leader's first one -- ours, if we lead or come to lead meanwhile.
         if current is None and req.region in self.regions():
-            if self.leads():
-                await self.tick()
-            else:
-                await self.ctx.follower.sync()
-            current = self.ctx.state.catalogs.get(req.region)
+            for _ in range(round(FIRST_WAIT_S / KEYRING_POLL_S)):
+                if self.leads():
+                    await self.tick()
+                current = self.ctx.state.catalogs.get(req.region)
+                if current is not None:
+                    break
+                await asyncio.sleep(KEYRING_POLL_S)
         if current is None:
             raise DammError(Code.NOT_FOUND, f"no catalog for region {req.region!r}")
         if current.key_id != self.ctx.state.keyring.active:
