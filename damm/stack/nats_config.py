@@ -76,6 +76,7 @@ CONTROL_PUBLISH = [
     f"{PEERS_PREFIX}.>",
     f"{GATEWAY_REPLY_PREFIX}.>",
     "$JS.API.>",
+    "$KV.damm_leader.>",  # the leader lease (control/leadership.py)
     "$JS.ACK.>",
     "$JS.FC.>",
     f"$O.{SNAPSHOT_BUCKET}.>",  # decision-state snapshots (object store chunks and metadata)
