@@ -33,6 +33,7 @@ from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.streams import ensure_streams
+from damm.private_files import load_or_create_seed
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -143,6 +144,10 @@ class Stack:
         return ",".join(s.url for s in self.servers)
 
     @property
+    def kek_file(self) -> Path:
+        return self.root / "kek"
+
+    @property
     def password(self) -> str:
         return self.servers[0].passwords["control"]
 
@@ -159,6 +164,9 @@ class Stack:
             await ensure_streams(nc.jetstream(), min(self.nodes, 3))
         finally:
             await nc.close()
+        # Every replica opens the one keyring sealed in the log, so all share one KEK.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        load_or_create_seed(self.kek_file, "key-encryption key")
         for i in range(len(self.planes)):
             self.spawn_plane(i)
         self.admin = await connect(
@@ -177,12 +185,13 @@ class Stack:
             self.url,
             self.dsn,
             self.password,
-            self.root / "keys",  # shared: per-process catalog keys are issue 11, finding 1
+            self.root / "keys",
             self.root / f"control-{i}.log",
             projectors=i == 0,
             stream_replicas=min(self.nodes, 3),
             log_level=self.log_level,
             extra_env={"DAMM_OVERLAY": OVERLAY},
+            kek_file=self.kek_file,
         )
 
     def spawn_agent(self, gw: str) -> None:
