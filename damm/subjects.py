@@ -11,6 +11,7 @@ import re
 from damm.errors import Code, DammError
 
 SNAPSHOT_BUCKET = "damm-snapshots"  # object store of decision-state snapshots
+LEASE_BUCKET = "damm_leader"  # key-value bucket of the leader lease (control/leadership.py)
 EVENTS_STREAM = "DAMM_EVENTS"
 TELEMETRY_STREAM = "DAMM_TELEMETRY"
 EVENT_PREFIX = "damm.evt"

@@ -24,7 +24,7 @@ from damm.catalog.document import decode_signed
 from damm.catalog.signing import CatalogSigner
 from damm.catalog.verify import TrustState, initial_trust, verify
 from damm.control.handlers import signing_keys
-from damm.control.leadership import LEASE_BUCKET, Leadership
+from damm.control.leadership import Leadership
 from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
@@ -37,7 +37,7 @@ from damm.protocol.client import call
 from damm.protocol.router import Call
 from damm.settings import ControlSettings
 from damm.stack.nats_server import NatsServer
-from damm.subjects import EVENTS_STREAM
+from damm.subjects import EVENTS_STREAM, LEASE_BUCKET
 from tests.fleet import enroll, setup_fleet
 
 ADMIN = m.Actor("admin", "test")

@@ -36,11 +36,10 @@ from damm.clock import sleep_or_stop
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
 from damm.settings import ControlSettings
-from damm.subjects import LEADER_TERM_SUBJECT
+from damm.subjects import LEADER_TERM_SUBJECT, LEASE_BUCKET
 
 _log = log.get("damm.leadership")
 
-LEASE_BUCKET = "damm_leader"
 ACTOR = m.Actor("system", "leadership")
 
 
