@@ -280,6 +280,7 @@ async def test_rotation_across_replicas(
         verify(await fetch(source), quiet, now=int(time.time()))
     after = [await enroll(device_nc, fleet["token"]) for _ in range(12)]
     assert {d.catalog.key_id for d in after} == {announced.key_id}  # type: ignore[union-attr]
+    assert not any(old_key in {k.key_id for k in d.catalog.next_keys} for d in after)  # type: ignore[union-attr]
     # a device enrolled after the switch verifies what either replica serves
     dev = after[-1]
     assert dev.catalog is not None

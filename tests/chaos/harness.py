@@ -116,9 +116,17 @@ class Stack:
     """NATS (one node or a cluster), control planes and gateway agents as processes."""
 
     def __init__(
-        self, root: Path, dsn: str, *, nodes: int, planes: int, pg: Postgres | None = None
+        self,
+        root: Path,
+        dsn: str,
+        *,
+        nodes: int,
+        planes: int,
+        pg: Postgres | None = None,
+        log_level: str = "warning",
     ) -> None:
         self.root = root
+        self.log_level = log_level
         self.dsn = dsn
         self.pg = pg  # the run's own PostgreSQL, when a fault may kill it
         self.nodes = nodes
