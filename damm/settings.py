@@ -109,7 +109,6 @@ class ControlSettings:
     kek: KeyEncryptionKey | None = field(default=None, repr=False, compare=False)
     lease_ttl_s: float = 3.0
     lease_renew_s: float = 0.5
-    lease_replicas: int = 1  # the lease bucket's replicas on a JetStream cluster
 
     @classmethod
     def from_env(cls, keys_dir: Path, kek_file: Path | None = None) -> ControlSettings:

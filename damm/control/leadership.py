@@ -36,7 +36,7 @@ from damm.clock import sleep_or_stop
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
 from damm.settings import ControlSettings
-from damm.subjects import LEADER_TERM_SUBJECT, LEASE_BUCKET
+from damm.subjects import EVENTS_STREAM, LEADER_TERM_SUBJECT, LEASE_BUCKET
 
 _log = log.get("damm.leadership")
 
@@ -54,14 +54,12 @@ class Leadership:
         *,
         ttl_s: float = 3.0,
         renew_s: float = 0.5,
-        replicas: int = 1,
     ) -> None:
         self.nc = nc
         self.store = store
         self.key = name
         self.ttl_s = ttl_s
         self.renew_s = renew_s
-        self.replicas = replicas
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.is_leader = False
         self.term = 0  # the lease revision we won it with; 0 while not leading
@@ -88,6 +86,9 @@ class Leadership:
     async def _bucket(self) -> Any:
         if self._kv is None:
             js = self.nc.jetstream(timeout=max(self.renew_s, 0.5))
+            # As available as the log: on a cluster, the loss of one node must not stop the
+            # lease (a lease on that node alone would leave no process to publish).
+            replicas = int((await js.stream_info(EVENTS_STREAM)).config.num_replicas or 1)
             try:
                 self._kv = await js.key_value(LEASE_BUCKET)
             except BucketNotFoundError:
@@ -98,9 +99,14 @@ class Leadership:
                         history=1,
                         ttl=self.ttl_s,
                         storage=StorageType.FILE,
-                        replicas=self.replicas,
+                        replicas=replicas,
                     )
                 )
+            else:
+                lease = await js.stream_info(f"KV_{LEASE_BUCKET}")
+                if int(lease.config.num_replicas or 1) < replicas:
+                    lease.config.num_replicas = replicas
+                    await js.update_stream(lease.config)
             # The server enforces the bucket's TTL, whoever created it: fence ourselves by it.
             bucket_ttl = (await self._kv.status()).ttl
             if bucket_ttl and bucket_ttl != self.ttl_s:

@@ -143,7 +143,6 @@ class ControlPlane:
             self.schema,
             ttl_s=self.settings.lease_ttl_s,
             renew_s=self.settings.lease_renew_s,
-            replicas=self.settings.lease_replicas,
         )
         nc, leadership = self.nc, self.leadership
         self.metrics.follow(
