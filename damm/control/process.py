@@ -12,6 +12,7 @@ import contextlib
 from dataclasses import dataclass, field
 
 import asyncpg
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
 from damm import log
@@ -223,10 +224,20 @@ class ControlPlane:
     async def wait_projected(self, timeout: float = 10.0) -> None:
         """Wait until the read models hold everything in the event stream now (tests, CLI)."""
         assert self.nc is not None
-        info = await self.nc.jetstream().stream_info(EVENTS_STREAM)
-        target = int(info.state.last_seq)
+        js = self.nc.jetstream()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while True:
+            try:
+                info = await js.stream_info(EVENTS_STREAM)
+                break
+            except nats.js.errors.ServiceUnavailableError:
+                # nats-server reloads its configuration when a gateway user is added, and its
+                # JetStream API does not answer for a moment: wait that out, as audit reads do.
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        target = int(info.state.last_seq)
         while any(p.applied_seq < target for p in self.projectors[:1]):
             if loop.time() > deadline:
                 raise TimeoutError(f"projection stuck below {target}")
