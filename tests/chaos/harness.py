@@ -123,7 +123,7 @@ class Stack:
         nodes: int,
         planes: int,
         pg: Postgres | None = None,
-        log_level: str = "warning",
+        log_level: str = "warning",  # of the control planes; "info" shows reconnects and resumes
     ) -> None:
         self.root = root
         self.log_level = log_level
@@ -137,7 +137,6 @@ class Stack:
         self.admin: NATS | None = None
         self.fleet: dict[str, str] = {}
         self.networks: dict[str, Network] = {}
-        self.log_level = "warning"  # of the control planes; "info" shows reconnects and resumes
         self._traffic: asyncio.Task[None] | None = None
 
     @property
