@@ -216,6 +216,7 @@ async def main() -> None:
         "DAMM_DATABASE_URL": dsn,
         "DAMM_CONTROL_PASSWORD": nats_server.passwords["control"],
         "DAMM_OVERLAY": OVERLAY,
+        "DAMM_KEK": base64.b64encode(os.urandom(32)).decode(),
         "DAMM_LOG_LEVEL": "error",
         "DAMM_SNAPSHOT_INTERVAL": "5",
         "DAMM_SNAPSHOT_MIN_EVENTS": "1000000000",  # no snapshot until asked for

@@ -92,6 +92,7 @@ async def bench_boot(boots: int) -> None:
     from damm import netns
     from damm.control.process import ControlPlane
     from damm.domain.ipam import Overlay
+    from damm.keys.sealing import LocalKek
     from damm.orchestrator.loop import Orchestrator, build_providers
     from damm.orchestrator.providers.netns import NetnsProvider
     from damm.protocol.bus import connect
@@ -109,7 +110,9 @@ async def bench_boot(boots: int) -> None:
     nats.start()
     pg = Postgres(root / "pg", delete_on_stop=True)
     dsn = pg.start()
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=root / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=root / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(nats.url, dsn, settings, password=nats.passwords["control"])
     await plane.start()
     assert plane.ctx is not None

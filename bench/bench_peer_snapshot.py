@@ -38,6 +38,7 @@ from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.events import model as m
 from damm.events.store import Append, envelope
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -65,7 +66,9 @@ async def main(count: int, repeat: int, profile: bool) -> int:
     nats_server.start()
     pg = Postgres(root / "pgdata", delete_on_stop=True)
     dsn = pg.start()
-    settings = ControlSettings(overlay=Overlay.parse("10.32.0.0/12"), keys_dir=root / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.32.0.0/12"), keys_dir=root / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
     await plane.start()
     assert plane.ctx is not None and plane.leadership is not None

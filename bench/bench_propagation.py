@@ -33,6 +33,7 @@ from damm.agent.runner import AgentConfig, GatewayAgent
 from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -62,7 +63,9 @@ async def main(changes: int, rate: float, backend_kind: str) -> None:
     nats_server.start()
     pg = Postgres(root / "pgdata", delete_on_stop=True)
     dsn = pg.start()
-    settings = ControlSettings(overlay=Overlay.parse("10.40.0.0/16"), keys_dir=root / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.40.0.0/16"), keys_dir=root / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(nats_server.url, dsn, settings, password=nats_server.passwords["control"])
     await plane.start()
     assert plane.ctx is not None

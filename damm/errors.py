@@ -91,6 +91,14 @@ class Code(enum.Enum):
     EVENT_QUARANTINED = ErrorSpec(
         "an event could not be applied to the read models and was quarantined", exit_status=4
     )
+    # keys sealed in the log
+    KEK_MISSING = ErrorSpec(
+        "no key-encryption key is configured: set DAMM_KEK or DAMM_KEK_FILE", exit_status=2
+    )
+    KEK_MISMATCH = ErrorSpec("the key-encryption key does not open the keys sealed in the log")
+    NOT_LEADER = ErrorSpec(
+        "this control-plane process no longer leads; a newer term took over", True
+    )
     # local state
     STATE_MISSING = ErrorSpec("the device state directory is missing or incomplete")
     # orchestrator: topology, plans, providers and guardrail refusals

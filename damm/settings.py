@@ -18,6 +18,8 @@ from typing import Literal
 from damm.domain.ipam import Overlay
 from damm.domain.throttle import Rate
 from damm.errors import Code, DammError
+from damm.keys.sealing import KeyEncryptionKey, LocalKek, kek_from_env
+from damm.private_files import load_or_create_seed
 
 UsagePeriod = Literal["month", "week", "day"]
 USAGE_PERIODS: tuple[UsagePeriod, ...] = ("month", "week", "day")
@@ -30,6 +32,9 @@ def _env(name: str, default: str) -> str:
 def home() -> Path:
     """Where `damm up` keeps its data and stack file."""
     return Path(_env("DAMM_HOME", ".damm")).absolute()
+
+
+LOCAL_KEK = "kek"  # the KEK `damm up` generates in DAMM_HOME when none is configured
 
 
 def log_level(default: str = "info") -> str:
@@ -85,6 +90,8 @@ class ControlSettings:
     client_allowed_ips: tuple[str, ...] = ("0.0.0.0/0", "::/0")
     heartbeat_ttl_s: float = 90.0
     catalog_ttl_s: int = 3600
+    # Only read on a first start, to import the keys of a deployment from before the keyring
+    # lived in the log; nothing is written there any more.
     keys_dir: Path = Path(".damm/keys")
     # Peers at which a gateway's reported load reads 1.0 (the agent's --capacity): placement
     # weighs the devices it assigned since a heartbeat in the same unit.
@@ -98,13 +105,22 @@ class ControlSettings:
     # Unauthenticated requests (enrollment, catalog), per connection and per source address.
     throttle_connection: Rate = field(default_factory=lambda: Rate(2.0, 10.0))
     throttle_source: Rate = field(default_factory=lambda: Rate(20.0, 100.0))
+    # Seals the signing and rotation keys in the log; every replica needs the same one.
+    kek: KeyEncryptionKey | None = field(default=None, repr=False, compare=False)
+    lease_ttl_s: float = 3.0
+    lease_renew_s: float = 0.5
 
     @classmethod
-    def from_env(cls, keys_dir: Path) -> ControlSettings:
+    def from_env(cls, keys_dir: Path, kek_file: Path | None = None) -> ControlSettings:
+        """``kek_file``: where a local stack keeps a generated KEK when none is configured."""
         overlay = Overlay.parse(
             _env("DAMM_OVERLAY", "10.44.0.0/24"), ula=os.environ.get("DAMM_OVERLAY6") or None
         )
         dns = tuple(x for x in _env("DAMM_DNS", str(overlay.gateway)).split(",") if x)
+        kek: KeyEncryptionKey | None = kek_from_env(os.environ)
+        if kek is None and kek_file is not None:
+            kek_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            kek = LocalKek(load_or_create_seed(kek_file, "key-encryption key"))
         return cls(
             overlay=overlay,
             dns=dns,
@@ -116,6 +132,9 @@ class ControlSettings:
             keys_dir=keys_dir,
             throttle_connection=_rate("DAMM_THROTTLE_CONNECTION", "2/10"),
             throttle_source=_rate("DAMM_THROTTLE_SOURCE", "20/100"),
+            kek=kek,
+            lease_ttl_s=float(_env("DAMM_LEASE_TTL", "3")),
+            lease_renew_s=float(_env("DAMM_LEASE_RENEW", "0.5")),
         )
 
 

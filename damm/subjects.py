@@ -11,6 +11,7 @@ import re
 from damm.errors import Code, DammError
 
 SNAPSHOT_BUCKET = "damm-snapshots"  # object store of decision-state snapshots
+LEASE_BUCKET = "damm_leader"  # key-value bucket of the leader lease (control/leadership.py)
 EVENTS_STREAM = "DAMM_EVENTS"
 TELEMETRY_STREAM = "DAMM_TELEMETRY"
 EVENT_PREFIX = "damm.evt"
@@ -35,6 +36,15 @@ def aggregate(kind: str, ident: str) -> str:
 def event_subject(kind: str, ident: str) -> str:
     return f"{EVENT_PREFIX}.{kind}.{check_id(ident)}"
 
+
+# Catalog signing keys and the rotation key: one subject each, so every change to a keyring is
+# appended with the expectation of the one before it.
+CATALOG_KEYRING = f"{EVENT_PREFIX}.keyring.catalog"
+ROTATION_KEYRING = f"{EVENT_PREFIX}.keyring.rotation"
+# Every catalog publication and every leader term marker: a publication expects the last
+# sequence of the whole family, so a new term's marker fences out the previous leader.
+CATALOG_FAMILY = f"{EVENT_PREFIX}.catalog.>"
+LEADER_TERM_SUBJECT = f"{EVENT_PREFIX}.catalog.leader.term"  # two tokens: never a region's
 
 DEFAULT_POOL = "default"  # the overlay's one address pool
 

@@ -99,9 +99,12 @@ async def dsn(pg_uri: str) -> AsyncIterator[str]:
 async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator[ControlPlane]:
     from damm.control.process import ControlPlane
     from damm.domain.ipam import Overlay
+    from damm.keys.sealing import LocalKek
     from damm.settings import ControlSettings
 
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(
         nats_server.url,
         dsn,

@@ -16,9 +16,17 @@ from damm.cli.common import Target
 from damm.cli.ops import audit
 from damm.control.process import ControlPlane
 from damm.events import model as m
+from damm.events.store import envelope
 from damm.protocol import messages as p
 from damm.protocol.client import call
-from damm.reports.audit import AuditFilter, AuditReader, collect, device_as_of, parse_when
+from damm.reports.audit import (
+    AuditFilter,
+    AuditReader,
+    collect,
+    device_as_of,
+    parse_when,
+    row_of,
+)
 from damm.stack.nats_server import NatsServer
 from tests.fleet import enroll, keypair, setup_fleet
 
@@ -265,3 +273,15 @@ async def test_cli(
         runner.invoke, audit, ["--as-of", "1h"], obj=Target(nats_server.url, dsn)
     )
     assert bad.exit_code != 0 and "--device" in bad.output
+
+
+def test_audit_rows_show_sizes_not_signed_catalogs_or_sealed_seeds() -> None:
+    published = m.CatalogPublished(
+        region="eu", version=3, key_id="k", digest="abc", signed=b"x" * 500
+    )
+    sealed = m.SigningKeyAnnounced(key_id="k", public_key="p", sealed_seed=b"s" * 72, kek_id="i")
+    actor = m.Actor("system", "t")
+    rows = [row_of(envelope("damm.evt.catalog.eu", e, actor=actor, correlation_id="c"))
+            for e in (published, sealed)]  # fmt: skip
+    assert rows[0].event["signed"] == "<500 bytes>" and rows[0].event["digest"] == "abc"
+    assert rows[1].event["sealed_seed"] == "<72 bytes>"

@@ -363,6 +363,15 @@ def test_initial_trust_refuses_a_key_id_that_does_not_match_the_key() -> None:
     assert code_of(excinfo) is Code.INVALID_ARGUMENT
 
 
+def test_initial_trust_pins_announced_keys_checked_like_the_signing_key() -> None:
+    trust = initial_trust("eu", SIGNER.key_id, SIGNER.public_key_b64, 0, (OTHER.announcement(),))
+    assert set(trust.pinned) == {SIGNER.key_id, OTHER.key_id}
+    forged = KeyAnnouncement(key_id=SIGNER.key_id, public_key=OTHER.public_key_b64)
+    with pytest.raises(DammError) as excinfo:
+        initial_trust("eu", SIGNER.key_id, SIGNER.public_key_b64, 0, (forged,))
+    assert code_of(excinfo) is Code.INVALID_ARGUMENT
+
+
 # -- key rotation ---------------------------------------------------------------------------
 
 

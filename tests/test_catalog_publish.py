@@ -11,17 +11,19 @@ from nats.aio.client import Client as NATS
 
 from damm.catalog.canonical import decode
 from damm.catalog.document import Catalog, decode_signed
-from damm.catalog.signing import CatalogSigner
 from damm.catalog.verify import initial_trust, verify
 from damm.control.context import Context
 from damm.control.process import ControlPlane
 from damm.control.publishers.catalogs import CatalogPublisher, catalog_subject, digest_of
 from damm.errors import Code, DammError
+from damm.events.model import Actor
 from damm.events.store import EventStore
 from damm.protocol import messages as p
 from damm.protocol.client import call
-from damm.protocol.router import Service
+from damm.protocol.router import Call, Service
 from tests.fleet import enroll, setup_fleet
+
+ADMIN = Actor("admin", "test")
 
 
 @pytest.fixture
@@ -153,7 +155,10 @@ async def test_concurrent_publishers_keep_versions_monotonic(
     now = time.time()
     assert [c.version for c in await publisher.tick(now)] == [1]
     assert [c.version for c in await other.tick(now)] == [2]  # knows the log, not the content
-    publisher.announce_next(CatalogSigner.generate())  # forces a change
+    await call(admin_nc, "admin.gateway.front_door",
+               p.SetFrontDoor(gateway_id="gw1", front_door_id="fd2",
+                              endpoint="192.0.2.2:51820", priority=20), p.Done)  # fmt: skip
+    await ctx.follower.sync()  # a change to publish
     # publisher still expects the subject at version 1's sequence: conflict, reload, retry.
     assert [c.version for c in await publisher.tick(now)] == [3]
 
@@ -186,23 +191,28 @@ async def test_catalog_get_over_nats_verifies_with_enrollment_trust(
 
 
 async def test_key_rotation_announced_then_switched(
-    ctx: Context, publisher: CatalogPublisher, admin_nc: NATS, gateway_nc: NATS
+    ctx: Context,
+    control: ControlPlane,
+    publisher: CatalogPublisher,
+    admin_nc: NATS,
+    gateway_nc: NATS,
 ) -> None:
     await setup_fleet(admin_nc, gateway_nc)
     await ctx.follower.sync()
     key1 = ctx.signer
-    key2 = CatalogSigner.generate()
     trust = initial_trust("eu", key1.key_id, key1.public_key_b64)
     now = time.time()
     await publisher.tick(now)
+    keys = control.signing_keys
+    assert keys is not None
 
-    publisher.announce_next(key2)
+    key2 = await keys.announce(p.Empty(), Call("announce", ADMIN))
     [announced] = await publisher.tick(now + 1)
     assert announced.signed is not None and announced.signed.key_id == key1.key_id
     assert [k.key_id for k in catalog_of(publisher).next_keys] == [key2.key_id]
 
-    publisher.rotate_to(key2)
-    assert ctx.signer is key2  # new enrollments pin the new key
+    await keys.activate(p.Empty(), Call("activate", ADMIN))
+    assert ctx.signer.key_id == key2.key_id  # new enrollments pin the new key
     [switched] = await publisher.tick(now + 2)
     assert switched.signed is not None and switched.signed.key_id == key2.key_id
     assert catalog_of(publisher).next_keys == ()

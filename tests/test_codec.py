@@ -37,6 +37,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.none()
     if tp is str:
         return st.text(max_size=20)
+    if tp is bytes:
+        return st.binary(max_size=64)
     if tp is bool:
         return st.booleans()
     if tp is int:

@@ -28,6 +28,7 @@ from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events.model import Envelope
 from damm.keys.rotation import prove
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.subjects import EVENTS_STREAM
@@ -152,7 +153,9 @@ async def test_pool_exhausted(
     from damm.domain.ipam import Overlay
     from damm.settings import ControlSettings
 
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/28"), keys_dir=tmp_path / "k")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/28"), keys_dir=tmp_path / "k", kek=LocalKek.generate()
+    )
     plane = ControlPlane(
         nats_server.url,
         dsn,
@@ -229,12 +232,18 @@ async def test_500_concurrent_enrollments(
     other = ControlPlane(
         control.nats_url,
         dsn,
-        ControlSettings(overlay=Overlay.parse("10.44.0.0/16"), keys_dir=tmp_path / "k2"),
+        ControlSettings(
+            overlay=Overlay.parse("10.44.0.0/16"),
+            keys_dir=tmp_path / "k2",
+            kek=control.settings.kek,
+        ),
         password=control.password,
         run_projectors=False,
     )
     control.ctx.settings.__dict__["overlay"] = Overlay.parse("10.44.0.0/16")  # type: ignore[union-attr]
+    keyring = control.ctx.state.keyring  # type: ignore[union-attr]
     control.ctx.state.__init__(Overlay.parse("10.44.0.0/16"))  # type: ignore[union-attr, misc]
+    control.ctx.state.keyring = keyring  # type: ignore[union-attr]
     await control._follower.sync()  # type: ignore[union-attr]
     await other.start()
     try:

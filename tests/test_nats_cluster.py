@@ -13,6 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from nats.js.api import KeyValueConfig
+
+from damm.control.leadership import Leadership
+from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.keys import nats_identity
 from damm.protocol import messages as p
@@ -22,7 +26,7 @@ from damm.stack.nats_cluster import NatsCluster, until_meta_leader
 from damm.stack.nats_config import callout_env, production_cluster
 from damm.stack.nats_server import binary
 from damm.stack.stackfile import StackFile
-from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
+from damm.subjects import EVENTS_STREAM, LEASE_BUCKET, TELEMETRY_STREAM
 from tests.fleet import enroll, setup_fleet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +70,17 @@ async def test_a_loopback_cluster_replicates_the_streams_three_times(tmp_path: P
                 assert info.cluster is not None
                 names = {info.cluster.leader, *(r.name for r in info.cluster.replicas or [])}
                 assert names == {"damm-1", "damm-2", "damm-3"}
+            # The leader lease survives any one node, as the log does; a bucket made by a
+            # single-node deployment before is raised to the log's replicas.
+            await js.create_key_value(KeyValueConfig(bucket=LEASE_BUCKET, ttl=3.0, replicas=1))
+            lead = Leadership(nc, EventStore(nc), "damm")
+            stop = asyncio.Event()
+            running = asyncio.create_task(lead.run(stop))
+            await asyncio.wait_for(lead.gained.wait(), 30)
+            stop.set()
+            await asyncio.wait_for(running, 10)
+            lease = await js.stream_info(f"KV_{LEASE_BUCKET}")
+            assert lease.config.num_replicas == 3
         finally:
             await nc.close()
     finally:

@@ -25,6 +25,7 @@ from nats.aio.client import Client as NATS
 from damm import netns as netlab
 from damm.control.process import ControlPlane
 from damm.orchestrator.providers import relay
+from damm.private_files import load_or_create_seed
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer
@@ -139,12 +140,15 @@ async def test_control_unit_serves_and_stops(
     lines = exec_lines(ROOT / "ops" / "damm-control.service")
     assert "ExecStartPre" not in lines
     (main,) = lines["ExecStart"]
+    # What the unit's /etc/damm/control.env holds, the KEK file among it.
+    load_or_create_seed(tmp_path / "kek", "key-encryption key")
     env = dict(
         os.environ,
         **unit_env(lines),
         DAMM_NATS_URL=nats_server.url,
         DAMM_DATABASE_URL=dsn,
         DAMM_CONTROL_PASSWORD=nats_server.passwords["control"],
+        DAMM_KEK_FILE=str(tmp_path / "kek"),
         DAMM_KEYS_DIR=str(tmp_path / "keys"),
         DAMM_HOME=str(tmp_path / "home"),
     )

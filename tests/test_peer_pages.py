@@ -20,6 +20,7 @@ from damm.control.handlers.peer_snapshot import Entry, entry_bytes, page
 from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -102,7 +103,9 @@ async def wide_control(
     nats_server: NatsServer, dsn: str, tmp_path: Path
 ) -> AsyncIterator[ControlPlane]:
     """The usual control plane, on an overlay with room for a few hundred devices."""
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/22"), keys_dir=tmp_path / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/22"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(
         nats_server.url,
         dsn,

@@ -3,6 +3,7 @@ scratch, and nothing published from a partial fold."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +25,7 @@ from damm.dev.fleet_log import SyntheticFleet
 from damm.domain.ipam import Overlay
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.client import call
 from damm.settings import ControlSettings
@@ -35,9 +37,11 @@ BULK = 3_000
 
 @pytest.fixture
 def plane_factory(nats_server: NatsServer, dsn: str, tmp_path: Path) -> Callable[..., ControlPlane]:
+    kek = LocalKek.generate()  # one deployment: every plane shares the KEK
+
     def make(**overrides: object) -> ControlPlane:
         settings = ControlSettings(
-            overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys"
+            overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=kek
         )
         return ControlPlane(
             nats_server.url,
@@ -184,6 +188,15 @@ async def test_no_catalog_after_a_restart_lists_fewer_gateways_than_are_healthy(
     second = plane_factory()
     await second.start()
     planes.append(second)
+    # Every replica serves the last published catalog; the new leader then signs its own.
+    assert len((await served_catalog(device_nc)).gateways) == 1000
+    assert second.leadership is not None and second.ctx is not None
+    await asyncio.wait_for(second.leadership.gained.wait(), 10)
+    ctx = second.ctx
+    for _ in range(500):
+        if (latest := ctx.state.catalogs.get("eu")) and latest.version > before.version:
+            break
+        await asyncio.sleep(0.02)
     after = await served_catalog(device_nc)
     assert len(after.gateways) == 1000
     assert after.version == before.version + 1, "a catalog was published in between"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+from collections.abc import Iterable
 
 import msgspec
 import nacl.exceptions
@@ -24,7 +25,13 @@ from damm.catalog.canonical import (
     front_door_order,
     key_id_for,
 )
-from damm.catalog.document import Catalog, CatalogFrontDoor, SignedCatalog, decode_signed
+from damm.catalog.document import (
+    Catalog,
+    CatalogFrontDoor,
+    KeyAnnouncement,
+    SignedCatalog,
+    decode_signed,
+)
 from damm.catalog.signing import signing_message
 from damm.errors import Code, DammError
 
@@ -43,14 +50,21 @@ class TrustState(msgspec.Struct, frozen=True):
 
 
 def initial_trust(
-    region: str, key_id: str, public_key_b64: str, min_version: int = 0
+    region: str,
+    key_id: str,
+    public_key_b64: str,
+    min_version: int = 0,
+    next_keys: Iterable[KeyAnnouncement] = (),
 ) -> TrustState:
-    """The trust a device starts from at enrollment; the key id must be the one the key implies,
-    so a tampered enrollment reply cannot pin a key under another key's name."""
-    public_key = _public_key_bytes(public_key_b64, Code.INVALID_ARGUMENT)
-    if key_id_for(public_key) != key_id:
-        raise DammError(Code.INVALID_ARGUMENT, f"key id {key_id} does not match the public key")
-    return TrustState(pinned={key_id: public_key_b64}, min_version=min_version, region=region)
+    """The trust a device starts from at enrollment: the signing key and any announced next key.
+    Each key id must be the one its key implies, so a tampered enrollment reply cannot pin a key
+    under another key's name."""
+    pinned: dict[str, str] = {}
+    for kid, key in ((key_id, public_key_b64), *((k.key_id, k.public_key) for k in next_keys)):
+        if key_id_for(_public_key_bytes(key, Code.INVALID_ARGUMENT)) != kid:
+            raise DammError(Code.INVALID_ARGUMENT, f"key id {kid} does not match the public key")
+        pinned[kid] = key
+    return TrustState(pinned=pinned, min_version=min_version, region=region)
 
 
 def verify(

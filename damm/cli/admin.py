@@ -497,7 +497,16 @@ def _key_step(command: str, verb: str) -> Any:
 
         t = target(ctx)
         res = await admin_call(t, command, p.Empty(), SigningKeyChanged)
-        emit(t, res, lambda: click.echo(f"{verb} signing key {res.key_id} ({res.public_key})"))
+        where = (
+            "in every region's catalog"
+            if res.published
+            else "recorded; the leader has not published it in every catalog yet"
+        )
+        emit(
+            t,
+            res,
+            lambda: click.echo(f"{verb} signing key {res.key_id} ({res.public_key}): {where}"),
+        )
         if (warning := activation_warning(res)) is not None:
             click.echo(warning, err=True)
 

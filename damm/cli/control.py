@@ -12,7 +12,7 @@ from damm import private_files, settings
 from damm.cli.common import run, target
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
-from damm.settings import ControlSettings
+from damm.settings import LOCAL_KEK, ControlSettings, home
 
 
 @click.group()
@@ -27,7 +27,7 @@ def control() -> None:
     envvar="DAMM_KEYS_DIR",
     default="/var/lib/damm/keys",
     show_default=True,
-    help="catalog signing and rotation keys (0600)",
+    help="keys of a deployment from before keys lived in the log: imported on first start",
 )
 @click.option("--no-projectors", is_flag=True, help="serve requests only")
 @click.option(
@@ -51,10 +51,12 @@ async def control_run(
     """Serve commands and project events until SIGTERM."""
     t = target(ctx)
     user, password = t.credentials("control")
+    # Beside a local `damm up` stack, share its KEK as its NATS and Postgres are shared.
+    local_kek = home() / LOCAL_KEK
     plane = ControlPlane(
         t.nats(),
         t.database(),
-        ControlSettings.from_env(keys_dir),
+        ControlSettings.from_env(keys_dir, kek_file=local_kek if local_kek.exists() else None),
         user=user,
         password=password,
         run_projectors=not no_projectors,

@@ -20,10 +20,11 @@ from damm.cli.common import run, target
 from damm.cli.metrics import metrics_endpoint, metrics_option
 from damm.control.process import ControlPlane
 from damm.errors import Code, DammError
+from damm.keys.sealing import kek_from_env
 from damm.metrics import ControlMetrics
 from damm.private_files import private_dir, write_atomic
 from damm.protocol.bus import connect
-from damm.settings import ControlSettings
+from damm.settings import LOCAL_KEK, ControlSettings
 from damm.stack import processes
 from damm.stack.control_process import spawn_control
 from damm.stack.gateway_users import follow_gateways
@@ -152,7 +153,7 @@ async def up(
             pg = Postgres(directory / "pgdata")
             database_url = await asyncio.to_thread(pg.start)
             stack.callback(pg.stop)
-        settings = ControlSettings.from_env(directory / "keys")
+        settings = ControlSettings.from_env(directory / "keys", kek_file=directory / LOCAL_KEK)
         user, password = (
             ("control", passwords["control"]) if passwords else t.credentials("control")
         )
@@ -170,8 +171,8 @@ async def up(
         await plane.start()
         stack.push_async_callback(plane.stop)
         if cluster_size:
-            # The second control plane shares the keys directory: per-process signing keys
-            # would make half of all catalog fetches fail (issue 11, finding 1).
+            # The second control plane opens the signing keys sealed in the log (issue 11,
+            # finding 1); the keys directory is only imported from, on a first start.
             second = spawn_control(
                 nats_url,
                 database_url,
@@ -180,6 +181,8 @@ async def up(
                 directory / "control-2.log",
                 stream_replicas=replicas,
                 extra_env={"DAMM_CALLOUT_SEED_FILE": str(directory / "cluster" / "callout.seed")},
+                # The same KEK as this process: the operator's, else the stack's own file.
+                kek_file=None if kek_from_env(os.environ) else directory / LOCAL_KEK,
             )
             stack.callback(processes.stop, second)
         if server is not None and not server.callout:

@@ -15,6 +15,7 @@ import nats.js.errors
 from damm.catalog.signing import CatalogSigner
 from damm.clock import Clock, system_clock
 from damm.control.follower import StateFollower
+from damm.control.keyring import Keyring
 from damm.control.state import DecisionState
 from damm.errors import Code, DammError
 from damm.events.model import Actor, Event
@@ -87,17 +88,37 @@ class Context:
         state: DecisionState,
         follower: StateFollower,
         settings: ControlSettings,
-        signer: CatalogSigner,
-        rotation: RotationKey,
+        signer: CatalogSigner | None,
+        rotation: RotationKey | None,
         clock: Clock = system_clock,
+        keyring: Keyring | None = None,
     ) -> None:
+        """``keyring`` resolves keys from the log (every replica alike); fixed ``signer`` and
+        ``rotation`` keys serve decision tests that run without one."""
         self.store = store
         self.state = state
         self.follower = follower
         self.settings = settings
-        self.signer = signer
-        self.rotation = rotation
+        self.keyring = keyring
+        self._signer = signer
+        self._rotation = rotation
         self.now = clock
+
+    @property
+    def signer(self) -> CatalogSigner:
+        if self.keyring is not None:
+            return self.keyring.signer()
+        if self._signer is None:
+            raise DammError(Code.UNAVAILABLE, "no catalog signing key")
+        return self._signer
+
+    @property
+    def rotation(self) -> RotationKey:
+        if self.keyring is not None:
+            return self.keyring.rotation()
+        if self._rotation is None:
+            raise DammError(Code.UNAVAILABLE, "no rotation key")
+        return self._rotation
 
     def append(
         self,

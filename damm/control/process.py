@@ -8,14 +8,14 @@ consumer and take the follower and every append with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import asyncpg
+import nats.js.errors
 from nats.aio.client import Client as NATS
 
-from damm import log, private_files
-from damm.catalog.signing import CatalogSigner
+from damm import log
 from damm.clock import Clock, system_clock
 from damm.control.callout import CalloutService
 from damm.control.context import Context
@@ -26,7 +26,8 @@ from damm.control.handlers.enrollment import EnrollmentCommitter
 from damm.control.handlers.gateway import GatewayHandlers
 from damm.control.handlers.orchestrator import OrchestratorHandlers
 from damm.control.handlers.peer_snapshot import PeerSetHandlers
-from damm.control.handlers.signing_keys import SigningKeys
+from damm.control.handlers.signing_keys import SigningKeys, ensure_keys
+from damm.control.keyring import Keyring
 from damm.control.leadership import Leadership
 from damm.control.publishers.catalogs import CatalogPublisher
 from damm.control.publishers.peer_changes import PeerPublisher
@@ -34,9 +35,9 @@ from damm.control.reactors.key_expiry import KeyExpiryReactor
 from damm.control.reactors.quota import QuotaReactor
 from damm.control.snapshots import SnapshotStore, SnapshotWriter, start_state
 from damm.control.state import DecisionState
+from damm.errors import Code, DammError
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
-from damm.keys.rotation import RotationKey
 from damm.metrics import ControlMetrics
 from damm.projections.migrate import migrate
 from damm.projections.runner import Projector
@@ -82,8 +83,13 @@ class ControlPlane:
     callout_seed: bytes | None = None
     callout: CalloutService | None = None
     callout_nc: NATS | None = None
+    signing_keys: SigningKeys | None = None
+    lease_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        kek = self.settings.kek
+        if kek is None:
+            raise DammError(Code.KEK_MISSING)
         self.nc = await connect(
             self.nats_url, user=self.user, password=self.password, name="damm-control-log"
         )
@@ -105,8 +111,6 @@ class ControlPlane:
             await conn.close()
         if applied:
             _log.info("migrated read models", applied=applied)
-        keys: Path = self.settings.keys_dir
-        signer, rotation = await asyncio.to_thread(_load_keys, keys)
         state = DecisionState(
             self.settings.overlay, gateway_capacity=self.settings.gateway_capacity
         )
@@ -121,19 +125,34 @@ class ControlPlane:
         await self._follower.start(after_seq=after)
         store = EventStore(self.nc, metrics=self.metrics)
         self.ctx = Context(
-            store, state, self._follower, self.settings, signer, rotation, clock=self.clock
+            store,
+            state,
+            self._follower,
+            self.settings,
+            None,
+            None,
+            clock=self.clock,
+            keyring=Keyring(state, kek),
         )
+        await ensure_keys(self.ctx, kek, self.settings.keys_dir)
         self._committer = EnrollmentCommitter(self.ctx)
         self._committer.start()
-        # Peer-set publishing and policy reactors run in one process: the advisory-lock holder.
-        self.leadership = Leadership(self.database_url, f"damm-leader-{self.schema}")
+        # Catalogs, peer-set changes and policy reactors come from one process: the lease holder.
+        self.leadership = Leadership(
+            self.nc,
+            store,
+            self.schema,
+            ttl_s=self.settings.lease_ttl_s,
+            renew_s=self.settings.lease_renew_s,
+        )
         nc, leadership = self.nc, self.leadership
         self.metrics.follow(
             leader=lambda: leadership.is_leader,
             nats_connected=lambda: nc.is_connected,
             enrollments=lambda: len(state.devices),
         )
-        self._tasks.append(asyncio.create_task(self.leadership.run(self._stop)))
+        self.lease_task = asyncio.create_task(self.leadership.run(self._stop))
+        self._tasks.append(self.lease_task)
         self.publisher = PeerPublisher(self.nc, state, self.leadership)
         self.publisher.start()
         self._tasks.append(
@@ -154,9 +173,8 @@ class ControlPlane:
             self.ctx, self.database_url, schema=self.schema, leadership=self.leadership
         )
         self._tasks.append(self.quota.start(self._stop))
-        self.catalogs = CatalogPublisher(self.ctx)
-        signing_keys = SigningKeys(self.ctx, self.catalogs, keys)
-        signing_keys.resume()
+        self.catalogs = CatalogPublisher(self.ctx, self.leadership)
+        self.signing_keys = signing_keys = SigningKeys(self.ctx, kek)
         routes = [
             *AdminHandlers(self.ctx).routes(),
             *self._committer.routes(),
@@ -206,16 +224,28 @@ class ControlPlane:
     async def wait_projected(self, timeout: float = 10.0) -> None:
         """Wait until the read models hold everything in the event stream now (tests, CLI)."""
         assert self.nc is not None
-        info = await self.nc.jetstream().stream_info(EVENTS_STREAM)
-        target = int(info.state.last_seq)
+        js = self.nc.jetstream()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        while True:
+            try:
+                info = await js.stream_info(EVENTS_STREAM)
+                break
+            except nats.js.errors.ServiceUnavailableError:
+                # nats-server reloads its configuration when a gateway user is added, and its
+                # JetStream API does not answer for a moment: wait that out, as audit reads do.
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+        target = int(info.state.last_seq)
         while any(p.applied_seq < target for p in self.projectors[:1]):
             if loop.time() > deadline:
                 raise TimeoutError(f"projection stuck below {target}")
             await asyncio.sleep(0.02)
 
     async def stop(self) -> None:
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self.callout:
             await self.callout.stop()
@@ -235,12 +265,8 @@ class ControlPlane:
             await self._follower.stop()
         for nc in (self.service_nc, self.project_nc, self.follow_nc, self.nc):
             if nc is not None and not nc.is_closed:
-                await nc.drain()
-
-
-def _load_keys(keys: Path) -> tuple[CatalogSigner, RotationKey]:
-    private_files.private_dir(keys)
-    return (
-        CatalogSigner.load_or_create(keys / "catalog.key"),
-        RotationKey.load_or_create(keys / "rotation.key"),
-    )
+                try:
+                    await asyncio.wait_for(nc.drain(), 5)
+                except Exception:  # unreachable server: nothing left to flush
+                    with contextlib.suppress(Exception):
+                        await nc.close()

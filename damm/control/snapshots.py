@@ -27,7 +27,14 @@ from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundErr
 from damm import log
 from damm.clock import sleep_or_stop
 from damm.control.follower import StateFollower
-from damm.control.state import DecisionState, DeviceState, GatewayState, TokenState, peer_of
+from damm.control.state import (
+    DecisionState,
+    DeviceState,
+    GatewayState,
+    KeyringState,
+    TokenState,
+    peer_of,
+)
 from damm.domain import egress
 from damm.domain.ipam import AddressPool
 from damm.errors import DammError
@@ -38,7 +45,7 @@ _log = log.get("damm.snapshots")
 
 BUCKET = SNAPSHOT_BUCKET
 OBJECT = "decision-state"
-FORMAT = 1
+FORMAT = 2  # 2: the sealed keyring and the published catalogs
 
 
 class StateImage(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,6 +69,8 @@ class StateImage(msgspec.Struct, frozen=True, kw_only=True):
     announced_keys: set[str]
     # (gateway, agent ledger, highest usage report number): dedupe beyond JetStream's window
     usage_marks: list[tuple[str, str, int]] = msgspec.field(default_factory=list)
+    keyring: KeyringState = msgspec.field(default_factory=KeyringState)
+    catalogs: dict[str, m.CatalogPublished] = msgspec.field(default_factory=dict)
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +110,8 @@ def image(state: DecisionState, seq: int) -> StateImage:
         usage=sorted((device, period, n) for (device, period), n in state.usage.items()),
         announced_keys=state.announced_keys,
         usage_marks=sorted((gw, ledger, n) for (gw, ledger), n in state.usage_marks.items()),
+        keyring=state.keyring,
+        catalogs=state.catalogs,
     )
 
 
@@ -149,6 +160,8 @@ def restore(snap: Snapshot, state: DecisionState) -> None:
     state.usage = {(device, period): n for device, period, n in img.usage}
     state.announced_keys = set(img.announced_keys)
     state.usage_marks = {(gw, ledger): n for gw, ledger, n in img.usage_marks}
+    state.keyring = img.keyring
+    state.catalogs = dict(img.catalogs)
     state.pool_assigned = Counter()
     state.egress_in_use = {}
     state.devices = dict(img.devices)

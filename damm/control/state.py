@@ -79,6 +79,23 @@ class DeviceState(m.DeviceFacts, kw_only=True):
     reported_at: int = 0  # the device's clock on its latest recorded report
 
 
+@dataclass
+class KeyringState:
+    """Catalog signing keys and the rotation key as the log has them: sealed, never plaintext.
+
+    ``active`` signs catalogs and is what enrollments pin; ``announced`` is the next key, vouched
+    for in catalogs until an operator activates it. ``seq`` moves on every change, so a
+    publisher can notice one without comparing contents.
+    """
+
+    keys: dict[str, m.SigningKeyAnnounced] = field(default_factory=dict)
+    active: str | None = None
+    announced: str | None = None
+    retired: set[str] = field(default_factory=set)
+    rotation: m.RotationKeyStored | None = None
+    seq: int = 0
+
+
 @dataclass(frozen=True)
 class PeerChange:
     """One change to one gateway's peer set, as the fold saw it (see ``DecisionState.apply``).
@@ -150,6 +167,8 @@ class DecisionState:
         # (gateway, agent ledger) -> the highest report number recorded: usage dedupe that
         # outlives JetStream's duplicate window, one integer per ledger.
         self.usage_marks: dict[tuple[str, str], int] = {}
+        self.catalogs: dict[str, m.CatalogPublished] = {}
+        self.keyring = KeyringState()
         self.applied_seq = 0
         self.changed = asyncio.Event()
         # Per gateway: the highest event sequence that changed its peer set (deterministic over
@@ -373,9 +392,29 @@ class DecisionState:
             case m.CatalogPublished():
                 current = self.catalog_versions.get(e.region, 0)
                 self.catalog_versions[e.region] = max(current, e.version)
+                if e.signed and e.version >= current:
+                    self.catalogs[e.region] = e
             case m.UsageReported() if e.ledger_id and e.report_seq:
                 mark = (e.gateway_id, e.ledger_id)
                 self.usage_marks[mark] = max(self.usage_marks.get(mark, 0), e.report_seq)
+            case m.SigningKeyAnnounced() if e.sealed_seed:
+                ring = self.keyring
+                ring.keys[e.key_id] = e
+                if e.key_id != ring.active and e.key_id not in ring.retired:
+                    ring.announced = e.key_id
+                    self.announced_keys.add(e.key_id)
+                ring.seq += 1
+            case m.SigningKeyActivated() if e.key_id in self.keyring.keys:
+                ring = self.keyring
+                if ring.active is not None:
+                    ring.retired.add(ring.active)
+                ring.active = e.key_id
+                if ring.announced == e.key_id:
+                    ring.announced = None
+                self.announced_keys.discard(e.key_id)
+                ring.seq += 1
+            case m.RotationKeyStored() if self.keyring.rotation is None:
+                self.keyring.rotation = e
             case m.KeyBound():
                 self.bound_keys[e.public_key] = e.device_id
             case m.UsagePeriodReset():

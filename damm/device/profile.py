@@ -21,7 +21,11 @@ def device_file(res: p.Enrolled, public_key: str, nats_url: str) -> files.Device
     trust = None
     if res.catalog is not None:
         trust = initial_trust(
-            res.catalog.region, res.catalog.key_id, res.catalog.public_key, res.catalog.min_version
+            res.catalog.region,
+            res.catalog.key_id,
+            res.catalog.public_key,
+            res.catalog.min_version,
+            res.catalog.next_keys,
         )
     return files.DeviceFile(
         **p.profile_of(res),

@@ -266,16 +266,29 @@ class UsagePeriodReset(_Event, frozen=True, tag="usage.period_reset"):
 
 
 class CatalogPublished(_Event, frozen=True, tag="catalog.published"):
+    """The leader signed a region's catalog. ``signed`` is exactly what every replica serves, so
+    devices see one version whichever replica answers; ``term`` is the leader's fencing token."""
+
     region: str
     version: int
     key_id: str
     digest: str
     expires_at: datetime | None = None
+    term: int = 0
+    signed: bytes = b""
+    next_key_ids: tuple[str, ...] = ()
 
 
 class SigningKeyAnnounced(_Event, frozen=True, tag="catalog.key_announced"):
+    """A catalog signing key, its seed sealed under the operator's KEK (``kek_id`` names it).
+
+    Events from before keys lived in the log carry no seed; they are history, not keys.
+    """
+
     key_id: str
     public_key: str
+    sealed_seed: bytes = b""
+    kek_id: str = ""
 
 
 class SigningKeyActivated(_Event, frozen=True, tag="catalog.key_activated"):
@@ -283,6 +296,22 @@ class SigningKeyActivated(_Event, frozen=True, tag="catalog.key_activated"):
 
     key_id: str
     retired_key_id: str
+
+
+class RotationKeyStored(_Event, frozen=True, tag="keys.rotation_stored"):
+    """The X25519 key devices prove key rotations against, sealed like the signing keys."""
+
+    public_key: str
+    sealed_seed: bytes
+    kek_id: str
+
+
+class LeaderTermStarted(_Event, frozen=True, tag="leader.term_started"):
+    """A process won the leader lease; ``term`` is the lease revision, the fencing token its
+    catalog publications carry. Appending it fences every earlier leader out of the catalogs."""
+
+    holder: str
+    term: int
 
 
 # --- orchestrator -----------------------------------------------------------------------------
@@ -359,6 +388,8 @@ Event = (
     | CatalogPublished
     | SigningKeyAnnounced
     | SigningKeyActivated
+    | RotationKeyStored
+    | LeaderTermStarted
     | OrchestratorStepPlanned
     | OrchestratorStepStarted
     | OrchestratorStepSucceeded

@@ -56,17 +56,24 @@ class AppendError(DammError):
 
 @dataclass(frozen=True, slots=True)
 class Append:
-    """One message of a decision. ``expected_seq`` 0 means the subject must still be empty."""
+    """One message of a decision. ``expected_seq`` 0 means the subject must still be empty.
+
+    ``expected_subject`` moves that expectation to another subject or a wildcard (a family of
+    subjects), e.g. every catalog and leader term at once.
+    """
 
     subject: str
     envelope: Envelope
     expected_seq: int | None = None
     msg_id: str | None = None
+    expected_subject: str | None = None
 
     def headers(self) -> dict[str, str]:
         h: dict[str, str] = {}
         if self.expected_seq is not None:
             h["Nats-Expected-Last-Subject-Sequence"] = str(self.expected_seq)
+            if self.expected_subject is not None:
+                h["Nats-Expected-Last-Subject-Sequence-Subject"] = self.expected_subject
         if self.msg_id is not None:
             h["Nats-Msg-Id"] = self.msg_id
         return h
@@ -304,6 +311,15 @@ class EventStore:
         except NotFoundError:
             return 0
         return int(raw.seq or 0)
+
+    async def last(self, subject: str) -> Envelope | None:
+        """The last message on a subject (or a wildcard family), decoded with its sequence."""
+        try:
+            raw = await self.js.get_last_msg(self.stream, subject)
+        except NotFoundError:
+            return None
+        seq = int(raw.seq or 0)
+        return codec.decode(raw.data or b"", seq=seq)
 
     async def stream_last_seq(self) -> int:
         info = await self.js.stream_info(self.stream)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from damm.catalog.document import KeyAnnouncement
 from damm.events.model import TierStatus
 
 MAX_REQUEST_BYTES = 16 * 1024
@@ -213,10 +214,15 @@ class Enroll(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class CatalogTrust(msgspec.Struct, frozen=True):
+    """The catalog key a device pins at enrollment, plus the next key already announced (so a
+    device enrolled between announce and activate verifies catalogs on both sides of the switch
+    without having fetched the announcing one)."""
+
     key_id: str
     public_key: str
     min_version: int
     region: str
+    next_keys: tuple[KeyAnnouncement, ...] = ()
 
 
 class TunnelProfile(msgspec.Struct, kw_only=True):

@@ -221,9 +221,16 @@ class AuditRow(msgspec.Struct, frozen=True, kw_only=True):
     event: dict[str, Any]
 
 
+# Bulk bytes an operator cannot read: the signed catalog (its digest stays) and sealed seeds.
+_OPAQUE_FIELDS = ("signed", "sealed_seed")
+
+
 def row_of(env: m.Envelope, device: str | None = None) -> AuditRow:
     event = msgspec.to_builtins(env.event)
     assert isinstance(event, dict)
+    for name in _OPAQUE_FIELDS:
+        if event.get(name):
+            event[name] = f"<{len(getattr(env.event, name))} bytes>"
     return AuditRow(
         seq=env.seq,
         occurred_at=env.occurred_at,

@@ -22,10 +22,15 @@ def spawn_control(
     stream_replicas: int = 1,
     log_level: str = "info",
     extra_env: dict[str, str] | None = None,
+    kek_file: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    """``kek_file``: the KEK every replica of one log shares; ``None`` leaves it to the
+    environment (``DAMM_KEK``, ``DAMM_KEK_FILE``), and ``control run`` refuses to start without one.
+    """
     env = {
         **os.environ,
         **(extra_env or {}),
+        **({"DAMM_KEK_FILE": str(kek_file)} if kek_file is not None else {}),
         "DAMM_NATS_URL": nats_url,
         "DAMM_DATABASE_URL": database_url,
         "DAMM_CONTROL_PASSWORD": password,

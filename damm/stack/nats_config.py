@@ -42,6 +42,7 @@ from damm.keys.nats_identity import as_user_key, new_account_seed, public_key
 from damm.subjects import (
     EVENT_PREFIX,
     GATEWAY_REPLY_PREFIX,
+    LEASE_BUCKET,
     PEERS_PREFIX,
     REQUEST_PREFIX,
     SNAPSHOT_BUCKET,
@@ -76,6 +77,7 @@ CONTROL_PUBLISH = [
     f"{PEERS_PREFIX}.>",
     f"{GATEWAY_REPLY_PREFIX}.>",
     "$JS.API.>",
+    f"$KV.{LEASE_BUCKET}.>",  # the leader lease
     "$JS.ACK.>",
     "$JS.FC.>",
     f"$O.{SNAPSHOT_BUCKET}.>",  # decision-state snapshots (object store chunks and metadata)

@@ -33,6 +33,7 @@ from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events import model as m
 from damm.events.streams import ensure_streams
+from damm.private_files import load_or_create_seed
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
@@ -115,9 +116,17 @@ class Stack:
     """NATS (one node or a cluster), control planes and gateway agents as processes."""
 
     def __init__(
-        self, root: Path, dsn: str, *, nodes: int, planes: int, pg: Postgres | None = None
+        self,
+        root: Path,
+        dsn: str,
+        *,
+        nodes: int,
+        planes: int,
+        pg: Postgres | None = None,
+        log_level: str = "warning",  # of the control planes; "info" shows reconnects and resumes
     ) -> None:
         self.root = root
+        self.log_level = log_level
         self.dsn = dsn
         self.pg = pg  # the run's own PostgreSQL, when a fault may kill it
         self.nodes = nodes
@@ -128,7 +137,6 @@ class Stack:
         self.admin: NATS | None = None
         self.fleet: dict[str, str] = {}
         self.networks: dict[str, Network] = {}
-        self.log_level = "warning"  # of the control planes; "info" shows reconnects and resumes
         self._traffic: asyncio.Task[None] | None = None
 
     @property
@@ -141,6 +149,10 @@ class Stack:
     @property
     def url(self) -> str:
         return ",".join(s.url for s in self.servers)
+
+    @property
+    def kek_file(self) -> Path:
+        return self.root / "kek"
 
     @property
     def password(self) -> str:
@@ -159,6 +171,9 @@ class Stack:
             await ensure_streams(nc.jetstream(), min(self.nodes, 3))
         finally:
             await nc.close()
+        # Every replica opens the one keyring sealed in the log, so all share one KEK.
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        load_or_create_seed(self.kek_file, "key-encryption key")
         for i in range(len(self.planes)):
             self.spawn_plane(i)
         self.admin = await connect(
@@ -177,12 +192,13 @@ class Stack:
             self.url,
             self.dsn,
             self.password,
-            self.root / "keys",  # shared: per-process catalog keys are issue 11, finding 1
+            self.root / "keys",
             self.root / f"control-{i}.log",
             projectors=i == 0,
             stream_replicas=min(self.nodes, 3),
             log_level=self.log_level,
             extra_env={"DAMM_OVERLAY": OVERLAY},
+            kek_file=self.kek_file,
         )
 
     def spawn_agent(self, gw: str) -> None:

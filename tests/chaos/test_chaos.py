@@ -55,12 +55,6 @@ ARTEFACTS = Path(
 )
 
 
-# Issue 11, finding 1: each control plane signs and caches its own catalogs, so with two of them
-# devices see versions go back (catalog_rollback). Shared signing material and one published
-# catalog (branch `replicas`) fix it; until then that invariant is a strict expected failure.
-CATALOGS_SHARED = False
-
-
 @pytest.fixture
 def root() -> AsyncIterator[Path]:  # type: ignore[misc]
     path = Path(tempfile.mkdtemp(prefix="damm-chaos-", dir="/tmp"))
@@ -134,14 +128,9 @@ async def verdict(stack: Stack, load: Load, faults: list[Fault], name: str) -> d
 
 
 def assert_kept(figures: dict) -> None:  # type: ignore[type-arg]
-    """Every invariant held; the catalog one as a known failure until replicas share catalogs."""
+    """Every invariant held, the catalogs' too: replicas serve the one published catalog."""
     assert figures["problems"] == [], figures
-    if CATALOGS_SHARED:
-        assert figures["catalog_problems"] == [], figures
-    elif figures["catalog_problems"]:
-        pytest.xfail(f"issue 11 finding 1, catalogs per process: {figures['catalog_problems']}")
-    else:
-        raise AssertionError("every catalog verified: set CATALOGS_SHARED = True")
+    assert figures["catalog_problems"] == [], figures
 
 
 def windows(figures: dict) -> dict[str, float]:  # type: ignore[type-arg]

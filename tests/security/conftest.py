@@ -34,6 +34,7 @@ from damm.domain.ipam import Overlay
 from damm.domain.throttle import Rate
 from damm.errors import Code
 from damm.keys import nats_identity
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import REPLY_TOKEN_HEADER, use_private_replies
@@ -218,6 +219,7 @@ async def hostile_control(
         overlay=Overlay.parse("10.44.0.0/24"),
         keys_dir=tmp_path / "keys",
         throttle_source=SHARED_SOURCE,
+        kek=LocalKek.generate(),
     )
     plane = ControlPlane(
         callout_nats_server.url,

@@ -22,6 +22,7 @@ from damm.control.process import ControlPlane
 from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
+from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect, refusal
 from damm.protocol.client import call
@@ -50,7 +51,9 @@ def callout_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def plane(
     callout_server: NatsServer, dsn: str, tmp_path: Path
 ) -> AsyncIterator[ControlPlane]:
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
+    )
     control = ControlPlane(
         callout_server.url,
         dsn,

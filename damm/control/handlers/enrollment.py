@@ -102,6 +102,7 @@ def enrolled_reply(ctx: Context, dev: DeviceState) -> p.Enrolled:
             ctx.signer.public_key_b64,
             ctx.state.catalog_versions.get(gw.region, 0),
             gw.region,
+            ctx.keyring.announcements() if ctx.keyring is not None else (),
         ),
     )
 

@@ -2,20 +2,22 @@
 
 A catalog lists the region's healthy gateways (registered, active, heartbeat fresher than
 ``heartbeat_ttl_s``) with their active front doors and the egress countries of the region's
-pools. Every publication is recorded as a ``CatalogPublished`` event on
-``damm.evt.catalog.<region>``, appended with the subject's last sequence as expectation, so the
-version is ``previous + 1`` across restarts and across processes. A new version is published
-only when the content changed (gateways, front doors, countries, announced keys, signing key)
-or the current one is within a third of its lifetime of expiring: devices never see an expired
-catalog from a healthy control plane.
+pools. Only the leader publishes. Every publication is a ``CatalogPublished`` event on
+``damm.evt.catalog.<region>`` that carries the signed bytes and the leader's term; every replica
+folds it and serves exactly those bytes on ``catalog.get``, so devices see one version sequence
+whichever replica answers. A publication expects the last sequence of the whole catalog family
+(every region and the leader term marker): a new leader's term marker therefore refuses every
+later append of a deposed leader, which then steps down. A new version is published only when
+the content changed (gateways, front doors, countries, announced keys, signing key) or the
+current one is within a third of its lifetime of expiring.
 
-The signed bytes are cached in memory and served on ``catalog.get``. The signing key never
-appears in an event (only its id and the payload digest do).
+The signing key never appears in an event (only its id and the signature over the payload do).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import uuid
@@ -35,9 +37,10 @@ from damm.catalog.document import (
     SignedCatalog,
     encode_signed,
 )
-from damm.catalog.signing import CatalogSigner, build_catalog
+from damm.catalog.signing import build_catalog
 from damm.clock import cancel_and_wait
 from damm.control.context import Context
+from damm.control.leadership import Leadership
 from damm.control.state import GatewayState
 from damm.domain.health import gateway_health
 from damm.errors import Code, DammError
@@ -46,13 +49,22 @@ from damm.events import model as m
 from damm.events.store import ConflictError
 from damm.protocol import messages as p
 from damm.protocol.router import Call, Route, route
-from damm.subjects import EVENTS_STREAM, check_id, event_subject
+from damm.subjects import (
+    CATALOG_FAMILY,
+    EVENTS_STREAM,
+    LEADER_TERM_SUBJECT,
+    check_id,
+    event_subject,
+)
 
 _log = log.get("damm.catalogs")
 _country = re.compile(COUNTRY_PATTERN)
 
 ACTOR = m.Actor("system", "catalog-publisher")
 MAX_ATTEMPTS = 5
+KEYRING_POLL_S = 0.02
+SWITCH_WAIT_S = 2.0
+FIRST_WAIT_S = 5.0  # a leader election (lease TTL) and one publication
 
 
 @dataclass(frozen=True)
@@ -81,18 +93,23 @@ class CatalogPublisher:
     def __init__(
         self,
         ctx: Context,
+        leadership: Leadership | None = None,
         *,
         interval_s: float = 1.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        """Without ``leadership`` (tests, tools) this publisher always publishes, unfenced."""
         self.ctx = ctx
+        self.leadership = leadership
         self.interval_s = interval_s
         self.clock = clock or (lambda: ctx.now().timestamp())
-        self.signer: CatalogSigner = ctx.signer
-        self.next_keys: dict[str, KeyAnnouncement] = {}
         self.latest: dict[str, Published] = {}
+        self.family_seq: int | None = None  # last sequence of the catalog family we know of
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
+
+    def leads(self) -> bool:
+        return self.leadership is None or self.leadership.is_leader
 
     # --- request/reply ------------------------------------------------------------------------
 
@@ -100,28 +117,33 @@ class CatalogPublisher:
         return [route("catalog.get", p.GetCatalog, self.get)]
 
     async def get(self, req: p.GetCatalog, call: Call) -> p.SignedCatalogReply:
-        current = self.latest.get(req.region)
-        # Not published yet (just started, or a region that appeared a moment ago).
-        if (current is None or current.encoded is None) and req.region in self.regions():
-            await self.tick()
-            current = self.latest.get(req.region)
-        if current is None or current.encoded is None:
+        """What the leader published last, as this replica folded it: the same on every one."""
+        current = self.ctx.state.catalogs.get(req.region)
+        # Not published yet (just started, or a region that appeared a moment ago): wait, bounded,
+        # for the leader's first one -- ours, if we lead or come to lead meanwhile.
+        if current is None and req.region in self.regions():
+            for _ in range(round(FIRST_WAIT_S / KEYRING_POLL_S)):
+                if self.leads():
+                    await self.tick()
+                current = self.ctx.state.catalogs.get(req.region)
+                if current is not None:
+                    break
+                await asyncio.sleep(KEYRING_POLL_S)
+        if current is None:
             raise DammError(Code.NOT_FOUND, f"no catalog for region {req.region!r}")
-        return p.SignedCatalogReply(signed=current.encoded)
+        if current.key_id != self.ctx.state.keyring.active:
+            current = await self._after_switch(req.region, current)
+        return p.SignedCatalogReply(signed=current.signed)
 
-    # --- key rotation -------------------------------------------------------------------------
-
-    def announce_next(self, next_signer: CatalogSigner, not_before: int = 0) -> KeyAnnouncement:
-        """Vouch for the next key in catalogs the current key signs (published on the next tick)."""
-        announcement = next_signer.announcement(not_before)
-        self.next_keys[announcement.key_id] = announcement
-        return announcement
-
-    def rotate_to(self, next_signer: CatalogSigner) -> None:
-        """Sign with the next key from now on; new enrollments pin it too."""
-        self.signer = next_signer
-        self.ctx.signer = next_signer
-        self.next_keys.pop(next_signer.key_id, None)
+    async def _after_switch(self, region: str, current: m.CatalogPublished) -> m.CatalogPublished:
+        """Just after an activation, wait (bounded) for the leader's catalog under the new key:
+        devices enrolled since pin only that key and would refuse the previous catalog."""
+        for _ in range(round(SWITCH_WAIT_S / KEYRING_POLL_S)):
+            latest = self.ctx.state.catalogs.get(region, current)
+            if latest.key_id == self.ctx.state.keyring.active:
+                return latest
+            await asyncio.sleep(KEYRING_POLL_S)
+        return self.ctx.state.catalogs.get(region, current)
 
     # --- building -----------------------------------------------------------------------------
 
@@ -195,7 +217,12 @@ class CatalogPublisher:
     # --- publishing ---------------------------------------------------------------------------
 
     async def tick(self, now: float | None = None) -> list[Published]:
-        """Publish each region whose catalog changed or nears expiry; return what was published."""
+        """Publish each region whose catalog changed or nears expiry; return what was published.
+
+        Raises ``not_leader`` when a newer leader's term refused the append (and steps down).
+        """
+        if not self.leads():
+            return []
         async with self._lock:
             published: list[Published] = []
             for region in sorted(self.regions()):
@@ -206,8 +233,11 @@ class CatalogPublisher:
 
     async def _publish_region(self, region: str, now: float) -> Published | None:
         gateways = self.gateways_for(region, now)
-        next_keys = tuple(sorted(self.next_keys.values(), key=lambda k: k.key_id))
-        content: tuple[object, ...] = (self.signer.key_id, gateways, next_keys)
+        keyring = self.ctx.keyring
+        next_keys: tuple[KeyAnnouncement, ...] = keyring.announcements() if keyring else ()
+        signer = self.ctx.signer
+        content: tuple[object, ...] = (signer.key_id, gateways, next_keys)
+        term = self.leadership.term if self.leadership is not None else 0
         ttl = int(self.ctx.settings.catalog_ttl_s)
         for _ in range(MAX_ATTEMPTS):
             previous = self.latest.get(region)
@@ -219,35 +249,49 @@ class CatalogPublisher:
                 and now < previous.expires_at - ttl / 3
             ):
                 return None
+            if self.family_seq is None:
+                self.family_seq = await self.ctx.store.last_seq(CATALOG_FAMILY)
             version = previous.version + 1
             catalog = build_catalog(
                 region, gateways, version=version, now=int(now), ttl_seconds=ttl,
                 next_keys=next_keys,
             )  # fmt: skip
-            signed = self.signer.sign(catalog)
+            signed = signer.sign(catalog)
+            encoded = encode_signed(signed)
             digest = digest_of(signed.payload)
             subject = catalog_subject(region)
             event = m.CatalogPublished(
                 region=region, version=version, key_id=signed.key_id, digest=digest,
-                expires_at=_utc(catalog.expires_at),
+                expires_at=_utc(catalog.expires_at), term=term, signed=encoded,
+                next_key_ids=tuple(k.key_id for k in next_keys),
             )  # fmt: skip
             call = Call(uuid.uuid4().hex, ACTOR)
-            item = self.ctx.append(
-                subject, event, call, expected=previous.seq, msg_id=f"catalog:{region}:{version}"
+            item = dataclasses.replace(
+                self.ctx.append(
+                    subject,
+                    event,
+                    call,
+                    expected=self.family_seq,
+                    msg_id=f"catalog:{region}:{version}:{term}",
+                ),
+                expected_subject=CATALOG_FAMILY,
             )
             try:
                 result = await self.ctx.store.append(item)
             except ConflictError:
-                # Another process published meanwhile: take its version as the base and retry.
+                result = None
+            if result is None or result.duplicate:
+                # Someone appended to the family meanwhile: a newer leader (then we are deposed)
+                # or another publisher of this term. Take the log's state as the base and retry.
+                await self._check_term()
+                self.family_seq = await self.ctx.store.last_seq(CATALOG_FAMILY)
                 self.latest[region] = await self._load(region)
                 continue
-            if result.duplicate:
-                self.latest[region] = await self._load(region)
-                continue
+            self.family_seq = result.seqs[0]
+            self.ctx.absorb([item], result)
             current = Published(
                 region=region, version=version, seq=result.seqs[0], digest=digest,
-                expires_at=catalog.expires_at, content=content, signed=signed,
-                encoded=encode_signed(signed),
+                expires_at=catalog.expires_at, content=content, signed=signed, encoded=encoded,
             )  # fmt: skip
             self.latest[region] = current
             _log.info(
@@ -259,6 +303,16 @@ class CatalogPublisher:
             )
             return current
         raise DammError(Code.CONFLICT, f"catalog for {region}: gave up after {MAX_ATTEMPTS}")
+
+    async def _check_term(self) -> None:
+        """Step down if the log's latest leader term is not ours."""
+        if self.leadership is None:
+            return
+        marker = await self.ctx.store.last(LEADER_TERM_SUBJECT)
+        event = marker.event if marker is not None else None
+        if isinstance(event, m.LeaderTermStarted) and event.term != self.leadership.term:
+            self.leadership.depose(f"term {event.term} of {event.holder} began")
+            raise DammError(Code.NOT_LEADER, f"catalogs: term {event.term} of {event.holder} began")
 
     async def _load(self, region: str) -> Published:
         """The last published version of a region from the log (0 if none)."""
@@ -305,9 +359,17 @@ class CatalogPublisher:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except DammError as exc:
+                _log.warning("catalog not published", error=exc.line())
             except Exception:  # keep publishing; the next tick retries
                 _log.exception("catalog publishing failed")
-            await asyncio.sleep(self.interval_s)
+            # A key rotation is published at once, not a tick later: devices enrolled meanwhile
+            # pin the new key and would not verify the previous catalog.
+            seen = self.ctx.state.keyring.seq
+            for _ in range(max(1, round(self.interval_s / KEYRING_POLL_S))):
+                if self.ctx.state.keyring.seq != seen:
+                    break
+                await asyncio.sleep(KEYRING_POLL_S)
 
 
 def _valid_region(region: str) -> bool:
