@@ -39,7 +39,7 @@ from damm.catalog.document import (
 )
 from damm.catalog.signing import build_catalog
 from damm.clock import cancel_and_wait
-from damm.control.context import Context
+from damm.control.context import Attempts, Context
 from damm.control.leadership import Leadership
 from damm.control.state import GatewayState
 from damm.domain.health import gateway_health
@@ -61,7 +61,6 @@ _log = log.get("damm.catalogs")
 _country = re.compile(COUNTRY_PATTERN)
 
 ACTOR = m.Actor("system", "catalog-publisher")
-MAX_ATTEMPTS = 5
 KEYRING_POLL_S = 0.02
 SWITCH_WAIT_S = 2.0
 FIRST_WAIT_S = 5.0  # a leader election (lease TTL) and one publication
@@ -239,7 +238,8 @@ class CatalogPublisher:
         content: tuple[object, ...] = (signer.key_id, gateways, next_keys)
         term = self.leadership.term if self.leadership is not None else 0
         ttl = int(self.ctx.settings.catalog_ttl_s)
-        for _ in range(MAX_ATTEMPTS):
+        attempts = Attempts()
+        while True:
             previous = self.latest.get(region)
             if previous is None:
                 previous = await self._load(region)
@@ -284,6 +284,9 @@ class CatalogPublisher:
                 # Someone appended to the family meanwhile: a newer leader (then we are deposed)
                 # or another publisher of this term. Take the log's state as the base and retry.
                 await self._check_term()
+                if (err := attempts.lost()) is not None:
+                    raise DammError(err.code, f"catalog for {region}: {err.detail}")
+                await attempts.pause()
                 self.family_seq = await self.ctx.store.last_seq(CATALOG_FAMILY)
                 self.latest[region] = await self._load(region)
                 continue
@@ -302,7 +305,6 @@ class CatalogPublisher:
                 key_id=signed.key_id,
             )
             return current
-        raise DammError(Code.CONFLICT, f"catalog for {region}: gave up after {MAX_ATTEMPTS}")
 
     async def _check_term(self) -> None:
         """Step down if the log's latest leader term is not ours."""
