@@ -576,3 +576,43 @@ async def test_exactly_once_when_projector_process_is_killed(
 async def test_schema_names_are_checked(nc: NATS, dsn: str, bad: str) -> None:
     with pytest.raises(ValueError):
         await rebuild(nc, dsn, shadow_schema=bad)
+
+
+async def test_a_delivery_lost_in_transit_is_fetched_again(nc: NATS, dsn: str) -> None:
+    """A message the consumer delivered that never reached the projector (its node or the
+    stream's leader died mid-fetch) is projected anyway: the projector sees the gap in the
+    delivery sequence and starts again from its checkpoint. Acking past it (AckAll) lost an
+    enrollment's rows for good in the chaos suite."""
+    store = EventStore(nc)
+    history = History(seed=5)
+    history.fleet()
+    history.enroll(5)
+    await store.append_many(history.drain())
+    async with projectors(nc, dsn):
+        await projected(nc, dsn)
+        inbox = nc.new_inbox()
+        got: asyncio.Queue[object] = asyncio.Queue()
+
+        async def on_msg(msg: object) -> None:
+            got.put_nowait(msg)
+
+        await nc.subscribe(inbox, cb=on_msg)
+        stolen = None
+        for _ in range(30):  # a thief's pull request competes with the projector's own
+            await nc.publish(
+                f"$JS.API.CONSUMER.MSG.NEXT.{EVENTS_STREAM}.proj-readmodels",
+                b'{"batch": 1, "expires": 1000000000}',
+                reply=inbox,
+            )
+            history.churn(5)
+            await store.append_many(history.drain())
+            with contextlib.suppress(TimeoutError):
+                msg = await asyncio.wait_for(got.get(), 2.0)
+                if not getattr(msg, "headers", None):
+                    stolen = msg
+                    break
+        assert stolen is not None, "no delivery was taken from the projector's consumer"
+        head = await projected(nc, dsn)
+        report = await verify(nc, dsn)
+        assert report.seq == head
+        assert report.ok, report.differing

@@ -233,6 +233,32 @@ def stream_seq(msg: Any) -> int:
     return int(msg.metadata.sequence.stream)
 
 
+def consumer_seq(msg: Any) -> int:
+    """The consumer's delivery sequence: one more for every delivery, redeliveries included."""
+    tokens: list[str] = msg.reply.split(".") if msg.reply else []
+    if len(tokens) == _V1_ACK_TOKENS and tokens[0] == "$JS":
+        return int(tokens[6])
+    if len(tokens) >= _V2_ACK_TOKENS and tokens[0] == "$JS":
+        return int(tokens[8])
+    return int(msg.metadata.sequence.consumer)
+
+
+class DeliveryGap(Exception):
+    """A delivery went missing between the server and us (a node or the stream's leader died
+    mid-fetch). Acking past it would acknowledge it unseen (AckAll) and the checkpoint would
+    skip it for good, so the projector starts again from its checkpoint instead."""
+
+
+def check_deliveries(previous: int, msgs: Sequence[Any]) -> int:
+    """The last delivery sequence of ``msgs``, which must follow ``previous`` one by one."""
+    for msg in msgs:
+        seq = consumer_seq(msg)
+        if seq != previous + 1:
+            raise DeliveryGap(f"delivery {seq} after {previous}")
+        previous = seq
+    return previous
+
+
 _V1_ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>
 _V2_ACK_TOKENS = 11  # $JS.ACK.<domain>.<acchash>.<stream>.<consumer>.<delivered>.<sseq>...
 
@@ -396,6 +422,7 @@ class Projector:
                 asyncpg.PostgresError,
                 asyncpg.InterfaceError,
                 nats.errors.Error,
+                DeliveryGap,
             ) as exc:
                 _log.warning("projector restarting", projector=self.name, error=repr(exc))
                 await self._count_waiting(nc)
@@ -431,6 +458,7 @@ class Projector:
             self.applied_seq = await checkpoint(conn, self.name)
             js = nc.jetstream(timeout=10)
             puller = await self._subscribe(js, nc, self.applied_seq)
+            delivered = 0  # a consumer made afresh numbers its deliveries from 1
             # Fetch the next batch while this one is applied: the bus and Postgres then work at
             # the same time instead of taking turns. Acks still follow commits in order.
             ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
@@ -444,6 +472,7 @@ class Projector:
                         ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
                         continue
                     ahead = asyncio.create_task(puller.fetch(self.batch_size, 0.5))
+                    delivered = check_deliveries(delivered, msgs)
                     envelopes, undecodable = decode_batch(msgs)
                     self.applied_seq = await apply_batch(
                         conn, self.name, envelopes, self.project, undecodable
