@@ -139,9 +139,12 @@ async def callout_control(
     """A control plane that answers the auth callout (with ``callout_nats_server``)."""
     from damm.control.process import ControlPlane
     from damm.domain.ipam import Overlay
+    from damm.keys.sealing import LocalKek
     from damm.settings import ControlSettings
 
-    settings = ControlSettings(overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys")
+    settings = ControlSettings(
+        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
+    )
     plane = ControlPlane(
         callout_nats_server.url,
         dsn,
