@@ -324,3 +324,73 @@ class EgressReconciler:
             return await self.full(desired)
         self.applied = after(self.applied, p)
         return p
+
+
+@dataclass
+class _Table:
+    chains: list[dict[str, Any]] = field(default_factory=list)
+    maps: list[dict[str, Any]] = field(default_factory=list)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    elements: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> _Table:
+        return _Table(list(self.chains), list(self.maps), list(self.rules), dict(self.elements))
+
+
+class MemoryNat:
+    """An in-memory ``ip damm`` table, for tests and benchmarks of the agent without root.
+
+    It applies the batches the reconciler writes with the kernel's rules that matter here: a
+    batch is atomic, deleting an element that is not there fails, and adding an element whose
+    source maps elsewhere fails.
+    """
+
+    def __init__(self) -> None:
+        self.table: _Table | None = None
+        self.batches = 0
+
+    async def read(self) -> dict[str, Any] | None:
+        t = self.table
+        if t is None:
+            return None
+        items: list[dict[str, Any]] = [{"table": {"family": FAMILY, "name": TABLE}}]
+        items += [{"chain": chain} for chain in t.chains]
+        elem = {"elem": [[k, v] for k, v in t.elements.items()]} if t.elements else {}
+        items += [{"map": {**body, **elem}} for body in t.maps]
+        items += [{"rule": rule} for rule in t.rules]
+        return {"nftables": items}
+
+    async def apply(self, commands: list[dict[str, Any]]) -> None:
+        table = None if self.table is None else self.table.copy()
+        for command in commands:
+            ((verb, body),) = command.items()
+            ((kind, spec),) = body.items()
+            if kind == "table":
+                if verb == "delete":
+                    table = None
+                elif table is None:
+                    table = _Table()
+                continue
+            if table is None:
+                raise DammError(Code.EGRESS_BACKEND, f"no table for {kind}")
+            if kind == "chain":
+                table.chains.append({k: v for k, v in spec.items() if k not in _WHERE})
+            elif kind == "map":
+                table.maps.append({k: v for k, v in spec.items() if k not in _WHERE})
+            elif kind == "rule":
+                table.rules.append({"chain": spec["chain"], "expr": spec["expr"]})
+            elif verb == "delete":
+                for src in spec["elem"]:
+                    if table.elements.pop(src, None) is None:
+                        raise DammError(Code.EGRESS_BACKEND, f"no element {src}")
+            else:
+                for src, dst in spec["elem"]:
+                    if table.elements.get(src, dst) != dst:
+                        raise DammError(Code.EGRESS_BACKEND, f"element {src} exists")
+                    table.elements[src] = dst
+        self.table = table
+        self.batches += 1
+
+    @property
+    def elements(self) -> dict[str, str]:
+        return {} if self.table is None else dict(self.table.elements)
