@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import random
@@ -111,6 +112,7 @@ class Window:
     unobserved: int = 0
     superseded: int = 0  # enrolled and revoked while its gateway was down: never applied
     rss_mb: list[float] = field(default_factory=list)
+    lag_ms: list[float] = field(default_factory=list)  # this process's event loop, every 0.1 s
     devices_at_end: int = 0
 
 
@@ -178,7 +180,7 @@ def describe_window(w: Window, window_s: float) -> str:
         f"errors {errors}; propagation ms direct {figures(w.direct_ms)} "
         f"(from request sent {figures(w.direct_from_sent_ms)}) "
         f"deferred {figures(w.deferred_ms)} unobserved {w.unobserved} superseded {w.superseded}; "
-        f"control RSS {rss}; devices {w.devices_at_end}"
+        f"control RSS {rss}; devices {w.devices_at_end}; driver loop lag ms {figures(w.lag_ms)}"
     )
 
 
@@ -301,7 +303,7 @@ class Soak:
         g.stops.append(time.monotonic())
         assert g.stop is not None and g.task is not None and g.agent is not None
         g.stop.set()
-        await asyncio.wait_for(g.task, 30)
+        await asyncio.wait_for(g.task, 120)
         self.resyncs += g.agent.resyncs
 
     async def flapper(self, url: str, password: str, until: float) -> None:
@@ -327,10 +329,10 @@ class Soak:
 
     # --- load --------------------------------------------------------------------------------
 
-    async def enroll(self, device: NATS) -> None:
+    async def enroll(self, device: NATS, due: float) -> None:
         _, pub = keypair()
         sent = time.monotonic()
-        w = self.window(sent)
+        w = self.window(due)
         try:
             res = await call(
                 device,
@@ -349,7 +351,7 @@ class Soak:
         self.changes.append(Change("enroll", pub, g.gateway_id, w.index, acked, sent, g.up))
         self.live.append(pub)
 
-    async def revoke(self, admin: NATS, rng: random.Random) -> None:
+    async def revoke(self, admin: NATS, rng: random.Random, due: float) -> None:
         if not self.live:
             return
         i = rng.randrange(len(self.live))
@@ -357,7 +359,7 @@ class Soak:
         pub = self.live.pop()
         device_id, gateway_id = self.device_of[pub]
         sent = time.monotonic()
-        w = self.window(sent)
+        w = self.window(due)
         for _ in range(20):  # revoke and enroll race on the token aggregate (OCC)
             try:
                 await call(admin, "admin.device.revoke", p.DeviceAction(device_id=device_id),
@@ -392,8 +394,14 @@ class Soak:
             if at >= until:
                 return
             await asyncio.sleep(max(0.0, at - time.monotonic()))
-            self.spawn(one())
+            self.spawn(one(at))  # its window is the one it was due in, however late it left
             i += 1
+
+    async def loop_lag(self, until: float) -> None:
+        """How late this process's event loop wakes: a loaded driver inflates every figure."""
+        while (now := time.monotonic()) < until:
+            await asyncio.sleep(0.1)
+            self.window(now).lag_ms.append((time.monotonic() - now - 0.1) * 1000)
 
     async def sample_rss(self, control: ControlProcess, until: float) -> list[tuple[float, float]]:
         samples: list[tuple[float, float]] = []
@@ -402,6 +410,8 @@ class Soak:
             samples.append((now, rss))
             self.window(now).rss_mb.append(rss)
             self.window(now).devices_at_end = len(self.live)
+            for g in self.gateways:  # the memory backend keeps every diff; the soak needs none
+                g.backend.applied.clear()
             await asyncio.sleep(self.cfg.rss_every_s)
         return samples
 
@@ -426,7 +436,8 @@ class Soak:
             errors = dict(w.errors) or "none"
             rss = f"{max(w.rss_mb):.0f} MB" if w.rss_mb else "n/a"
             print(f"[window {index} closed] enroll ms {figures(w.enroll_s, 1000)}; errors "
-                  f"{errors}; RSS {rss}; live devices {len(self.live)}", flush=True)  # fmt: skip
+                  f"{errors}; RSS {rss}; live devices {len(self.live)}; driver loop lag ms "
+                  f"{figures(w.lag_ms)}", flush=True)  # fmt: skip
             index += 1
 
     # --- the end -----------------------------------------------------------------------------
@@ -536,24 +547,31 @@ class Soak:
             store = EventStore(nc, timeout=60)
             await fleet_log.write(store, fleet_log.setup_items(self.fleet))
             await control.start(device)
+            t = time.monotonic()
             for i in range(0, len(self.gateways), 50):
                 await asyncio.gather(
                     *(self.start_agent(g, url, admin_password) for g in self.gateways[i : i + 50])
                 )
             await self.all_beating(nc)
+            print(f"{len(self.gateways)} agents synced and beating in {time.monotonic() - t:.1f} s",
+                  flush=True)  # fmt: skip
 
+            gc.collect()
+            gc.freeze()  # the fleet's setup is long-lived: keep it out of every collection
             self.t0 = time.monotonic()
             until = self.t0 + cfg.minutes * 60
             rng = random.Random(11)
             rss = asyncio.create_task(self.sample_rss(control, until))
             progress = asyncio.create_task(self.progress(until))
+            lag = asyncio.create_task(self.loop_lag(until))
             await asyncio.gather(
-                self.open_loop(cfg.enroll_rate, until, lambda: self.enroll(device)),
-                self.open_loop(cfg.revoke_rate, until, lambda: self.revoke(admin, rng)),
+                self.open_loop(cfg.enroll_rate, until, lambda due: self.enroll(device, due)),
+                self.open_loop(cfg.revoke_rate, until, lambda due: self.revoke(admin, rng, due)),
                 self.flapper(url, admin_password, until),
             )
             samples = await rss
             await progress
+            await lag
             while self.inflight:  # requests still answering, gateways coming back
                 await asyncio.gather(*list(self.inflight), return_exceptions=True)
             await self.converge()
