@@ -15,7 +15,9 @@ Method (printed with the figures):
   (SnapshotWriter, into the JetStream object store), waited for until it covers the whole log;
   then --tail more device events are appended, and the control plane is started again:
   snapshot + tail;
-- the control plane's own log lines (JSON, info) give the phases of each start.
+- the control plane's own log lines (JSON, info) give the phases of each start;
+- --baseline DAMM: another build's `damm` (e.g. main's), started in turn with this one on the
+  same log and snapshot, for before/after figures from one run.
 
     .venv/bin/python bench/bench_coldstart.py [--events 1000000] [--tail 10000] [--repeat 3]
 """
@@ -130,14 +132,14 @@ class Control:
         self.runs = 0
         self.log = root / "control-0.log"
 
-    async def start(self, probe: NATS, extra: dict[str, str]) -> float:
+    async def start(self, probe: NATS, extra: dict[str, str], damm: str | None = None) -> float:
         self.runs += 1
         self.log = self.root / f"control-{self.runs}.log"
         t0 = time.perf_counter()
         self.spawned_at = datetime.now().astimezone()
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "damm"), "control", "run", "--keys-dir",
+                [damm or str(Path(sys.executable).parent / "damm"), "control", "run", "--keys-dir",
                  str(self.root / "keys")],
                 env={**self.env, **extra}, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
@@ -191,6 +193,7 @@ async def main() -> None:
     ap.add_argument("--tail", type=int, default=10_000, help="events after the snapshot")
     ap.add_argument("--inflight", type=int, default=8_000)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--baseline", help="another build's `damm`, started in turn on the same log")
     ap.add_argument("--writer", choices=("batches", "pipeline"), default="batches")
     ap.add_argument("--keep", action="store_true", help="keep the data directory")
     args = ap.parse_args()
@@ -263,12 +266,16 @@ async def main() -> None:
         )
         last = (await nc.jetstream().stream_info(EVENTS_STREAM)).state.last_seq
         report(f"tail: {n} events after the snapshot (log ends at {last})")
+        builds = [("this build", None)]
+        if args.baseline:
+            builds.insert(0, ("baseline", args.baseline))
         for _ in range(args.repeat):
-            started = await control.start(device, no_snapshots)
-            report(f"cold start from snapshot {seq} + {last - seq} events of tail: "
-                   f"{started:.2f} s (target <= {TARGET_S:.0f} s)")  # fmt: skip
-            report(f"  phases: {control.phases()}")
-            control.stop()
+            for name, damm in builds:
+                started = await control.start(device, no_snapshots, damm)
+                report(f"cold start from snapshot {seq} + {last - seq} events of tail, {name}: "
+                       f"{started:.2f} s (target <= {TARGET_S:.0f} s)")  # fmt: skip
+                report(f"  phases: {control.phases()}")
+                control.stop()
         await device.close()
         await nc.close()
     finally:
