@@ -152,6 +152,7 @@ class SoakResult:
     resyncs: int
     uncertain: int = 0  # revokes with no answer: the log decided
     slow_restarts: int = 0  # gateways that took over 120 s to resync after coming back
+    stuck_stops: tuple[str, ...] = ()
 
     @property
     def propagation_p99_ms(self) -> float:
@@ -254,6 +255,7 @@ class Soak:
         # Revokes whose answer never came (timeout, no responder): done or not, the log decides.
         self.uncertain: set[str] = set()
         self.slow_restarts = 0
+        self.stuck_stops: list[str] = []  # agents that did not stop within 120 s of being told
         self.flaps = 0
         self.resyncs = 0
         self.inflight: set[asyncio.Task[Any]] = set()
@@ -316,7 +318,10 @@ class Soak:
         g.stops.append(time.monotonic())
         assert g.stop is not None and g.task is not None and g.agent is not None
         g.stop.set()
-        await asyncio.wait_for(g.task, 120)
+        try:
+            await asyncio.wait_for(g.task, 120)
+        except TimeoutError:  # a finding, reported; the soak goes on with a new agent later
+            self.stuck_stops.append(g.gateway_id)
         self.resyncs += g.agent.resyncs
 
     async def flapper(self, url: str, password: str, until: float) -> None:
@@ -607,6 +612,7 @@ class Soak:
                 resyncs=self.resyncs + sum(g.agent.resyncs for g in self.gateways if g.agent),
                 uncertain=len(self.uncertain),
                 slow_restarts=self.slow_restarts,
+                stuck_stops=tuple(self.stuck_stops),
             )
             self._rss(result, samples)
             return result
@@ -682,7 +688,9 @@ def summary(result: SoakResult) -> list[str]:
     errors: Counter[str] = sum((w.errors for w in result.windows), Counter())
     lines += [
         f"overall: {result.enrolled} enrolled, {result.revoked} revoked, {result.flaps} gateway "
-        f"stops ({result.slow_restarts} took over 120 s to resync), {result.resyncs} agent "
+        f"stops ({result.slow_restarts} took over 120 s to resync, "
+        f"{len(result.stuck_stops)} agents did not stop in 120 s: {result.stuck_stops[:5]}), "
+        f"{result.resyncs} agent "
         f"resyncs, {result.uncertain} revokes unanswered (checked against the log); errors "
         f"{dict(errors) or 'none'}",
         f"propagation (ack -> applied on the gateway) direct ms {figures(direct)} "

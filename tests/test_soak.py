@@ -36,6 +36,7 @@ def check(result: SoakResult, cfg: SoakConfig) -> None:
         assert w.unobserved == 0, w.index
         assert {code for code in w.errors if code != "revoke:conflict(retried)"} == set()
     assert result.flaps > 0
+    assert result.stuck_stops == ()
     assert sum(len(w.deferred_ms) for w in result.windows) > 0  # flapping gateways were hit
     direct = [v for w in result.windows for v in w.direct_ms]
     assert pct(direct, 0.99) <= PROPAGATION_TARGET_MS
