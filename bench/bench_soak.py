@@ -595,8 +595,12 @@ class Soak:
             samples = await rss
             await progress
             await lag
-            while self.inflight:  # requests still answering, gateways coming back
-                await asyncio.gather(*list(self.inflight), return_exceptions=True)
+            # Requests still answering, gateways coming back: bounded, an agent may never sync.
+            deadline = time.monotonic() + cfg.settle_s
+            while self.inflight and time.monotonic() < deadline:
+                await asyncio.wait(list(self.inflight), timeout=deadline - time.monotonic())
+            for task in list(self.inflight):
+                task.cancel()
             await self.converge()
             self.classify()
             lost = await self.losses(nc, dsn)
