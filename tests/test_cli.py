@@ -73,13 +73,40 @@ def test_listings_and_reports_take_json(command: str) -> None:
     assert "--json" in result.output or "--format" in result.output
 
 
+def _sub(group: click.Group, name: str) -> click.Command:
+    command = group.get_command(click.Context(group), name)
+    assert command is not None, name
+    return command
+
+
 def _walk(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     out = []
-    for name, sub in sorted(group.commands.items()):
+    for name in sorted(group.list_commands(click.Context(group))):
+        sub = _sub(group, name)
         out.append((*path, name))
         if isinstance(sub, click.Group):
             out += _walk(sub, (*path, name))
     return out
+
+
+def test_a_command_loads_only_its_own_group() -> None:
+    """`damm admin report` is timed end to end (issue 12): the CLI imports the group it runs,
+    not the control plane, the orchestrator and every other group as well."""
+    script = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from damm.cli.main import cli\n"
+        "assert not [m for m in sys.modules if m.startswith('damm.cli.') and m != 'damm.cli.main'"
+        " and m != 'damm.cli.common'], sorted(m for m in sys.modules if m.startswith('damm.cli'))\n"
+        "result = CliRunner().invoke(cli, ['admin', 'report', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "loaded = {m for m in sys.modules if m.startswith('damm.')}\n"
+        "assert 'damm.cli.admin' in loaded\n"
+        "assert not loaded & {'damm.cli.orchestrate', 'damm.cli.control', 'damm.cli.up',"
+        " 'damm.control.process', 'damm.orchestrator.loop'}, sorted(loaded)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 EVERY_COMMAND = [(), *_walk(cli)]
@@ -94,10 +121,10 @@ def test_every_command_has_help(path: tuple[str, ...]) -> None:
     """Every command and group explains itself, and so does each of its options."""
     result = CliRunner().invoke(cli, [*path, "--help"])
     assert result.exit_code == 0, result.output
-    command = cli
+    command: click.Command = cli
     for name in path:
         assert isinstance(command, click.Group)
-        command = command.commands[name]
+        command = _sub(command, name)
     assert (command.help or "").strip(), f"{' '.join(path)} has no help text"
     for param in command.params:
         if isinstance(param, click.Option) and param.name != "help":

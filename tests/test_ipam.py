@@ -442,3 +442,10 @@ def test_a_restored_pool_allocates_like_the_naive_definition(used: set[int]) -> 
     for expected in free:
         assert pool.allocate() == expected
     assert pool.free_count == 0
+
+
+@given(st.sets(st.integers(min_value=4, max_value=30), max_size=10), st.sampled_from([0, 1, 2, 31]))
+def test_a_restore_naming_a_non_client_address_is_refused(used: set[int], bad: int) -> None:
+    with pytest.raises(DammError) as err:
+        AddressPool.restore(SMALL, used | {bad})
+    assert err.value.code is Code.INVALID_ARGUMENT

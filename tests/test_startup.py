@@ -25,6 +25,7 @@ from damm.dev.fleet_log import SyntheticFleet
 from damm.domain.ipam import Overlay
 from damm.events import model as m
 from damm.events.store import Append, EventStore, envelope
+from damm.events.streams import ensure_streams
 from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.client import call
@@ -205,3 +206,22 @@ async def test_no_catalog_after_a_restart_lists_fewer_gateways_than_are_healthy(
 async def served_catalog(device_nc: NATS) -> Catalog:
     reply = await call(device_nc, "catalog.get", p.GetCatalog(region="eu"), p.SignedCatalogReply)
     return decode_catalog(decode_signed(reply.signed).payload)
+
+
+async def test_a_snapshot_of_many_chunks_loads_back_exactly(nc: NATS) -> None:
+    """The loader pulls the object's chunks itself (the client's object-store reader moves
+    about 50 MB/s here); what it returns is the saved snapshot, the latest of several saves."""
+    from damm.control.snapshots import Snapshot
+
+    await ensure_streams(nc.jetstream())
+    store = SnapshotStore(nc.jetstream(timeout=30))
+    assert await store.load() is None
+    saved = []
+    for n, size in enumerate((3_000_000, 1_500_000)):  # each spans many 128 KiB chunks
+        body = hashlib.shake_256(str(n).encode()).digest(size)
+        snap = Snapshot(format=1, seq=n + 1, overlay="10.44.0.0/24", usage_period="month",
+                        digest=hashlib.sha256(body).hexdigest(), body=body)  # fmt: skip
+        await store.save(snap)
+        saved.append(snap)
+        assert await store.load() == snap
+    assert await store.load() == saved[-1]

@@ -20,7 +20,7 @@ import ipaddress
 import json
 import shutil
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -220,12 +220,59 @@ def source_of(allowed_ips: Iterable[str]) -> str | None:
 
 def desired_map(peers: Mapping[str, tuple[tuple[str, ...], str | None]]) -> dict[str, str]:
     """Source → egress for every peer (public key → (allowed IPs, egress)) that has an egress."""
-    out: dict[str, str] = {}
-    for ips, egress in peers.values():
-        src = source_of(ips)
+    return dict(NatIndex.of(peers))
+
+
+class NatIndex(Mapping[str, str]):
+    """Source → egress for the peers a gateway carries, kept peer by peer.
+
+    The agent updates it with each peer-set change, so the change path costs what the change
+    touches instead of rebuilding the map from every peer. Should several peers name one source
+    (a consistent peer set never does), the smallest public key wins, whatever the order of
+    changes: the incremental map and one built from scratch agree.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, dict[str, str]] = {}  # source -> {public key: egress}
+        self._source: dict[str, str] = {}  # public key -> its source, for keys in the map
+
+    @classmethod
+    def of(cls, peers: Mapping[str, tuple[tuple[str, ...], str | None]]) -> NatIndex:
+        index = cls()
+        for key, (ips, egress) in peers.items():
+            index.put(key, ips, egress)
+        return index
+
+    def put(self, key: str, allowed_ips: Iterable[str], egress: str | None) -> set[str]:
+        """Set one peer; the sources whose mapping may have changed."""
+        touched = self.drop(key)
+        src = source_of(allowed_ips) if egress is not None else None
         if src is not None and egress is not None:
-            out[src] = egress
-    return out
+            self._holders.setdefault(src, {})[key] = egress
+            self._source[key] = src
+            touched.add(src)
+        return touched
+
+    def drop(self, key: str) -> set[str]:
+        """Forget one peer; the sources whose mapping may have changed."""
+        src = self._source.pop(key, None)
+        if src is None:
+            return set()
+        holders = self._holders[src]
+        del holders[key]
+        if not holders:
+            del self._holders[src]
+        return {src}
+
+    def __getitem__(self, src: str) -> str:
+        holders = self._holders[src]
+        return holders[min(holders)] if len(holders) > 1 else next(iter(holders.values()))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._holders)
+
+    def __len__(self) -> int:
+        return len(self._holders)
 
 
 # --- the kernel ---------------------------------------------------------------------------------
@@ -322,5 +369,77 @@ class EgressReconciler:
         except DammError as err:
             _log.warning("egress change refused; full reconcile", error=err.line())
             return await self.full(desired)
-        self.applied = after(self.applied, p)
+        for src in p.remove:  # in place: a copy would cost the whole map
+            self.applied.pop(src, None)
+        self.applied.update(p.add)
         return p
+
+
+@dataclass
+class _Table:
+    chains: list[dict[str, Any]] = field(default_factory=list)
+    maps: list[dict[str, Any]] = field(default_factory=list)
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    elements: dict[str, str] = field(default_factory=dict)
+
+    def copy(self) -> _Table:
+        return _Table(list(self.chains), list(self.maps), list(self.rules), dict(self.elements))
+
+
+class MemoryNat:
+    """An in-memory ``ip damm`` table, for tests and benchmarks of the agent without root.
+
+    It applies the batches the reconciler writes with the kernel's rules that matter here: a
+    batch is atomic, deleting an element that is not there fails, and adding an element whose
+    source maps elsewhere fails.
+    """
+
+    def __init__(self) -> None:
+        self.table: _Table | None = None
+        self.batches = 0
+
+    async def read(self) -> dict[str, Any] | None:
+        t = self.table
+        if t is None:
+            return None
+        items: list[dict[str, Any]] = [{"table": {"family": FAMILY, "name": TABLE}}]
+        items += [{"chain": chain} for chain in t.chains]
+        elem = {"elem": [[k, v] for k, v in t.elements.items()]} if t.elements else {}
+        items += [{"map": {**body, **elem}} for body in t.maps]
+        items += [{"rule": rule} for rule in t.rules]
+        return {"nftables": items}
+
+    async def apply(self, commands: list[dict[str, Any]]) -> None:
+        table = None if self.table is None else self.table.copy()
+        for command in commands:
+            ((verb, body),) = command.items()
+            ((kind, spec),) = body.items()
+            if kind == "table":
+                if verb == "delete":
+                    table = None
+                elif table is None:
+                    table = _Table()
+                continue
+            if table is None:
+                raise DammError(Code.EGRESS_BACKEND, f"no table for {kind}")
+            if kind == "chain":
+                table.chains.append({k: v for k, v in spec.items() if k not in _WHERE})
+            elif kind == "map":
+                table.maps.append({k: v for k, v in spec.items() if k not in _WHERE})
+            elif kind == "rule":
+                table.rules.append({"chain": spec["chain"], "expr": spec["expr"]})
+            elif verb == "delete":
+                for src in spec["elem"]:
+                    if table.elements.pop(src, None) is None:
+                        raise DammError(Code.EGRESS_BACKEND, f"no element {src}")
+            else:
+                for src, dst in spec["elem"]:
+                    if table.elements.get(src, dst) != dst:
+                        raise DammError(Code.EGRESS_BACKEND, f"element {src} exists")
+                    table.elements[src] = dst
+        self.table = table
+        self.batches += 1
+
+    @property
+    def elements(self) -> dict[str, str]:
+        return {} if self.table is None else dict(self.table.elements)

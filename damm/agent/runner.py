@@ -102,6 +102,7 @@ class GatewayAgent:
         # waiting for their last metering read.
         self.applied: dict[str, Peer] = {}
         self.egress_of: dict[str, str] = {}  # public key -> egress address, from the peer set
+        self.nat_index = nat.NatIndex()  # source -> egress of the desired peers, kept per change
         self._warned_no_egress = False
         self.public_key: str | None = None
         self.nc: NATS | None = None
@@ -363,6 +364,9 @@ class GatewayAgent:
         """Full reconcile (caller holds the lock); meters from the same read before removals."""
         started = time.monotonic()
         self.desired = dict(desired)  # changes edit it in place
+        self.nat_index = nat.NatIndex.of(
+            {k: (peer.allowed_ips, self.egress_of.get(k)) for k, peer in desired.items()}
+        )
         state = await self.backend.read()
         change = diff(state.configured_peers(), desired)
         if change.remove:  # their counters go with them: meter first (others keep theirs)
@@ -377,7 +381,8 @@ class GatewayAgent:
 
     def nat_map(self, peers: dict[str, Peer] | None = None) -> dict[str, str]:
         """Tunnel source → egress address for the peers we carry."""
-        peers = self.desired if peers is None else peers
+        if peers is None:
+            return dict(self.nat_index)
         return nat.desired_map(
             {k: (peer.allowed_ips, self.egress_of.get(k)) for k, peer in peers.items()}
         )
@@ -396,7 +401,7 @@ class GatewayAgent:
                     peers_with_egress=len(self.egress_of),
                 )
             return
-        want = self.nat_map()
+        want = self.nat_index
         try:
             if touched is None:
                 plan = await self.egress.full(want)
@@ -470,8 +475,10 @@ class GatewayAgent:
             for key, ends in final.items():
                 if ends is None:
                     self.desired.pop(key, None)
+                    sources |= self.nat_index.drop(key)
                 else:
                     self.desired[key] = ends
+                    sources |= self.nat_index.put(key, ends.allowed_ips, egress[key])
                 address = egress[key]
                 if address is None:
                     self.egress_of.pop(key, None)

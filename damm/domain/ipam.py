@@ -197,8 +197,9 @@ class AddressPool:
         """
         pool = cls(overlay)
         taken = set(used)
-        for index in taken:
-            pool._check_client(index)
+        if taken:  # client indices are one range: its ends decide for everything between
+            pool._check_client(min(taken))
+            pool._check_client(max(taken))
         pool._used = taken
         if taken:
             pool._high = max(taken) + 1
