@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -18,17 +16,14 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from damm import log
-from damm.clock import SkewedClock
+from damm.control.process import ControlPlane
 from damm.events.store import EventStore
 from damm.events.streams import ensure_streams
 from damm.projections.migrate import migrate
 from damm.protocol.bus import connect
-from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.stack.postgres import Postgres
-
-if TYPE_CHECKING:
-    from damm.control.process import ControlPlane
+from tests.planes import running_plane, settings_for
 
 log.configure("warning", json=False)
 
@@ -97,29 +92,8 @@ async def dsn(pg_uri: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 async def control(nats_server: NatsServer, dsn: str, tmp_path: Path) -> AsyncIterator[ControlPlane]:
-    from damm.control.process import ControlPlane
-    from damm.domain.ipam import Overlay
-    from damm.keys.sealing import LocalKek
-    from damm.settings import ControlSettings
-
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
-    )
-    plane = ControlPlane(
-        nats_server.url,
-        dsn,
-        settings,
-        password=nats_server.passwords["control"],
-        clock=SkewedClock(),
-    )
-    await plane.start()
-    assert plane.ctx is not None
-    users_stop = asyncio.Event()
-    users = asyncio.create_task(follow_gateways(nats_server, plane.ctx.state, users_stop))
-    yield plane
-    users_stop.set()
-    await users
-    await plane.stop()
+    async with running_plane(nats_server, dsn, settings_for(tmp_path)) as plane:
+        yield plane
 
 
 @pytest.fixture
@@ -137,25 +111,8 @@ async def callout_control(
     callout_nats_server: NatsServer, dsn: str, tmp_path: Path
 ) -> AsyncIterator[ControlPlane]:
     """A control plane that answers the auth callout (with ``callout_nats_server``)."""
-    from damm.control.process import ControlPlane
-    from damm.domain.ipam import Overlay
-    from damm.keys.sealing import LocalKek
-    from damm.settings import ControlSettings
-
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
-    )
-    plane = ControlPlane(
-        callout_nats_server.url,
-        dsn,
-        settings,
-        password=callout_nats_server.passwords["control"],
-        clock=SkewedClock(),
-        callout_seed=callout_nats_server.callout_seed,
-    )
-    await plane.start()
-    yield plane
-    await plane.stop()
+    async with running_plane(callout_nats_server, dsn, settings_for(tmp_path)) as plane:
+        yield plane
 
 
 @pytest.fixture

@@ -28,11 +28,12 @@ from damm.errors import Code, DammError
 from damm.events import codec
 from damm.events.model import Envelope
 from damm.keys.rotation import prove
-from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.client import call
+from damm.stack.nats_server import NatsServer
 from damm.subjects import EVENTS_STREAM
 from tests.fleet import enroll, heartbeat, keypair, setup_fleet
+from tests.planes import plane_on, settings_for
 
 DAMM = str(Path(sys.executable).parent / "damm")
 T = TypeVar("T")
@@ -148,20 +149,14 @@ async def test_suspend_resume_and_revoked_actions(
 
 
 async def test_pool_exhausted(
-    nats_server: object, dsn: str, tmp_path: Path, admin_nc: NATS, gateway_nc: NATS, device_nc: NATS
+    nats_server: NatsServer,
+    dsn: str,
+    tmp_path: Path,
+    admin_nc: NATS,
+    gateway_nc: NATS,
+    device_nc: NATS,
 ) -> None:
-    from damm.domain.ipam import Overlay
-    from damm.settings import ControlSettings
-
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/28"), keys_dir=tmp_path / "k", kek=LocalKek.generate()
-    )
-    plane = ControlPlane(
-        nats_server.url,
-        dsn,
-        settings,  # type: ignore[attr-defined]
-        password=nats_server.passwords["control"],
-    )  # type: ignore[attr-defined]
+    plane = plane_on(nats_server, dsn, settings_for(tmp_path, overlay="10.44.0.0/28"))
     await plane.start()
     try:
         fleet = await setup_fleet(admin_nc, gateway_nc)

@@ -15,21 +15,17 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.clock import SkewedClock
 from damm.control.handlers.peer_snapshot import Entry, entry_bytes, page
 from damm.control.process import ControlPlane
-from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
-from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import call
 from damm.protocol.router import Call, Service, route
-from damm.settings import ControlSettings
-from damm.stack.gateway_users import follow_gateways
 from damm.stack.nats_server import NatsServer
 from damm.wireguard.memory import MemoryBackend
 from tests.fleet import enroll, keypair, setup_fleet
+from tests.planes import running_plane, settings_for
 
 SMALL_PAYLOAD = 16 * 1024  # a bus whose messages hold about 230 peers
 
@@ -103,25 +99,9 @@ async def wide_control(
     nats_server: NatsServer, dsn: str, tmp_path: Path
 ) -> AsyncIterator[ControlPlane]:
     """The usual control plane, on an overlay with room for a few hundred devices."""
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/22"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
-    )
-    plane = ControlPlane(
-        nats_server.url,
-        dsn,
-        settings,
-        password=nats_server.passwords["control"],
-        clock=SkewedClock(),
-    )
-    await plane.start()
-    assert plane.ctx is not None and plane.leadership is not None
-    users_stop = asyncio.Event()
-    users = asyncio.create_task(follow_gateways(nats_server, plane.ctx.state, users_stop))
-    await asyncio.wait_for(plane.leadership.gained.wait(), 5)
-    yield plane
-    users_stop.set()
-    await users
-    await plane.stop()
+    settings = settings_for(tmp_path, overlay="10.44.0.0/22")
+    async with running_plane(nats_server, dsn, settings, leader=True) as plane:
+        yield plane
 
 
 async def test_a_peer_set_larger_than_one_bus_message_syncs_exactly(

@@ -28,21 +28,18 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from damm.agent.runner import AgentConfig, GatewayAgent
-from damm.clock import SkewedClock
 from damm.control.process import ControlPlane
-from damm.domain.ipam import Overlay
 from damm.domain.throttle import Rate
 from damm.errors import Code
 from damm.keys import nats_identity
-from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect
 from damm.protocol.client import REPLY_TOKEN_HEADER, use_private_replies
-from damm.settings import ControlSettings
 from damm.stack.nats_server import NatsServer
 from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM, gateway_reply_prefix
 from damm.wireguard.memory import MemoryBackend
 from tests.fleet import enroll, setup_fleet
+from tests.planes import running_plane, settings_for
 
 CATALOGUED = {code.slug for code in Code}
 # Every party of a test connects from 127.0.0.1, one source to the per-source throttle, where in
@@ -215,23 +212,9 @@ async def hostile_control(
 ) -> AsyncIterator[ControlPlane]:
     """The control plane on the shipped configuration (accounts DAMM, DEV, ANON, GW and the
     auth callout it answers)."""
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/24"),
-        keys_dir=tmp_path / "keys",
-        throttle_source=SHARED_SOURCE,
-        kek=LocalKek.generate(),
-    )
-    plane = ControlPlane(
-        callout_nats_server.url,
-        dsn,
-        settings,
-        password=callout_nats_server.passwords["control"],
-        clock=SkewedClock(),
-        callout_seed=callout_nats_server.callout_seed,
-    )
-    await plane.start()
-    yield plane
-    await plane.stop()
+    settings = settings_for(tmp_path, throttle_source=SHARED_SOURCE)
+    async with running_plane(callout_nats_server, dsn, settings) as plane:
+        yield plane
 
 
 @pytest.fixture

@@ -17,18 +17,15 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from damm.clock import SkewedClock
 from damm.control.process import ControlPlane
-from damm.domain.ipam import Overlay
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
-from damm.keys.sealing import LocalKek
 from damm.protocol import messages as p
 from damm.protocol.bus import connect, refusal
 from damm.protocol.client import call
-from damm.settings import ControlSettings
 from damm.stack.nats_server import NatsServer
 from tests.fleet import enroll, keypair, setup_fleet
+from tests.planes import running_plane, settings_for
 
 ANON_MAX_CONNECTIONS = 24
 ANON_MAX_SUBSCRIPTIONS = 64
@@ -51,20 +48,8 @@ def callout_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def plane(
     callout_server: NatsServer, dsn: str, tmp_path: Path
 ) -> AsyncIterator[ControlPlane]:
-    settings = ControlSettings(
-        overlay=Overlay.parse("10.44.0.0/24"), keys_dir=tmp_path / "keys", kek=LocalKek.generate()
-    )
-    control = ControlPlane(
-        callout_server.url,
-        dsn,
-        settings,
-        password=callout_server.passwords["control"],
-        clock=SkewedClock(),
-        callout_seed=callout_server.callout_seed,
-    )
-    await control.start()
-    yield control
-    await control.stop()
+    async with running_plane(callout_server, dsn, settings_for(tmp_path)) as control:
+        yield control
 
 
 @pytest.fixture
