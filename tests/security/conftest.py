@@ -66,6 +66,7 @@ class Party:
 
     def __init__(self) -> None:
         self.errors: list[Exception] = []
+        self.nc: NATS | None = None
 
     async def error_cb(self, exc: Exception) -> None:
         self.errors.append(exc)

@@ -26,6 +26,7 @@ from damm.protocol.client import call
 from damm.stack.nats_server import NatsServer
 from tests.fleet import enroll, keypair, setup_fleet
 from tests.planes import running_plane, settings_for
+from tests.security.conftest import Party
 
 ANON_MAX_CONNECTIONS = 24
 ANON_MAX_SUBSCRIPTIONS = 64
@@ -68,28 +69,6 @@ async def fleet(admin: NATS) -> dict[str, str]:
     return await setup_fleet(admin, admin, gateways=(("gw1", "eu"), ("gw2", "eu")))
 
 
-class Party:
-    """One outside connection, and what the server told it went wrong."""
-
-    def __init__(self) -> None:
-        self.errors: list[Exception] = []
-        self.nc: NATS | None = None
-
-    async def error_cb(self, exc: Exception) -> None:
-        self.errors.append(exc)
-
-    async def open(self, url: str, **options: Any) -> NATS:
-        seed = options.pop("identity_seed", None)
-        if seed is not None:
-            options["nkeys_seed_str"] = seed.decode()
-            options["inbox_prefix"] = f"_INBOX_{nats_identity.public_key(seed)}"
-        self.nc = await nats.connect(
-            url, error_cb=self.error_cb, allow_reconnect=False, max_reconnect_attempts=0,
-            connect_timeout=2, **options,
-        )  # fmt: skip
-        return self.nc
-
-
 @pytest.fixture
 async def parties() -> AsyncIterator[Callable[[], Party]]:
     made: list[Party] = []
@@ -128,8 +107,8 @@ async def test_a_device_reads_no_other_devices_replies(
 ) -> None:
     seed_a, seed_b = nats_identity.new_user_seed(), nats_identity.new_user_seed()
     a, b, bare = parties(), parties(), parties()
-    nc_a = await a.open(callout_server.url, identity_seed=seed_a)
-    nc_b = await b.open(callout_server.url, identity_seed=seed_b)
+    nc_a = await a.open(callout_server.url, seed=seed_a)
+    nc_b = await b.open(callout_server.url, seed=seed_b)
     nc_bare = await bare.open(callout_server.url)
     seen: list[bytes] = []
 
@@ -165,7 +144,7 @@ async def test_an_anonymous_client_may_call_only_the_catalog_and_enrollment(
     await _refused(bare, lambda: call(nc, "enroll", body, p.Enrolled, timeout=0.5))
 
     enrolling = parties()
-    nc2 = await enrolling.open(callout_server.url, identity_seed=nats_identity.new_user_seed())
+    nc2 = await enrolling.open(callout_server.url, seed=nats_identity.new_user_seed())
     rotate = p.RotateKey(
         device_id="d1", old_public_key=keypair()[1], new_public_key=keypair()[1], proof="x",
         request_id=uuid.uuid4().hex,
@@ -185,14 +164,14 @@ async def test_a_device_cannot_act_on_another_device(
 ) -> None:
     seed_victim, seed_attacker = nats_identity.new_user_seed(), nats_identity.new_user_seed()
     victim, attacker = parties(), parties()
-    victim_nc = await victim.open(callout_server.url, identity_seed=seed_victim)
+    victim_nc = await victim.open(callout_server.url, seed=seed_victim)
     victim_dev = await enroll(victim_nc, fleet["token"])
-    attacker_nc = await attacker.open(callout_server.url, identity_seed=seed_attacker)
+    attacker_nc = await attacker.open(callout_server.url, seed=seed_attacker)
     await enroll(attacker_nc, fleet["token"])
     await attacker_nc.close()
     # Reconnect: now an enrolled device, in DEV, allowed to call device requests at all.
     attacker = parties()
-    attacker_nc = await attacker.open(callout_server.url, identity_seed=seed_attacker)
+    attacker_nc = await attacker.open(callout_server.url, seed=seed_attacker)
     forged = {"Nats-Request-Info": f'{{"acc":"DEV","user":"device:{victim_dev.device_id}"}}'}
     rotate = p.RotateKey(
         device_id=victim_dev.device_id, old_public_key=keypair()[1],
