@@ -34,6 +34,7 @@ from damm import log
 from damm.control import callout
 from damm.control.state import DecisionState, DeviceState
 from damm.domain.ipam import Overlay
+from damm.errors import DammError
 from damm.keys import nats_identity
 from damm.protocol.bus import connect
 from damm.stack.nats_server import NatsServer
@@ -85,6 +86,7 @@ async def capture(n: int) -> tuple[list[bytes], DecisionState, bytes]:
     return kept, state, server.callout_seed
 
 
+_ROOT = str(Path(__file__).resolve().parent.parent)
 _CONNECTER = """
 import asyncio, sys
 from damm import log
@@ -119,7 +121,7 @@ async def live(n: int, concurrency: int) -> tuple[float, float]:
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _CONNECTER, url, str(n), str(concurrency),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        env={**os.environ, "PYTHONPATH": _ROOT},
     )  # fmt: skip
     try:
         assert child.stdin is not None and child.stdout is not None
@@ -133,16 +135,18 @@ async def live(n: int, concurrency: int) -> tuple[float, float]:
         await service.stop()
         await nc.close()
         server.stop()
-    return (after.ru_utime - before.ru_utime) / n * 1e6, (after.ru_stime - before.ru_stime) / n * 1e6
+    return (after.ru_utime - before.ru_utime) / n * 1e6, (
+        after.ru_stime - before.ru_stime
+    ) / n * 1e6
 
 
 def handle(data: bytes, state: DecisionState, service: callout.CalloutService) -> bytes:
     """The callout's work for one request, minus the network: what _on_request/_answer do."""
-    req = nats_identity.unverified_claims(data.decode("ascii", "replace"), callout._RequestClaims)
+    req = nats_identity.unverified_claims(data, callout._RequestClaims)
     outcome: callout.Grant | Exception
     try:
         outcome = callout.decide(req.nats, state, service.passwords)
-    except callout.DammError as err:
+    except DammError as err:
         outcome = err
     assert not isinstance(outcome, Exception), outcome
     return callout.response(req.nats, outcome, service.issuer, time.time())

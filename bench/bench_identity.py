@@ -53,7 +53,9 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def spy(directory: str | None, name: str, pid: int, identities: bool) -> subprocess.Popen[bytes] | None:
+def spy(
+    directory: str | None, name: str, pid: int, identities: bool
+) -> subprocess.Popen[bytes] | None:
     """py-spy sampling a Python process of the bench, until SIGINT; None if not asked for."""
     if directory is None or name == "nats":
         return None
