@@ -5,9 +5,9 @@ so both the DEV and the ANON grant are measured); every authorization request it
 Then, without a server, each kept request goes through what the callout does with it: read the
 server's JWT, decide from the fold (the nonce signature checked), build and sign the answer.
 Prints microseconds per connection (median of rounds) and, with --profile, where they go.
---live also measures the whole callout as it runs: the CalloutService on its own connection in
-this process, answering a child process that opens connections; this process's CPU per
-connection then includes nats-py's reading, dispatching and writing.
+--live N measures connections as they really run: a child process opens and closes N of them,
+anonymous in the static layout and with identities through the CalloutService in this process
+(nats-py reading, dispatching, writing included), A B B A; CPU per connection of each party.
 
     .venv/bin/python bench/bench_callout.py [--n 200] [--rounds 30] [--profile] [--live 2000]
 """
@@ -88,13 +88,13 @@ async def capture(n: int) -> tuple[list[bytes], DecisionState, bytes]:
 
 _ROOT = str(Path(__file__).resolve().parent.parent)
 _CONNECTER = """
-import asyncio, sys
+import asyncio, resource, sys
 from damm import log
 from damm.keys import nats_identity
 from damm.protocol.bus import connect
 log.configure("error", json=True)
-url, n, concurrency = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-seeds = [nats_identity.new_user_seed() for _ in range(n)]
+url, n, concurrency, identities = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+seeds = [nats_identity.new_user_seed() if identities == "1" else None for _ in range(n)]
 print("ready", flush=True)
 sys.stdin.readline()
 async def main():
@@ -104,22 +104,33 @@ async def main():
             nc = await connect(url, reconnect=False, identity_seed=seed)
             await nc.close()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+before = resource.getrusage(resource.RUSAGE_SELF)
 asyncio.run(main())
+after = resource.getrusage(resource.RUSAGE_SELF)
+print(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, flush=True)
 """
 
 
-async def live(n: int, concurrency: int) -> tuple[float, float]:
-    """This process's user and system CPU per connection (us) while its CalloutService admits
-    ``n`` connections."""
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def live(n: int, concurrency: int, identities: bool) -> dict[str, float]:
+    """CPU per connection (us) of nats-server, the callout (this process) and the connecting
+    client, while ``n`` connections are opened and closed, ``concurrency`` at a time: with
+    identities through the callout, or without, anonymous in the static layout."""
     root = Path(tempfile.mkdtemp(prefix="damm-bench-callout-", dir="/tmp"))
-    server = NatsServer(root / "nats", callout=True)
+    server = NatsServer(root / "nats", callout=identities)
     url = server.start()
-    state = _state([])
-    nc = await connect(url, user="control", password=server.passwords["control"])
-    service = callout.CalloutService(nc, state, server.callout_seed)
-    await service.start()
+    assert server.proc is not None
+    service = None
+    if identities:
+        nc = await connect(url, user="control", password=server.passwords["control"])
+        service = callout.CalloutService(nc, _state([]), server.callout_seed)
+        await service.start()
     child = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _CONNECTER, url, str(n), str(concurrency),
+        sys.executable, "-c", _CONNECTER, url, str(n), str(concurrency), str(int(identities)),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": _ROOT},
     )  # fmt: skip
@@ -127,17 +138,24 @@ async def live(n: int, concurrency: int) -> tuple[float, float]:
         assert child.stdin is not None and child.stdout is not None
         await child.stdout.readline()
         before = resource.getrusage(resource.RUSAGE_SELF)
+        nats_before = _cpu_s(server.proc.pid)
         child.stdin.write(b"go\n")
         await child.stdin.drain()
+        client_s = float((await child.stdout.readline()).decode())
         await child.wait()
         after = resource.getrusage(resource.RUSAGE_SELF)
+        nats_s = _cpu_s(server.proc.pid) - nats_before
     finally:
-        await service.stop()
-        await nc.close()
+        if service is not None:
+            await service.stop()
+            await service.nc.close()
         server.stop()
-    return (after.ru_utime - before.ru_utime) / n * 1e6, (
-        after.ru_stime - before.ru_stime
-    ) / n * 1e6
+    used = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {
+        "nats-server": nats_s / n * 1e6,
+        "callout": used / n * 1e6 if identities else 0.0,
+        "client": client_s / n * 1e6,
+    }
 
 
 def handle(data: bytes, state: DecisionState, service: callout.CalloutService) -> bytes:
@@ -177,13 +195,16 @@ def main() -> None:
         f" request JWT {statistics.median(len(r) for r in requests):.0f} bytes)"
     )
     if args.live:
-        runs = [asyncio.run(live(args.live, 8)) for _ in range(3)]
-        user = statistics.median(u for u, _ in runs)
-        system = statistics.median(s for _, s in runs)
+        runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+        for r in range(4):
+            for identities in (False, True) if r % 2 == 0 else (True, False):
+                runs[identities].append(asyncio.run(live(args.live, 8, identities)))
         print(
-            f"callout process CPU per connection, live: median user {user:.0f} us"
-            f" + system {system:.0f} us  ({args.live} connections x 3)"
+            f"live, CPU us per connection (connect, close), median of 4:  {'anonymous':>10} {'callout':>10}"
         )
+        for part in ("nats-server", "callout", "client"):
+            anon, ident = (statistics.median(run[part] for run in runs[i]) for i in (False, True))
+            print(f"{part:58} {anon:10.0f} {ident:10.0f}")
     if args.profile:
         prof = cProfile.Profile()
         prof.enable()

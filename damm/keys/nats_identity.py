@@ -33,6 +33,7 @@ _B32_PAIRS = [a + b for a in _B32_ALPHABET for b in _B32_ALPHABET]
 # RFC 4648's alphabet onto the digits int(…, 32) reads.
 _B32_TO_DIGITS = str.maketrans(_B32_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 _B32_KEY = re.compile(r"[A-Z2-7]{56}")
+_B32_SEED = re.compile(rb"[A-Z2-7]{57}[AEIMQUY4]")  # the last 2 bits are zero
 _URLSAFE_TO_STD = bytes.maketrans(b"-_", b"+/")
 _STD_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
@@ -75,20 +76,26 @@ def b32decode_key(text: str) -> bytes | None:
     return int(text.translate(_B32_TO_DIGITS), 32).to_bytes(35, "big")
 
 
-def public_key(seed: bytes) -> str:
-    """The public nkey of ``seed``, as ``nkeys`` derives it; a device computes it at every
-    connection (its inbox is named after it), so without nkeys' pure-Python checksum."""
-    try:
-        text = bytes(seed).strip()
-        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
-    except (ValueError, TypeError):
-        raise IdentityError("not an nkey seed: not base32") from None
+def _keypair(seed: bytes) -> tuple[str, bytes]:
+    """The public nkey of ``seed`` and its Ed25519 secret key, as ``nkeys`` derives them but
+    without its pure-Python base32 and checksum: a device derives them at every connection."""
+    text = bytes(seed).strip()
+    if not _B32_SEED.fullmatch(text):
+        raise IdentityError("not an nkey seed: not base32")
+    # 58 characters carry 290 bits: the seed's 36 bytes and two zero bits.
+    raw = (int(text.decode("ascii").translate(_B32_TO_DIGITS), 32) >> 2).to_bytes(36, "big")
     body = raw[:-2]
-    if len(body) != 34 or _crc16(body) != raw[-2:] or body[0] & 0xF8 != nkeys.PREFIX_BYTE_SEED:
+    if _crc16(body) != raw[-2:] or body[0] & 0xF8 != nkeys.PREFIX_BYTE_SEED:
         raise IdentityError("not an nkey seed")
     role = ((body[0] & 0x07) << 5) | ((body[1] & 0xF8) >> 3)
-    public = bytes([role]) + nacl.bindings.crypto_sign_seed_keypair(body[2:])[0]
-    return b32encode(public + _crc16(public))
+    verify_key, secret = nacl.bindings.crypto_sign_seed_keypair(body[2:])
+    public = bytes([role]) + verify_key
+    return b32encode(public + _crc16(public)), secret
+
+
+def public_key(seed: bytes) -> str:
+    """The public nkey of ``seed``, as ``nkeys`` derives it."""
+    return _keypair(seed)[0]
 
 
 def as_user_key(public: str) -> str:
@@ -154,9 +161,7 @@ class Signer:
     """An nkey ready to sign: deriving it from the seed costs more than signing, so once."""
 
     def __init__(self, seed: bytes) -> None:
-        self.public = public_key(seed)
-        raw = bytes(nkeys.decode_seed(bytearray(seed))[1])
-        self._secret = nacl.bindings.crypto_sign_seed_keypair(raw)[1]
+        self.public, self._secret = _keypair(seed)
 
     def sign(self, data: bytes) -> bytes:
         return nacl.bindings.crypto_sign(data, self._secret)[: nacl.bindings.crypto_sign_BYTES]
