@@ -9,6 +9,10 @@ unauthenticated requests is opened wide here: this measures the identity scheme,
 limit (which an honest device never meets). Budget: at most 10% of throughput.
 
     .venv/bin/python bench/bench_identity.py [--n 1500] [--concurrency 32] [--rounds 2]
+        [--spy DIR]
+
+--spy DIR samples the control plane and the client with py-spy (installed separately) while
+they enroll, and writes collapsed stacks to DIR, one file per process and layout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -46,6 +51,18 @@ def cpu_s(pid: int) -> float:
     """User plus system CPU seconds a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def spy(
+    directory: str | None, name: str, pid: int, identities: bool
+) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling a Python process of the bench, until SIGINT; None if not asked for."""
+    if directory is None or name == "nats":
+        return None
+    out = Path(directory) / f"{name}-{'identities' if identities else 'anonymous'}.txt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = ["py-spy", "record", "--pid", str(pid), "--rate", "200", "--format", "raw"]
+    return subprocess.Popen([*cmd, "--nonblocking", "-o", str(out)], stdout=subprocess.DEVNULL)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -115,8 +132,12 @@ async def measure(args: argparse.Namespace, *, identities: bool) -> tuple[float,
         ]
         seeds = [nats_identity.new_user_seed() for _ in range(args.n)] if identities else []
 
+        connects: list[float] = []
+
         async def enroll(i: int) -> None:
+            started = time.perf_counter()
             nc = await connect(url, reconnect=False, identity_seed=seeds[i] if identities else None)
+            connects.append(time.perf_counter() - started)
             try:
                 body = p.Enroll(token=token, public_key=pubs[i], request_id=uuid.uuid4().hex)
                 await call(nc, "enroll", body, p.Enrolled, timeout=30)
@@ -125,14 +146,20 @@ async def measure(args: argparse.Namespace, *, identities: bool) -> tuple[float,
 
         assert server.proc is not None
         pids = {"nats": server.proc.pid, "control": control.pid, "client": os.getpid()}
+        spies = [spy(args.spy, name, pid, identities) for name, pid in pids.items()]
         cpu_before = {k: cpu_s(v) for k, v in pids.items()}
         rate, lat = await closed_loop(enroll, args.n, args.concurrency)
+        for proc in spies:
+            if proc is not None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(60)
         cpu = "  ".join(
             f"{k} {(cpu_s(v) - cpu_before[k]) / args.n * 1000:.2f}" for k, v in pids.items()
         )
         print(
             f"{label:34} {rate:8.0f} enrollments/s   p50 {statistics.median(lat) * 1000:6.1f} ms"
-            f"   p99 {pct(lat, 0.99) * 1000:6.1f} ms   CPU ms/enrollment: {cpu}"
+            f"   p99 {pct(lat, 0.99) * 1000:6.1f} ms"
+            f"   connect p50 {statistics.median(connects) * 1000:5.1f} ms   CPU ms/enrollment: {cpu}"
         )
         await admin.close()
         return rate, pct(lat, 0.99) * 1000
@@ -148,6 +175,7 @@ async def main() -> None:
     ap.add_argument("--n", type=int, default=1500)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2, help="before/after pairs, interleaved")
+    ap.add_argument("--spy", metavar="DIR", help="py-spy the control plane and the client")
     args = ap.parse_args()
     log.configure("error", json=True)
     runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}

@@ -252,9 +252,7 @@ class CalloutService:
 
     async def _on_request(self, msg: Msg) -> None:
         try:
-            req = nats_identity.unverified_claims(
-                msg.data.decode("ascii", "replace"), _RequestClaims
-            ).nats
+            req = nats_identity.unverified_claims(msg.data, _RequestClaims).nats
         except (nats_identity.IdentityError, msgspec.ValidationError):
             _log.warning("auth callout request not understood")
             return  # the server times the connection out; nothing to sign for

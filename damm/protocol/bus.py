@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 
 from damm import log
@@ -65,24 +65,38 @@ async def connect(
         options["user"] = user
         options["password"] = password or ""
         options["inbox_prefix"] = inbox_prefix(user)
-    elif identity_seed:
+    nc = NATS()
+    if not user and identity_seed:
         # The device's own key signs the server's nonce; its replies come to an inbox named
         # after that key, which the server lets no other connection read.
+        signer = nats_identity.Signer(identity_seed)
         options["nkeys_seed_str"] = identity_seed.decode("ascii")
-        options["inbox_prefix"] = inbox_prefix(nats_identity.public_key(identity_seed))
+        options["inbox_prefix"] = inbox_prefix(signer.public)
+        _sign_nonces_with(nc, signer)
     if reconnect:
-        nc: NATS = await nats.connect(**options)
+        await nc.connect(**options)
         return _private_replies(_plain_inbox_without_identities(nc, identity_seed), user)
     # A one-shot client (the CLI) must fail fast: nats-py keeps retrying an unreachable server.
     options["max_reconnect_attempts"] = 0
     try:
-        nc = await asyncio.wait_for(nats.connect(**options), connect_timeout * 2)
+        await asyncio.wait_for(nc.connect(**options), connect_timeout * 2)
         return _private_replies(_plain_inbox_without_identities(nc, identity_seed), user)
     except TimeoutError:
         last = errors[-1] if errors else None
         raise refusal(last) or ConnectionError(str(last) if last else "timed out") from None
     except Exception as exc:
         raise refusal(exc) or refusal(errors[-1] if errors else None) or exc from None
+
+
+def _sign_nonces_with(nc: NATS, signer: nats_identity.Signer) -> None:
+    """nats-py derives the key pair from the seed in pure Python for the public key and again
+    for every nonce; a device connects once per command, so it is derived once, here."""
+
+    def setup() -> None:
+        nc._public_nkey = signer.public
+        nc._signature_cb = lambda nonce: base64.b64encode(signer.sign(nonce.encode()))
+
+    nc._setup_nkeys_seed_connect = setup  # type: ignore[method-assign]
 
 
 def _private_replies(nc: NATS, user: str | None) -> NATS:
