@@ -63,6 +63,8 @@ class StateFollower:
         # (Context.absorb) do not move it, so sync() really waits for everything before them.
         self.followed_seq = 0
         self.telemetry_seq = 0
+        # _fill found events the consumer had not delivered: it is gone or stalled.
+        self.consumer_behind = False
         # Fold the log only up to here (checking a snapshot against the log); None: follow on.
         self.until_seq = until_seq
 
@@ -188,6 +190,8 @@ class StateFollower:
     def _apply(self, msg: object, *, telemetry: bool) -> None:
         seq = int(msg.metadata.sequence.stream)  # type: ignore[attr-defined]
         subject = str(msg.subject)  # type: ignore[attr-defined]
+        if not telemetry and seq > self.followed_seq:
+            self.consumer_behind = False
         self._fold(seq, subject, msg.data, telemetry=telemetry)  # type: ignore[attr-defined]
 
     def _fold(self, seq: int, subject: str, data: bytes, *, telemetry: bool = False) -> None:
@@ -225,16 +229,19 @@ class StateFollower:
         self.state.changed.set()
 
     async def _fill(self, target: int, deadline: float) -> None:
-        """Fold the events up to ``target`` the consumer has not delivered yet, read in batches
-        from whichever replica of the stream answers. Returns early (the caller waits and
-        tries again) when none answers or a replica does not have them yet."""
+        """Fold the events the consumer has not delivered, read in batches from whichever
+        replica of the stream answers, up to ``target`` and on to the end the replica knows:
+        a replica whose consumer is gone decides from state this fresh, or it loses every race
+        to one whose consumer delivers within milliseconds. Returns early (the caller waits and
+        tries again) when no replica answers or one does not have the events yet."""
         loop = asyncio.get_running_loop()
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
         try:
-            while self.followed_seq < target:
+            pending = 1
+            while self.followed_seq < target or pending:
                 start = self.followed_seq + 1
-                ask = {"seq": start, "batch": min(target - start + 1, FILL_BATCH)}
+                ask = {"seq": start, "batch": FILL_BATCH}
                 await self.nc.publish(DIRECT_GET, json.dumps(ask).encode(), reply=inbox)
                 while True:
                     left = min(deadline - loop.time(), RESUME_ATTEMPT_S)
@@ -243,10 +250,12 @@ class StateFollower:
                     msg = await sub.next_msg(timeout=left)
                     headers = msg.headers or {}
                     if "Status" in headers:  # 204: end of the batch; 404: nothing there yet
+                        pending = int(headers.get("Nats-Num-Pending", 0) or 0)
                         break
                     self._fold(int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data)
                 if self.followed_seq < start:
                     return
+                self.consumer_behind = True
         except nats.errors.TimeoutError:
             return
         finally:
@@ -261,7 +270,8 @@ class StateFollower:
         limit = self.sync_timeout_s if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limit
-        fill_at = loop.time() + FILL_AFTER_S
+        # Once the consumer has been found behind, read at once until it delivers again.
+        fill_at = loop.time() + (0.0 if self.consumer_behind else FILL_AFTER_S)
         while self.followed_seq < target:
             now = loop.time()
             if now > deadline:
