@@ -32,7 +32,6 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from damm import log
-from damm.protocol.bus import connect
 from damm.stack.postgres import Postgres
 from damm.subjects import EVENTS_STREAM, TELEMETRY_STREAM
 from tests.chaos.harness import (
