@@ -265,3 +265,20 @@ async def test_a_full_store_is_not_retried(fleet: Fleet) -> None:
     with pytest.raises(DammError) as info:
         await fleet.enrollment.enroll(enroll_req(tok.token, keypair()[1]), in_time)
     assert info.value.code is Code.UNAVAILABLE and "insufficient resources" in info.value.detail
+
+
+async def test_a_request_sent_again_while_the_first_copy_waits_gets_its_outcome(
+    fleet: Fleet,
+) -> None:
+    """A client whose connection dropped sends the same request again (same request id); when
+    both copies reach one replica while the first still waits in the queue, the second gets the
+    first one's enrollment, not "the same request is already in flight"."""
+    tok = await fleet.token()
+    req = enroll_req(tok.token, keypair()[1])
+    deadline = asyncio.get_running_loop().time() + 5
+    first, again = await asyncio.gather(
+        fleet.enrollment.enroll(req, Call(uuid.uuid4().hex, call_as("device").actor, deadline)),
+        fleet.enrollment.enroll(req, Call(uuid.uuid4().hex, call_as("device").actor, deadline)),
+    )
+    assert again.device_id == first.device_id
+    assert token_uses(fleet, tok.token_id) == 1

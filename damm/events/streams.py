@@ -40,6 +40,9 @@ def events_stream(replicas: int = 1) -> StreamConfig:
         deny_purge=True,
         allow_rollup_hdrs=False,
         allow_atomic=True,
+        # Any replica answers a direct get: a follower whose consumer died with its node reads
+        # the events it misses without waiting for a new consumer (damm.control.follower).
+        allow_direct=True,
     )
 
 

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from damm import log
 from damm.errors import Code, DammError
 from damm.keys import nats_identity
-from damm.protocol.client import use_private_replies
+from damm.protocol.client import connection_dropped, use_private_replies
 from damm.subjects import GATEWAY_USER_PREFIX, inbox_prefix
 
 _log = log.get("damm.protocol.bus")
@@ -35,6 +35,7 @@ async def connect(
     A long-lived process reconnects forever; a one-shot client (``reconnect=False``) fails fast.
     """
     errors: list[Exception] = []
+    made: list[NATS] = []  # the connection, once made, for its disconnect callback
 
     async def _error(exc: Exception) -> None:
         errors.append(exc)
@@ -42,6 +43,8 @@ async def connect(
 
     async def _disconnected() -> None:
         _log.info("nats disconnected", name=name)
+        if made:
+            connection_dropped(made[0])
         if on_disconnected is not None:
             await on_disconnected()
 
@@ -66,6 +69,7 @@ async def connect(
         options["password"] = password or ""
         options["inbox_prefix"] = inbox_prefix(user)
     nc = NATS()
+    made.append(nc)
     if not user and identity_seed:
         # The device's own key signs the server's nonce; its replies come to an inbox named
         # after that key, which the server lets no other connection read.

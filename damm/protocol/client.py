@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 import weakref
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import msgspec
 import nats.errors
@@ -29,6 +30,42 @@ REPLY_MARGIN_S = 0.2
 
 
 REPLY_TOKEN_HEADER = "Damm-Reply-Token"  # damm.protocol.router reads it
+
+# Commands whose request is safe to send twice: sent again, each returns what the first
+# recorded (enrollment is idempotent per key and token, a rotation already done is returned),
+# so a copy lost with its connection is sent again rather than waited out.
+RESENDABLE = frozenset({"enroll", "device.rotate_key"})
+
+
+class _Drops:
+    """Wakes the requests in flight on a connection when it drops: their request or its
+    answer may have gone down with the server (a reply to an inbox nobody is subscribed to is
+    dropped), and waiting out the whole deadline would fail a request the next server could
+    answer at once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def dropped(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+_drops: weakref.WeakKeyDictionary[NATS, _Drops] = weakref.WeakKeyDictionary()
+
+
+def connection_dropped(nc: NATS) -> None:
+    """Called by the connection's disconnect callback (damm.protocol.bus)."""
+    drops = _drops.get(nc)
+    if drops is not None:
+        drops.dropped()
+
+
+def _drops_of(nc: NATS) -> _Drops:
+    drops = _drops.get(nc)
+    if drops is None:
+        drops = _drops[nc] = _Drops()
+    return drops
 
 
 class PrivateReplies:
@@ -82,7 +119,13 @@ def use_private_replies(nc: NATS, gateway_id: str) -> None:
 
 
 async def _request(
-    nc: NATS, subject: str, payload: bytes, timeout: float, headers: dict[str, str]
+    nc: NATS,
+    subject: str,
+    payload: bytes,
+    timeout: float,
+    headers: dict[str, str],
+    *,
+    resend: bool = False,
 ) -> Msg:
     """A request within ``timeout`` overall, retried while nobody serves the subject.
 
@@ -92,6 +135,11 @@ async def _request(
     send: a request that waited out a reconnect still gets its full second once it is sent.
     Nothing is sent while disconnected (nats-py would buffer it and deliver it late, with a
     budget computed before the wait), and each send carries the time left as the server's budget.
+
+    With ``resend`` (a request that is safe to send twice), a request whose connection drops
+    while it waits is sent again once connected, within the same deadline: the node it went
+    through may have died holding it, or the answer may have come while no server had our
+    inbox. Every copy carries the time left, so none is recorded after the client gives up.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -110,9 +158,16 @@ async def _request(
             sent = {**headers, TIMEOUT_HEADER: str(budget_ms)}
             private = _private.get(nc)
             if private is not None:
-                return await private.request(subject, payload, left, sent)
-            msg: Msg = await nc.request(subject, payload, timeout=left, headers=sent)
-            return msg
+                asking = private.request(subject, payload, left, sent)
+            else:
+                asking = nc.request(subject, payload, timeout=left, headers=sent)
+            if not resend:
+                msg: Msg = await asking
+                return msg
+            answered = await _unless_dropped(nc, asking)
+            if answered is not None:
+                return answered
+            continue  # dropped: wait for the connection, then send the same request again
         except nats.errors.NoRespondersError:
             now = loop.time()
             if give_up is None:
@@ -123,6 +178,29 @@ async def _request(
             delay = min(delay * 2, 0.25)
         except (TimeoutError, nats.errors.TimeoutError):
             raise DammError(Code.UNAVAILABLE, f"no reply within {timeout:g}s") from None
+
+
+async def _unless_dropped(nc: NATS, asking: Coroutine[Any, Any, Msg]) -> Msg | None:
+    """The answer, or None if the connection dropped first (the request is abandoned)."""
+    dropped = _drops_of(nc).event
+    answer = asyncio.ensure_future(asking)
+    drop = asyncio.ensure_future(dropped.wait())
+    try:
+        await asyncio.wait((answer, drop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        drop.cancel()
+        if not answer.done():
+            answer.cancel()
+            answer.add_done_callback(_quietly)
+    if answer.done() and not answer.cancelled():
+        return answer.result()
+    return None
+
+
+def _quietly(future: asyncio.Future[Msg]) -> None:
+    """Retrieve an abandoned request's outcome, so asyncio does not log it as never read."""
+    if not future.cancelled():
+        future.exception()
 
 
 async def call(
@@ -142,7 +220,14 @@ async def call(
     headers = {"Damm-Correlation-Id": correlation_id or uuid.uuid4().hex}
     if actor:
         headers["Damm-Actor"] = actor
-    msg = await _request(nc, request_subject(command), _encoder.encode(request), timeout, headers)
+    msg = await _request(
+        nc,
+        request_subject(command),
+        _encoder.encode(request),
+        timeout,
+        headers,
+        resend=command in RESENDABLE,
+    )
     try:
         reply = _reply.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:

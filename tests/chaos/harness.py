@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
@@ -301,6 +302,19 @@ class Stack:
             if loop.time() > deadline:
                 raise AssertionError("the event stream has no leader")
             await asyncio.sleep(0.1)
+
+    async def meta_leader(self) -> str:
+        """The node leading JetStream's meta group (consumer and stream creation go through
+        it), or the error's repr while a node is down or paused."""
+        sys_password = self.servers[0].passwords["sys"]
+        nc = await connect(self.url, user="sys", password=sys_password, name="chaos-meta")
+        try:
+            msg = await nc.request("$SYS.REQ.SERVER.PING.JSZ", b"", timeout=2)
+            return str(json.loads(msg.data)["data"]["meta_cluster"].get("leader", ""))
+        except Exception as exc:
+            return repr(exc)
+        finally:
+            await nc.close()
 
     async def follower(self) -> str:
         """A NATS node that does not lead the event stream."""

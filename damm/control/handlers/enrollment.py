@@ -325,6 +325,7 @@ class EnrollmentCommitter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._spread_until = -math.inf  # loop time until which addresses are spread
+        self._in_flight: dict[str, asyncio.Future[p.Enrolled]] = {}  # by request id
 
     def routes(self) -> list[Route]:
         return [
@@ -345,7 +346,16 @@ class EnrollmentCommitter:
         known = prior_enrollment(self.ctx.state, req)
         if known is not None:
             return replayed(self.ctx, req, known)
+        first = self._in_flight.get(req.request_id)
+        if first is not None and not first.done():
+            # The client sent it again after its connection dropped (damm.protocol.client):
+            # this copy gets the first one's outcome rather than racing it for the same key.
+            await asyncio.wait((first,))
+            if not first.cancelled():
+                return first.result()
         future: asyncio.Future[p.Enrolled] = asyncio.get_running_loop().create_future()
+        self._in_flight[req.request_id] = future
+        future.add_done_callback(lambda _: self._in_flight.pop(req.request_id, None))
         self._queue.append(_Waiting(req, call, future, Attempts(call)))
         self._wake.set()
         return await future
@@ -440,7 +450,12 @@ class EnrollmentCommitter:
         try:
             result = await ctx.store.append_batch(batch, ack_timeout=APPEND_ACK_TIMEOUT_S)
         except ConflictError as exc:
-            _log.info("enrollment group lost a race", size=len(decided), subject=exc.subject)
+            _log.info(
+                "enrollment group lost a race",
+                size=len(decided),
+                subject=exc.subject,
+                detail=exc.detail[-80:],
+            )
             # The log names the batch's first guarded subject, not always the one that moved:
             # any lost race means another replica is enrolling too.
             self._spread_until = asyncio.get_running_loop().time() + SPREAD_S
