@@ -72,7 +72,10 @@ def ms(values: list[float]) -> str:
 
 
 def device_key() -> str:
-    return base64.b64encode(hashlib.sha256(uuid.uuid4().bytes).digest()).decode()
+    """Random, and canonical: the top bit clear (enrollment refuses a key spelled above p)."""
+    raw = bytearray(hashlib.sha256(uuid.uuid4().bytes).digest())
+    raw[31] &= 0x7F
+    return base64.b64encode(bytes(raw)).decode()
 
 
 async def open_loop(fn: Callable[[], Awaitable[Any]], rate: float, seconds: float) -> list[float]:
