@@ -285,6 +285,11 @@ class AddressPool:
             # A replay claims in allocation order: keep the mark at the first unused index so
             # ``peek`` never sweeps the fleet. The mark only moves up, so this is O(1) amortised.
             self._advance_high()
+        elif index in self._in_heap:
+            # The fold claims the address a revoke released (enrollment takes the lowest free,
+            # which is the heap's top): drop it now, or ``peek`` walks every such entry ever
+            # released on every enrollment group (issue 12). Each entry is popped once.
+            self._drop_stale()
 
     def release(self, index: int) -> None:
         self._check_client(index)
@@ -305,6 +310,7 @@ class AddressPool:
         """
         if n < 0:
             raise _invalid(f"cannot peek {n} indices")
+        self._drop_stale()
         out: list[int] = []
         heap = self._released
         frontier: list[tuple[int, int]] = [(heap[0], 0)] if heap else []
