@@ -28,6 +28,20 @@ def tier(name: str) -> Append:
     return Append(subject, env, expected_seq=0)
 
 
+async def append_until_taken(store: EventStore, item: Append, timeout: float = 15.0) -> None:
+    """Append once the log takes it: the writer may itself still be reconnecting."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await store.append(item)
+            return
+        except Exception:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
 async def test_follower_folds_new_events_within_a_second_of_a_restart(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
@@ -57,17 +71,7 @@ async def test_follower_folds_new_events_within_a_second_of_a_restart(
         nats_server.stop()
         nats_server.port = port
         nats_server.start()
-        # The writer may itself still be reconnecting: keep trying until the log takes it.
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 15
-        while True:
-            try:
-                await store.append(tier("after"))
-                break
-            except Exception:
-                if loop.time() > deadline:
-                    raise
-                await asyncio.sleep(0.05)
+        await append_until_taken(store, tier("after"))
         appended = time.monotonic()
         while "after" not in state.tiers:
             assert time.monotonic() - appended < 1.0, "follower blind after the restart"
